@@ -1,0 +1,151 @@
+"""pdserve's configuration: one pydantic model for the whole app, every field described.
+
+Loaded from YAML (``PDConfig.from_yaml``), from a Serve config's ``args``, or built in code.
+Cross-field rules (prefill and decode serve the same model with the same block size and the
+same TP/PP split) are validators, so a bad config fails before anything starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from deploy.demo_model import DEFAULT_DIR as DEMO_MODEL_DIR
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EngineConfig(_Strict):
+    """The vLLM engine one replica runs."""
+
+    model: str = Field(
+        str(DEMO_MODEL_DIR),
+        description="Local Hugging Face checkpoint directory (or a model id the engine can load).",
+    )
+    served_model_name: str | None = Field(
+        None, description="Name clients use in the `model` field; defaults to `model`."
+    )
+    dtype: str = Field("float32", description="Weights and activations dtype (vLLM's --dtype).")
+    max_model_len: int = Field(1024, gt=0, description="Longest prompt plus output, in tokens.")
+    block_size: int = Field(
+        32, gt=0, description="Tokens per KV block (a multiple of 32 on the CPU backend)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs (or CPU ranks) per TP group.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages.")
+    enable_prefix_caching: bool = Field(True, description="vLLM's automatic prefix caching.")
+    enforce_eager: bool = Field(
+        True,
+        description="Skip torch.compile and CUDA graphs: an engine starts in seconds instead of a "
+        "minute, at some cost per step. The CPU demo wants it; set false on GPU clusters.",
+    )
+    max_num_seqs: int = Field(64, ge=1, description="Most sequences one engine step runs.")
+    cpu_kvcache_space_gib: int = Field(
+        1, ge=1, description="KV cache size of a CPU engine in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="More vLLM engine flags, passed through as given."
+    )
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model
+
+
+class PoolConfig(_Strict):
+    """One pool of replicas (prefill or decode) and where it may run."""
+
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="The engine.")
+    num_replicas: int = Field(1, ge=1, description="Replicas of this pool.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources each replica asks for; the default is the pool's own "
+        "resource (`pdserve_prefill` / `pdserve_decode`), which keeps the pools apart.",
+    )
+    num_cpus: float = Field(0, ge=0, description="Logical CPUs each replica asks Ray for.")
+    num_gpus: float = Field(
+        0, ge=0, description="GPUs each replica asks Ray for (TP x PP on a GPU pool)."
+    )
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type the replicas need (e.g. H100), on GPU clusters."
+    )
+    cpu_cores: str | None = Field(
+        None,
+        description="CPU cores the engine's OpenMP threads are pinned to "
+        "(VLLM_CPU_OMP_THREADS_BIND, e.g. '0' or '0-3'); the local default gives the two "
+        "pools different cores.",
+    )
+
+
+class RouterConfig(_Strict):
+    """The ingress: HTTP front door and replica choice."""
+
+    prefill_policy: str = Field("least_loaded", description="Routing policy for prefill.")
+    decode_policy: str = Field("least_loaded", description="Routing policy for decode.")
+    prefill_timeout_s: float = Field(
+        120.0, gt=0, description="Limit for one prefill call before it counts as failed."
+    )
+
+
+class KVTransferConfig(_Strict):
+    """How KV blocks move from prefill to decode."""
+
+    lease_s: float = Field(
+        30.0, gt=0, description="How long a prefill replica holds blocks nobody pulled."
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Limit for one control reply or transfer.")
+
+
+class PDConfig(_Strict):
+    """The whole disaggregated app."""
+
+    prefill: PoolConfig = Field(
+        default_factory=lambda: PoolConfig(cpu_cores="0"), description="Prefill pool."
+    )
+    decode: PoolConfig = Field(
+        default_factory=lambda: PoolConfig(cpu_cores="1"), description="Decode pool."
+    )
+    router: RouterConfig = Field(default_factory=RouterConfig, description="Ingress router.")
+    kv_transfer: KVTransferConfig = Field(
+        default_factory=KVTransferConfig, description="KV transfer between the pools."
+    )
+    app_name: str = Field("pdserve", description="Ray Serve application name.")
+    route_prefix: str = Field("/", description="HTTP route prefix of the app.")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Where the engines run.")
+
+    @model_validator(mode="after")
+    def _pools_agree(self) -> PDConfig:
+        p, d = self.prefill.engine, self.decode.engine
+        for name in ("model", "block_size", "dtype", "max_model_len", "tensor_parallel_size",
+                     "pipeline_parallel_size"):
+            if getattr(p, name) != getattr(d, name):
+                raise ValueError(
+                    f"prefill and decode must agree on {name}: "
+                    f"{getattr(p, name)!r} != {getattr(d, name)!r}"
+                )
+        if p.name != d.name:
+            raise ValueError(f"prefill and decode serve different names: {p.name} != {d.name}")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.prefill.engine.name
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> PDConfig:
+        return cls.from_args({"config_file": str(path)})
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None) -> PDConfig:
+        """From a Serve config's application ``args``: inline fields, and optionally a
+        ``config_file`` (YAML) whose top-level fields the inline ones override."""
+        import yaml
+
+        data = dict(args or {})
+        path = data.pop("config_file", None)
+        if path is not None:
+            data = {**(yaml.safe_load(Path(path).read_text()) or {}), **data}
+        return cls.model_validate(data)
