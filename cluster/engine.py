@@ -37,6 +37,7 @@ class StatsSnapshot:
     prompt_tokens_computed: int = 0
     prompt_tokens_local_cache_hit: int = 0
     prompt_tokens_external: int = 0
+    generation_tokens_total: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     # KV transfer counters from our connector (zero without one).
@@ -67,6 +68,7 @@ def make_stats_logger_class(snapshot: StatsSnapshot) -> type:
                     if isinstance(value, int) and hasattr(snapshot, name):
                         setattr(snapshot, name, getattr(snapshot, name) + value)
             if iteration_stats is not None:
+                snapshot.generation_tokens_total += iteration_stats.num_generation_tokens
                 pts = iteration_stats.prompt_token_stats
                 snapshot.prompt_tokens_total += pts.total
                 snapshot.prompt_tokens_computed += pts.computed
@@ -129,7 +131,7 @@ class OpenAIEngine:
     ) -> OpenAIEngine:
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.entrypoints.openai.api_server import init_app_state
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.v1.engine.async_llm import AsyncLLM
 
         # The engine-core process inherits these when it is spawned.

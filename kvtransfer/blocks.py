@@ -101,6 +101,9 @@ def scatter_blocks(
     """Write a buffer made by ``gather_blocks`` into ``block_ids`` of every layer."""
     import torch
 
+    if buffer.numel() != layout.bytes_per_block * len(block_ids):
+        raise ValueError(f"buffer holds {buffer.numel()} bytes, {len(block_ids)} blocks need "
+                         f"{layout.bytes_per_block * len(block_ids)}")
     offset = 0
     for ly in layout.layers:
         tensor = kv_caches[ly.name]
@@ -110,5 +113,3 @@ def scatter_blocks(
         index = torch.tensor(block_ids, dtype=torch.long, device=tensor.device)
         tensor.index_copy_(ly.block_dim, index, blocks)
         offset += nbytes
-    if offset != buffer.numel():
-        raise ValueError(f"buffer holds {buffer.numel()} bytes, layout used {offset}")

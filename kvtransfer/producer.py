@@ -78,9 +78,10 @@ class ProducerEndpoint:
             try:
                 kind, msg = protocol.decode(data)
                 self._dispatch(identity, kind, msg)
-            except protocol.ProtocolError as e:
+            except (protocol.ProtocolError, KeyError, TypeError, ValueError) as e:
                 logger.warning("rejected a control message: %s", e)
-                self._reply(identity, MsgType.ERROR, message=str(e), code="protocol")
+                self._reply(identity, MsgType.ERROR, message=f"bad message: {e}",
+                            code="protocol")
             except Exception:
                 logger.exception("KV producer failed on a %s message", data[:64])
 
@@ -134,5 +135,5 @@ class ProducerEndpoint:
             ok = True
         finally:
             self._holds.finish_send(transfer_id, ok)
-            if not ok:
-                self._links.pop(msg.get("peer_id", ""), None)
+            if not ok:  # the link may be half-way through a send: the peer must pair again
+                self._links.pop(msg.get("peer_id", ""), link).close()

@@ -63,9 +63,10 @@ def decode(data: bytes) -> tuple[MsgType, dict[str, Any]]:
         raise ProtocolError(f"undecodable control message: {e}") from e
     if not isinstance(msg, dict):
         raise ProtocolError("control message is not a map")
-    if msg.get("v") != PROTOCOL_VERSION:
+    version = msg.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(
-            f"protocol version {msg.get('v')!r} does not match ours ({PROTOCOL_VERSION})"
+            f"protocol version {version!r} does not match ours ({PROTOCOL_VERSION})"
         )
     try:
         kind = MsgType(msg.pop("type"))

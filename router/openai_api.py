@@ -32,7 +32,9 @@ def parse_body(raw: bytes, kind: str, model_name: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     try:
-        request_model(kind).model_validate(body)
+        # vLLM's own model parses the body; what it parsed (not the raw JSON) goes on, so the
+        # router and the engines read every field alike ("5" is 5, "false" is False).
+        body = request_model(kind).model_validate(body).model_dump(exclude_unset=True)
     except pydantic.ValidationError as e:
         err = e.errors()[0]
         param = str(err["loc"][0]) if err["loc"] else None
@@ -40,6 +42,8 @@ def parse_body(raw: bytes, kind: str, model_name: str) -> dict[str, Any]:
                        param=param) from None
     except VLLMClientError as e:
         raise APIError(400, str(e), param=getattr(e, "parameter", None)) from None
+    if kind == "completion" and _is_empty_prompt(body.get("prompt")):
+        raise APIError(400, "prompt must not be empty", param="prompt")
     model = body.get("model")
     if model is not None and model != model_name:
         raise APIError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
@@ -48,6 +52,14 @@ def parse_body(raw: bytes, kind: str, model_name: str) -> dict[str, Any]:
         if value is not None and value < 1:
             raise APIError(400, f"{field} must be at least 1, got {value}", param=field)
     return body
+
+
+def _is_empty_prompt(prompt: Any) -> bool:
+    """True for "", [], [[]], [""] and the like: nothing for an engine to run."""
+    if isinstance(prompt, (str, list)) and len(prompt) == 0:
+        return True
+    return isinstance(prompt, list) and any(
+        isinstance(p, (str, list)) and len(p) == 0 for p in prompt)
 
 
 def status_of(body: Any) -> int:

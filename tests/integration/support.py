@@ -1,0 +1,82 @@
+"""Shared pieces of the real-stack tests: prompts of exact lengths, expected byte counts,
+and a worker-side function that corrupts held KV blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from deploy.config import EngineConfig
+
+MAX_TOKENS = 8
+FIRST_TOKEN_ID = 3  # 0-2 are <unk>, <s>, </s>
+
+
+def prompt_lengths(cfg: EngineConfig) -> list[int]:
+    """One token, one block, several blocks, partial last blocks, and the longest allowed."""
+    b = cfg.block_size
+    longest = cfg.max_model_len - MAX_TOKENS
+    return [1, 2, 7, b - 1, b, b + 1, 2 * b, 2 * b + 5, 3 * b - 1, 4 * b, 5 * b + 17, 7 * b,
+            8 * b + 1, 11 * b + 3, 13 * b, 16 * b - 2, 19 * b + 9, 24 * b, longest - 1, longest]
+
+
+def make_prompts(cfg: EngineConfig, vocab_size: int, seed: int) -> list[list[int]]:
+    """Random token-id prompts (no shared prefixes) of ``prompt_lengths``."""
+    rng = random.Random(seed)
+    return [[rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(n)]
+            for n in prompt_lengths(cfg)]
+
+
+def completion_body(cfg: EngineConfig, prompt: list[int] | str, **extra: Any) -> dict[str, Any]:
+    return {"model": cfg.name, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "ignore_eos": True, **extra}
+
+
+def bytes_per_block(model_dir: str, cfg: EngineConfig) -> int:
+    """K and V of every layer for one block, from the checkpoint's own config."""
+    import json
+    from pathlib import Path
+
+    hf = json.loads((Path(model_dir) / "config.json").read_text())
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.dtype]
+    return (2 * hf["num_hidden_layers"] * hf["num_key_value_heads"] * head_dim
+            * cfg.block_size * dtype_bytes)
+
+
+def num_blocks(num_tokens: int, cfg: EngineConfig) -> int:
+    return math.ceil(num_tokens / cfg.block_size)
+
+
+async def wait_until(predicate: Callable[[], Any], timeout_s: float = 20.0,
+                     interval_s: float = 0.2) -> Any:
+    """Poll an async or plain predicate until it returns something truthy."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(interval_s)
+
+
+def corrupt_held_blocks(worker: Any, transfer_id: str) -> int:
+    """Runs inside a prefill worker (``collective_rpc``): overwrite the blocks held for
+    ``transfer_id`` with noise; return how many blocks were overwritten."""
+    import torch
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    side = get_kv_transfer_group().worker_side
+    hold = side.holds._holds[transfer_id]
+    caches = side.producer._kv_caches
+    for layout in side.producer._layout.layers:
+        tensor = caches[layout.name]
+        index = torch.tensor(hold.block_ids, dtype=torch.long)
+        noise = torch.randn_like(tensor.index_select(layout.block_dim, index)) * 10
+        tensor.index_copy_(layout.block_dim, index, noise)
+    return len(hold.block_ids)

@@ -1,0 +1,115 @@
+"""The KV connector between two real vLLM engines (no Ray): parity, real transfer, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from cluster.engine import OpenAIEngine, kv_transfer_config
+from cluster.ports import free_port_block
+from tests.integration.support import (
+    bytes_per_block,
+    completion_body,
+    corrupt_held_blocks,
+    make_prompts,
+    num_blocks,
+    wait_until,
+)
+
+LEASE_S = 4.0
+
+
+@pytest.fixture(scope="module")
+async def engines(engine_config):
+    port = free_port_block("127.0.0.1", 1)
+    extra = {"host": "127.0.0.1", "lease_s": LEASE_S, "timeout_s": 10, "unknown_retry_s": 1}
+    prefill = await OpenAIEngine.start(
+        engine_config, kv_transfer_config("kv_producer", {**extra, "port": port}), "0")
+    decode = await OpenAIEngine.start(
+        engine_config, kv_transfer_config("kv_consumer", extra), "1")
+    yield prefill, decode
+    prefill.shutdown()
+    decode.shutdown()
+
+
+async def prefill_then_decode(prefill, decode, body):
+    first = await prefill.call("completion", {**body, "max_tokens": 1, "kv_transfer_params": {
+        "do_remote_decode": True, "transfer_id": uuid.uuid4().hex}})
+    params = first["kv_transfer_params"]
+    out = await decode.call("completion", {**body, "kv_transfer_params": params})
+    return params, out
+
+
+async def test_parity_and_real_transfer(engines, engine_config, vocab_size, reference_outputs):
+    prefill, decode = engines
+    prompts = make_prompts(engine_config, vocab_size, seed=1)
+    before = dict(vars(decode.stats))
+    expected_bytes = 0
+    mismatches = []
+    for prompt in prompts:
+        body = completion_body(engine_config, prompt)
+        params, out = await prefill_then_decode(prefill, decode, body)
+        assert len(params["remote_block_ids"]) == num_blocks(len(prompt), engine_config)
+        expected_bytes += len(params["remote_block_ids"]) * bytes_per_block(
+            engine_config.model, engine_config)
+        if out["choices"][0]["text"] != await reference_outputs(body):
+            mismatches.append(len(prompt))
+    assert not mismatches, f"PD output differs from one engine for prompt lengths {mismatches}"
+
+    total = sum(len(p) for p in prompts)
+
+    def moved():
+        s = decode.stats
+        return s.num_bytes_received - before["num_bytes_received"] == expected_bytes and \
+            s.prompt_tokens_total - before["prompt_tokens_total"] == total
+
+    assert await wait_until(moved), (vars(decode.stats), expected_bytes)
+    s = decode.stats
+    # The decode engine computed at most the last prompt token of each request itself.
+    assert s.prompt_tokens_computed - before["prompt_tokens_computed"] <= len(prompts)
+    assert s.prompt_tokens_external - before["prompt_tokens_external"] >= total - len(prompts)
+    assert s.num_failed_loads == before["num_failed_loads"]
+
+
+async def test_corrupted_blocks_change_the_output(engines, engine_config, vocab_size,
+                                                  reference_outputs):
+    prefill, decode = engines
+    prompt = make_prompts(engine_config, vocab_size, seed=2)[9]  # several blocks
+    body = completion_body(engine_config, prompt)
+    first = await prefill.call("completion", {**body, "max_tokens": 1, "kv_transfer_params": {
+        "do_remote_decode": True, "transfer_id": (tid := uuid.uuid4().hex)}})
+    corrupted = await prefill.engine.collective_rpc(corrupt_held_blocks, args=(tid,))
+    assert corrupted == [num_blocks(len(prompt), engine_config)]
+    out = await decode.call("completion", {**body, "kv_transfer_params":
+                                           first["kv_transfer_params"]})
+    assert out["choices"][0]["text"] != await reference_outputs(body)
+
+
+async def test_failed_load_is_recomputed(engines, engine_config, vocab_size, reference_outputs):
+    """Transfer parameters naming a transfer the prefill side does not hold: the load fails,
+    vLLM recomputes the prompt, and the answer is still right."""
+    prefill, decode = engines
+    body = completion_body(engine_config, make_prompts(engine_config, vocab_size, seed=3)[10])
+    params, _ = await prefill_then_decode(prefill, decode, completion_body(
+        engine_config, make_prompts(engine_config, vocab_size, seed=4)[3]))
+    before = dict(vars(decode.stats))
+    bogus = {**params, "transfer_id": uuid.uuid4().hex}
+    out = await decode.call("completion", {**body, "kv_transfer_params": bogus})
+    assert out["choices"][0]["text"] == await reference_outputs(body)
+    assert await wait_until(lambda: decode.stats.num_failed_loads == before["num_failed_loads"] + 1)
+    assert decode.stats.prompt_tokens_computed - before["prompt_tokens_computed"] >= len(
+        body["prompt"]) - 1
+
+
+async def test_unclaimed_blocks_are_freed_after_the_lease(engines, engine_config, vocab_size):
+    prefill, _ = engines
+    assert await wait_until(lambda: prefill.stats.kv_usage == 0.0)
+    body = completion_body(engine_config, make_prompts(engine_config, vocab_size, seed=5)[12])
+    first = await prefill.call("completion", {**body, "max_tokens": 1, "kv_transfer_params": {
+        "do_remote_decode": True, "transfer_id": uuid.uuid4().hex}})
+    assert first["kv_transfer_params"]["remote_block_ids"]
+    await asyncio.sleep(0.5)
+    assert prefill.stats.kv_usage > 0.0  # held for the decode side
+    assert await wait_until(lambda: prefill.stats.kv_usage == 0.0, timeout_s=LEASE_S + 10)

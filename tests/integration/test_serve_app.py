@@ -1,0 +1,192 @@
+"""The whole app on a real local Ray cluster: HTTP in, prefill replica, decode replica."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from cluster.ports import free_port_block
+from tests.integration.support import completion_body, make_prompts, wait_until
+
+APP = "pdserve-test"
+
+
+@pytest.fixture(scope="module")
+def app(engine_config):
+    """Deploy the app once for the module; yield (base_url, config)."""
+    import ray
+    from ray import serve
+
+    from cluster.local import connect_or_start
+    from deploy.app import build_app_from_config
+    from deploy.config import PDConfig, PoolConfig
+
+    cfg = PDConfig(
+        prefill=PoolConfig(engine=engine_config, cpu_cores="0"),
+        decode=PoolConfig(engine=engine_config, cpu_cores="1"),
+        kv_transfer={"lease_s": 20, "timeout_s": 10},
+        app_name=APP,
+    )
+    connect_or_start(cfg)
+    port = free_port_block("127.0.0.1", 1)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app_from_config(cfg), name=APP, route_prefix="/")
+    yield f"http://127.0.0.1:{port}", cfg
+    serve.shutdown()
+    ray.shutdown()
+
+
+async def replica_stats(role: str) -> dict:
+    from ray import serve
+
+    return await serve.get_deployment_handle(role, APP).stats.remote()
+
+
+@pytest.fixture
+async def client(app):
+    async with httpx.AsyncClient(base_url=app[0], timeout=120) as c:
+        yield c
+
+
+async def test_parity_one_at_a_time(app, client, engine_config, vocab_size, reference_outputs):
+    prompts = make_prompts(engine_config, vocab_size, seed=11)
+    decode_before = await replica_stats("decode")
+    mismatches = []
+    for prompt in prompts:
+        body = completion_body(engine_config, prompt)
+        r = await client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        if r.json()["choices"][0]["text"] != await reference_outputs(body):
+            mismatches.append(len(prompt))
+    assert not mismatches, f"outputs differ for prompt lengths {mismatches}"
+    after = await replica_stats("decode")
+    assert after["prompt_tokens_computed"] - decode_before["prompt_tokens_computed"] <= len(
+        prompts)
+    assert after["num_bytes_received"] > decode_before["num_bytes_received"]
+
+
+async def test_parity_under_concurrency(app, client, engine_config, vocab_size,
+                                        reference_outputs, capsys):
+    prompts = make_prompts(engine_config, vocab_size, seed=12)
+    bodies = [completion_body(engine_config, p) for p in prompts]
+    responses = await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    matches = [r.json()["choices"][0]["text"] == await reference_outputs(b)
+               for r, b in zip(responses, bodies)]
+    rate = sum(matches) / len(matches)
+    with capsys.disabled():
+        print(f"\nexact-match rate under {len(bodies)} concurrent requests: "
+              f"{sum(matches)}/{len(matches)} = {rate:.2f}")
+    assert rate >= 0.9
+
+
+BAD_BODIES = [
+    ("invalid JSON", b"{not json", 400),
+    ("not an object", b"[1, 2]", 400),
+    ("missing prompt", {"max_tokens": 4}, 400),
+    ("wrong-typed prompt", {"prompt": 5.5}, 400),
+    ("wrong-typed max_tokens", {"prompt": "hi", "max_tokens": "many"}, 400),
+    ("empty prompt", {"prompt": ""}, 400),
+    ("max_tokens zero", {"prompt": "hi", "max_tokens": 0}, 400),
+    ("max_tokens negative", {"prompt": "hi", "max_tokens": -3}, 400),
+    ("prompt too long", {"prompt": [5] * 1100, "max_tokens": 4}, 400),
+    ("max_tokens beyond the context", {"prompt": "hi", "max_tokens": 5000}, 400),
+    ("unknown model", {"model": "no-such-model", "prompt": "hi"}, 404),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "status"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
+async def test_bad_input_gets_openai_error(app, client, engine_config, case, body, status):
+    if isinstance(body, dict):
+        body = json.dumps({"model": engine_config.name, **body}).encode()
+    r = await client.post("/v1/completions", content=body,
+                          headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == status and error["message"] and error["type"]
+    ok = await client.post("/v1/completions", json=completion_body(engine_config, "still up?"))
+    assert ok.status_code == 200
+
+
+async def test_bad_chat_input(app, client, engine_config):
+    for body, status in [({"messages": "hello"}, 400), ({"messages": []}, 400),
+                         ({"messages": [{"role": "user", "content": "x"}],
+                           "max_completion_tokens": 0}, 400)]:
+        r = await client.post("/v1/chat/completions", json={"model": engine_config.name, **body})
+        assert r.status_code == status, r.text
+        assert r.json()["error"]["code"] == status
+
+
+async def test_models_and_health(app, client, engine_config):
+    r = await client.get("/v1/models")
+    assert r.status_code == 200 and r.json()["data"][0]["id"] == engine_config.name
+    assert (await client.get("/health")).status_code == 200
+
+
+async def test_openai_client(app, engine_config, reference_outputs):
+    import openai
+
+    oai = openai.AsyncOpenAI(base_url=f"{app[0]}/v1", api_key="unused")
+    body = completion_body(engine_config, "The tokenizer was trained on Python's help texts.")
+    expected = await reference_outputs(body)
+    extra = {"ignore_eos": True}
+    done = await oai.completions.create(model=body["model"], prompt=body["prompt"],
+                                        max_tokens=body["max_tokens"], temperature=0,
+                                        extra_body=extra)
+    assert done.choices[0].text == expected
+    stream = await oai.completions.create(model=body["model"], prompt=body["prompt"],
+                                          max_tokens=body["max_tokens"], temperature=0,
+                                          stream=True, extra_body=extra)
+    assert "".join([c.choices[0].text async for c in stream]) == expected
+    messages = [{"role": "user", "content": "hello there"}]
+    chat = await oai.chat.completions.create(model=body["model"], messages=messages,
+                                             max_tokens=6, temperature=0, extra_body=extra)
+    assert chat.choices[0].message.content
+    chunks = await oai.chat.completions.create(model=body["model"], messages=messages,
+                                               max_tokens=6, temperature=0, stream=True,
+                                               extra_body=extra)
+    streamed = "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+    assert streamed == chat.choices[0].message.content
+    with pytest.raises(openai.NotFoundError):
+        await oai.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+
+
+async def idle() -> bool:
+    """Neither replica runs a request or holds a KV block."""
+    stats = [await replica_stats(role) for role in ("prefill", "decode")]
+    return all(s["kv_usage"] == 0.0 and s["num_running"] == 0 for s in stats)
+
+
+async def test_decode_rejection_releases_prefill_blocks(app, client, engine_config, vocab_size):
+    """Prefill succeeds, decode refuses (max_tokens beyond the context): the prefill replica
+    frees the held blocks at once, not when the lease (20 s here) runs out."""
+    assert await wait_until(idle, timeout_s=30)
+    prompt = make_prompts(engine_config, vocab_size, seed=14)[12]
+    r = await client.post("/v1/completions",
+                          json=completion_body(engine_config, prompt, max_tokens=5000))
+    assert r.status_code == 400, r.text
+    assert await wait_until(idle, timeout_s=5)
+
+
+async def test_client_disconnect_frees_blocks(app, client, engine_config, vocab_size):
+    assert await wait_until(idle, timeout_s=30)
+    prompt = make_prompts(engine_config, vocab_size, seed=13)[15]
+    max_tokens = engine_config.max_model_len - len(prompt)
+    generated_before = (await replica_stats("decode"))["generation_tokens_total"]
+    body = completion_body(engine_config, prompt, max_tokens=max_tokens, stream=True)
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        num_chunks = 0
+        async for line in r.aiter_lines():
+            num_chunks += line.startswith("data:")
+            if num_chunks >= 3:
+                break
+    # The client has gone mid-stream: both replicas must drop the request and its blocks.
+    assert await wait_until(idle, timeout_s=30), [await replica_stats(r) for r in
+                                                  ("prefill", "decode")]
+    # ... and it was stopped, not run to its end.
+    generated = (await replica_stats("decode"))["generation_tokens_total"] - generated_before
+    assert 3 <= generated < max_tokens // 2, (generated, max_tokens)

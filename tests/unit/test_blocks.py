@@ -1,0 +1,197 @@
+"""KVLayout discovery and packing whole KV blocks in and out of paged caches."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import torch
+
+from kvtransfer.blocks import KVLayout, empty_buffer, gather_blocks, scatter_blocks
+from tests.helpers import (
+    BLOCK_SIZE,
+    HEAD_SIZE,
+    NUM_HEADS,
+    LayoutKind,
+    block_of,
+    layer_name,
+    make_kv_caches,
+)
+
+NUM_BLOCKS = 10
+KINDS: list[LayoutKind] = ["cpu", "flash"]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def layout_of(caches: dict[str, torch.Tensor], block_size: int = BLOCK_SIZE) -> KVLayout:
+    return KVLayout.from_caches(caches, NUM_BLOCKS, block_size)
+
+
+@pytest.mark.parametrize(
+    ("kind", "block_dim", "block_shape"),
+    [
+        ("cpu", 0, (NUM_HEADS, BLOCK_SIZE, 2 * HEAD_SIZE)),
+        ("flash", 1, (2, BLOCK_SIZE, NUM_HEADS, HEAD_SIZE)),
+    ],
+)
+@pytest.mark.parametrize(
+    ("dtype", "dtype_name", "itemsize"),
+    [(torch.float32, "float32", 4), (torch.bfloat16, "bfloat16", 2)],
+)
+def test_from_caches_finds_the_block_axis(
+    kind: LayoutKind, block_dim: int, block_shape: tuple[int, ...],
+    dtype: torch.dtype, dtype_name: str, itemsize: int,
+) -> None:
+    layout = layout_of(make_kv_caches(kind, NUM_BLOCKS, num_layers=3, dtype=dtype))
+    # 2 * heads * block_size * head elements per block and layer, whatever the order.
+    per_layer = 2 * NUM_HEADS * BLOCK_SIZE * HEAD_SIZE * itemsize
+    assert layout.block_size == BLOCK_SIZE
+    assert [ly.name for ly in layout.layers] == [layer_name(i) for i in range(3)]
+    for ly in layout.layers:
+        assert ly.block_dim == block_dim
+        assert ly.block_shape == block_shape
+        assert ly.dtype == dtype_name
+        assert ly.bytes_per_block == per_layer
+    assert layout.bytes_per_block == 3 * per_layer
+
+
+def test_layers_are_in_name_order() -> None:
+    caches = make_kv_caches("cpu", NUM_BLOCKS, num_layers=1)
+    tensor = caches.pop(layer_name(0))
+    caches = {"b.attn": tensor, "a.attn": tensor.clone(), "c.attn": tensor.clone()}
+    assert [ly.name for ly in layout_of(caches).layers] == ["a.attn", "b.attn", "c.attn"]
+
+
+def test_from_caches_without_a_block_axis_raises() -> None:
+    caches = make_kv_caches("cpu", NUM_BLOCKS)
+    with pytest.raises(ValueError, match="no axis of size 11"):
+        KVLayout.from_caches(caches, 11, BLOCK_SIZE)
+
+
+def expected_bytes(
+    caches: dict[str, torch.Tensor], kind: LayoutKind, block_ids: list[int]
+) -> torch.Tensor:
+    """The packed form, built by plain indexing: layers in name order, blocks in given order."""
+    parts = []
+    for name in sorted(caches):
+        blocks = torch.stack([block_of(caches[name], kind, b) for b in block_ids])
+        parts.append(blocks.contiguous().view(torch.uint8).reshape(-1))
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gather_packs_blocks_in_order(kind: LayoutKind, dtype: torch.dtype) -> None:
+    caches = make_kv_caches(kind, NUM_BLOCKS, dtype=dtype, seed=3)
+    layout = layout_of(caches)
+    block_ids = [6, 2, 9]
+    buffer = gather_blocks(caches, layout, block_ids)
+    assert buffer.dtype == torch.uint8
+    assert buffer.numel() == 3 * layout.bytes_per_block
+    assert torch.equal(buffer, expected_bytes(caches, kind, block_ids))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scatter_writes_exactly_the_target_blocks(kind: LayoutKind, dtype: torch.dtype) -> None:
+    src = make_kv_caches(kind, NUM_BLOCKS, dtype=dtype, seed=1)
+    dst = make_kv_caches(kind, NUM_BLOCKS, dtype=dtype, seed=2)
+    before = {name: t.clone() for name, t in dst.items()}
+    layout = layout_of(src)
+    src_ids, dst_ids = [3, 7, 1, 8], [0, 5, 9, 4]
+
+    buffer = gather_blocks(src, layout, src_ids)
+    scatter_blocks(dst, layout, dst_ids, buffer)
+
+    for name in dst:
+        for s, d in zip(src_ids, dst_ids, strict=True):
+            assert torch.equal(block_of(dst[name], kind, d), block_of(src[name], kind, s))
+        for b in set(range(NUM_BLOCKS)) - set(dst_ids):
+            assert torch.equal(block_of(dst[name], kind, b), block_of(before[name], kind, b))
+    for name in src:  # the source is only read
+        assert not torch.equal(src[name], dst[name])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_round_trip_of_one_block(kind: LayoutKind) -> None:
+    src = make_kv_caches(kind, NUM_BLOCKS, seed=5)
+    dst = make_kv_caches(kind, NUM_BLOCKS, fill="zeros")
+    layout = layout_of(src)
+    scatter_blocks(dst, layout, [9], gather_blocks(src, layout, [0]))
+    for name in src:
+        assert torch.equal(block_of(dst[name], kind, 9), block_of(src[name], kind, 0))
+        assert int(torch.count_nonzero(dst[name])) == int(
+            torch.count_nonzero(block_of(src[name], kind, 0))
+        )
+
+
+def test_empty_buffer_fits_the_blocks() -> None:
+    caches = make_kv_caches("flash", NUM_BLOCKS, dtype=torch.bfloat16)
+    layout = layout_of(caches)
+    buffer = empty_buffer(caches, layout, 3)
+    assert buffer.dtype == torch.uint8
+    assert buffer.numel() == 3 * 2 * (2 * NUM_HEADS * BLOCK_SIZE * HEAD_SIZE * 2)
+
+
+def test_scatter_refuses_a_buffer_of_the_wrong_size() -> None:
+    caches = make_kv_caches("cpu", NUM_BLOCKS)
+    layout = layout_of(caches)
+    buffer = gather_blocks(caches, layout, [1, 2])
+    padded = torch.cat([buffer, torch.zeros(4, dtype=torch.uint8)])
+    with pytest.raises(ValueError, match="buffer holds"):
+        scatter_blocks(caches, layout, [1, 2], padded)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_same_layout_has_no_mismatch_after_the_wire(kind: LayoutKind) -> None:
+    ours = layout_of(make_kv_caches(kind, NUM_BLOCKS, seed=0))
+    theirs = layout_of(make_kv_caches(kind, NUM_BLOCKS, seed=9, fill="zeros"))
+    wire = msgpack.unpackb(msgpack.packb(theirs.to_wire()))  # tuples come back as lists
+    assert ours.mismatch(wire) is None
+
+
+def test_to_wire_form() -> None:
+    layout = layout_of(make_kv_caches("cpu", NUM_BLOCKS, num_layers=1))
+    assert layout.to_wire() == {
+        "block_size": BLOCK_SIZE,
+        "layers": [[layer_name(0), [NUM_HEADS, BLOCK_SIZE, 2 * HEAD_SIZE], "float32"]],
+    }
+
+
+def test_mismatch_detects_block_size() -> None:
+    ours = layout_of(make_kv_caches("cpu", NUM_BLOCKS))
+    theirs = layout_of(make_kv_caches("cpu", NUM_BLOCKS, block_size=8), block_size=8)
+    problem = ours.mismatch(theirs.to_wire())
+    assert problem is not None
+    assert "block size 8 != 4" in problem
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"num_layers": 1},
+        {"num_layers": 3},
+        {"dtype": torch.bfloat16},
+        {"num_heads": 1},  # another TP split
+        {"head_size": 4},
+    ],
+    ids=["fewer-layers", "more-layers", "dtype", "heads", "head-size"],
+)
+def test_mismatch_detects_layer_differences(other: dict) -> None:
+    ours = layout_of(make_kv_caches("cpu", NUM_BLOCKS))
+    theirs = layout_of(make_kv_caches("cpu", NUM_BLOCKS, **other))
+    problem = ours.mismatch(theirs.to_wire())
+    assert problem is not None
+    assert "layers differ" in problem
+
+
+def test_mismatch_detects_backend_layout() -> None:
+    cpu = layout_of(make_kv_caches("cpu", NUM_BLOCKS))
+    flash = layout_of(make_kv_caches("flash", NUM_BLOCKS))
+    assert cpu.mismatch(flash.to_wire()) is not None
+    assert flash.mismatch(cpu.to_wire()) is not None
+
+
+def test_mismatch_of_an_empty_wire() -> None:
+    ours = layout_of(make_kv_caches("cpu", NUM_BLOCKS))
+    assert ours.mismatch({}) is not None
+    assert ours.mismatch({"block_size": BLOCK_SIZE}) is not None

@@ -1,0 +1,187 @@
+"""The router's OpenAI request checks: every rejection is a 4xx with an OpenAI error body."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from router.openai_api import APIError, parse_body, status_of
+
+MODEL = "demo-llama"
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+def raw(body: Any) -> bytes:
+    return json.dumps(body).encode()
+
+
+def rejection(data: bytes, kind: str = "completion") -> APIError:
+    with pytest.raises(APIError) as info:
+        parse_body(data, kind, MODEL)
+    return info.value
+
+
+def assert_error_body(err: APIError, status: int, param: str | None, type_: str) -> None:
+    assert err.status == status
+    assert set(err.body) == {"error"}
+    error = err.body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == status
+    assert error["type"] == type_
+    assert error["param"] == param
+    assert isinstance(error["message"], str) and error["message"]
+    assert status_of(err.body) == status
+
+
+@pytest.mark.parametrize("data", [b"{", b"", b"\xff\xfe", b"{'prompt': 'x'}", b"nul"],
+                         ids=["open-brace", "empty", "not-utf8", "single-quotes", "nul"])
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_invalid_json(data: bytes, kind: str) -> None:
+    err = rejection(data, kind)
+    assert_error_body(err, 400, None, "BadRequestError")
+    assert "not valid JSON" in err.body["error"]["message"]
+
+
+@pytest.mark.parametrize("body", [[], [{"prompt": "x"}], "prompt", 3, None], ids=repr)
+def test_non_object_json(body: Any) -> None:
+    err = rejection(raw(body))
+    assert_error_body(err, 400, None, "BadRequestError")
+    assert "JSON object" in err.body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "param"),
+    [
+        ("completion", {"prompt": "hi", "max_tokens": "many"}, "max_tokens"),
+        ("completion", {"prompt": "hi", "temperature": "hot"}, "temperature"),
+        ("completion", {"prompt": 5}, "prompt"),
+        ("completion", {"prompt": "hi", "model": 5}, "model"),
+        ("chat", {"messages": "hello"}, "messages"),
+        ("chat", {"messages": MESSAGES, "max_completion_tokens": [1]}, "max_completion_tokens"),
+    ],
+)
+def test_wrong_typed_fields(kind: str, body: dict[str, Any], param: str) -> None:
+    err = rejection(raw(body), kind)
+    assert_error_body(err, 400, param, "BadRequestError")
+    assert err.body["error"]["message"].startswith(f"{param}: ")
+
+
+def test_missing_prompt() -> None:
+    assert_error_body(rejection(raw({"max_tokens": 3})), 400, "prompt", "BadRequestError")
+
+
+def test_missing_messages() -> None:
+    err = rejection(raw({"max_tokens": 3}), "chat")
+    assert_error_body(err, 400, "messages", "BadRequestError")
+
+
+def test_empty_prompt() -> None:
+    err = rejection(raw({"prompt": "", "max_tokens": 3}))
+    assert_error_body(err, 400, "prompt", "BadRequestError")
+
+
+@pytest.mark.parametrize("prompt", [[], [[]], [""]], ids=["[]", "[[]]", "['']"])
+def test_empty_token_list_prompt(prompt: list) -> None:
+    err = rejection(raw({"prompt": prompt, "max_tokens": 3}))
+    assert_error_body(err, 400, "prompt", "BadRequestError")
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "value"),
+    [
+        ("completion", "max_tokens", 0),
+        ("completion", "max_tokens", -5),
+        ("chat", "max_tokens", 0),
+        ("chat", "max_completion_tokens", 0),
+        ("chat", "max_completion_tokens", -1),
+    ],
+)
+def test_non_positive_token_limits(kind: str, field: str, value: int) -> None:
+    body: dict[str, Any] = {"prompt": "hi"} if kind == "completion" else {"messages": MESSAGES}
+    err = rejection(raw({**body, field: value}), kind)
+    assert_error_body(err, 400, field, "BadRequestError")
+    assert err.body["error"]["message"] == f"{field} must be at least 1, got {value}"
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        ("completion", {"prompt": "hi", "max_tokens": "5"}),
+        ("chat", {"messages": MESSAGES, "max_completion_tokens": "5"}),
+    ],
+    ids=["max_tokens", "max_completion_tokens"],
+)
+def test_numeric_string_token_limit_is_not_a_server_error(
+    kind: str, body: dict[str, Any]
+) -> None:
+    parsed = parse_body(raw(body), kind, MODEL)
+    assert parsed[next(k for k in body if k.startswith("max_"))] == 5
+
+
+def test_returned_body_agrees_with_the_engine_on_streaming() -> None:
+    body = parse_body(raw({"prompt": "hi", "stream": "false"}), "completion", MODEL)
+    assert not body.get("stream")
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_unknown_model(kind: str) -> None:
+    body: dict[str, Any] = {"prompt": "hi"} if kind == "completion" else {"messages": MESSAGES}
+    err = rejection(raw({**body, "model": "gpt-9"}), kind)
+    assert_error_body(err, 404, "model", "NotFoundError")
+    assert err.body["error"]["message"] == "The model `gpt-9` does not exist."
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": "Hello", "max_tokens": 8, "model": MODEL},
+        {"prompt": "Hello"},  # model may be left out
+        {"prompt": [1, 2, 3], "max_tokens": 1, "temperature": 0.0, "stream": True},
+        {"prompt": ["a", "b"], "max_tokens": 1},
+    ],
+)
+def test_valid_completion(body: dict[str, Any]) -> None:
+    # Every given field survives as given; vLLM's model may add defaults (max_tokens=16).
+    assert body.items() <= parse_body(raw(body), "completion", MODEL).items()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": MESSAGES, "model": MODEL, "max_completion_tokens": 5},
+        {"messages": MESSAGES, "max_tokens": 1, "stream": True},
+        {"messages": [{"role": "system", "content": "s"}, *MESSAGES]},
+    ],
+)
+def test_valid_chat(body: dict[str, Any]) -> None:
+    assert parse_body(raw(body), "chat", MODEL) == body
+
+
+def test_unknown_kind_is_a_programming_error() -> None:
+    with pytest.raises(ValueError, match="unknown request kind"):
+        parse_body(raw({"prompt": "hi"}), "embeddings", MODEL)
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"choices": []}, 200),
+        ({"id": "x", "object": "text_completion"}, 200),
+        ([], 200),
+        (None, 200),
+        ("text", 200),
+        ({"error": {"message": "m", "code": 404}}, 404),
+        ({"error": {"message": "m", "code": 400}}, 400),
+        ({"error": {"message": "m", "code": 503}}, 503),
+        ({"error": {"message": "m", "code": 599}}, 599),
+        ({"error": {"message": "m", "code": 600}}, 500),
+        ({"error": {"message": "m", "code": 200}}, 500),
+        ({"error": {"message": "m", "code": "404"}}, 500),
+        ({"error": {"message": "m"}}, 500),
+        ({"error": "a string, not an object"}, 200),
+    ],
+)
+def test_status_of(body: Any, status: int) -> None:
+    assert status_of(body) == status

@@ -1,0 +1,314 @@
+"""KV transfer end to end in one process: the Gloo link, then producer and consumer endpoints
+over real ZMQ sockets and a real TCPStore on 127.0.0.1."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from cluster.ports import free_port_block
+from kvtransfer.blocks import KVLayout
+from kvtransfer.consumer import ConsumerEndpoint, LoadResults
+from kvtransfer.holds import HoldError, HoldTable
+from kvtransfer.link import DECODE_RANK, PREFILL_RANK, TorchDistLink, backend_for
+from kvtransfer.metadata import LoadSpec
+from kvtransfer.producer import ProducerEndpoint
+from tests.helpers import BLOCK_SIZE, block_of, make_kv_caches, wait_until
+
+HOST = "127.0.0.1"
+NUM_BLOCKS = 10
+TIMEOUT_S = 10.0
+LEASE_S = 60.0
+
+
+def run_pair(target_a: Callable[[], object], target_b: Callable[[], object]) -> list[object]:
+    """Run two callables in two threads; return their results, re-raising the first error."""
+    results: list[object] = [None, None]
+    errors: list[BaseException] = []
+
+    def wrap(i: int, fn: Callable[[], object]) -> None:
+        try:
+            results[i] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=wrap, args=(i, fn), daemon=True)
+               for i, fn in enumerate((target_a, target_b))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=2 * TIMEOUT_S)
+    assert not any(t.is_alive() for t in threads), "a link end hung"
+    if errors:
+        raise errors[0]
+    return results
+
+
+# -- the link --------------------------------------------------------------------------------
+
+
+def test_backend_follows_the_cache_device() -> None:
+    assert backend_for(torch.device("cpu")) == "gloo"
+    assert backend_for(torch.device("cuda", 1)) == "nccl"
+
+
+@pytest.mark.parametrize("num_bytes", [1, 4093, 1 << 20])
+def test_gloo_link_delivers_identical_bytes(num_bytes: int) -> None:
+    master = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False)
+    client = dist.TCPStore(HOST, master.port, is_master=False,
+                           timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    group = f"test/{uuid.uuid4().hex}"
+    payload = torch.randint(0, 256, (num_bytes,), dtype=torch.uint8,
+                            generator=torch.Generator().manual_seed(num_bytes))
+    expected = payload.clone()
+    received = torch.zeros(num_bytes, dtype=torch.uint8)
+    cpu = torch.device("cpu")
+
+    def sender() -> None:
+        link = TorchDistLink(master, group, PREFILL_RANK, cpu, HOST, TIMEOUT_S)
+        link.send(payload)
+        link.close()
+
+    def receiver() -> None:
+        link = TorchDistLink(client, group, DECODE_RANK, cpu, HOST, TIMEOUT_S)
+        link.recv(received)
+        link.close()
+
+    run_pair(sender, receiver)
+    assert torch.equal(received, expected)
+    assert torch.equal(payload, expected)  # the sender's buffer is untouched
+
+
+# -- the endpoints ---------------------------------------------------------------------------
+
+
+class CountingHoldTable(HoldTable):
+    """A HoldTable that counts the pulls it refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_refused = 0
+
+    def start_send(self, transfer_id: str, first_block: int, num_blocks: int) -> list[int]:
+        try:
+            return super().start_send(transfer_id, first_block, num_blocks)
+        except HoldError:
+            self.num_refused += 1
+            raise
+
+
+@dataclasses.dataclass
+class ProducerSide:
+    endpoint: ProducerEndpoint
+    caches: dict[str, torch.Tensor]
+    layout: KVLayout
+    holds: CountingHoldTable
+    port: int
+
+
+@pytest.fixture
+def producer() -> Iterator[ProducerSide]:
+    port = free_port_block(HOST, 1)
+    caches = make_kv_caches("cpu", NUM_BLOCKS, seed=11)
+    layout = KVLayout.from_caches(caches, NUM_BLOCKS, BLOCK_SIZE)
+    holds = CountingHoldTable()
+    endpoint = ProducerEndpoint(HOST, port, caches, layout, holds, TIMEOUT_S)
+    yield ProducerSide(endpoint, caches, layout, holds, port)
+    endpoint.close()
+
+
+@dataclasses.dataclass
+class ConsumerSide:
+    endpoint: ConsumerEndpoint
+    caches: dict[str, torch.Tensor]
+    layout: KVLayout
+
+
+@pytest.fixture
+def make_consumer(producer: ProducerSide) -> Iterator[Callable[..., ConsumerSide]]:
+    made: list[ConsumerEndpoint] = []
+
+    def make(block_size: int = BLOCK_SIZE, unknown_retry_s: float = 2.0) -> ConsumerSide:
+        caches = make_kv_caches("cpu", NUM_BLOCKS, block_size=block_size, fill="zeros")
+        layout = KVLayout.from_caches(caches, NUM_BLOCKS, block_size)
+        endpoint = ConsumerEndpoint(HOST, 0, caches, layout, TIMEOUT_S, unknown_retry_s)
+        made.append(endpoint)
+        return ConsumerSide(endpoint, caches, layout)
+
+    yield make
+    for endpoint in made:
+        endpoint.close()
+
+
+def load_spec(
+    producer: ProducerSide, transfer_id: str, request_id: str | None, first_block: int,
+    local_block_ids: list[int],
+) -> LoadSpec:
+    return LoadSpec(transfer_id, request_id, HOST, producer.port, first_block, local_block_ids)
+
+
+def wait_for_result(consumer: ConsumerEndpoint, *request_ids: str) -> LoadResults:
+    """Collect results until all of ``request_ids`` have finished; merge what came meanwhile."""
+    merged = LoadResults()
+
+    def finished() -> bool:
+        got = consumer.take_results()
+        merged.finished |= got.finished
+        merged.failed |= got.failed
+        merged.failed_block_ids |= got.failed_block_ids
+        return merged.finished >= set(request_ids)
+
+    wait_until(finished, TIMEOUT_S, what=f"load of {request_ids}")
+    return merged
+
+
+def wait_for_release(holds: HoldTable, *request_ids: str) -> set[str]:
+    """Collect released engine request ids until all of ``request_ids`` are among them."""
+    released: set[str] = set()
+
+    def done() -> bool:
+        released.update(holds.take_released())
+        return released >= set(request_ids)
+
+    wait_until(done, TIMEOUT_S, what=f"release of {request_ids}")
+    return released
+
+
+def assert_blocks_copied(
+    producer: ProducerSide, consumer: ConsumerSide, pairs: list[tuple[int, int]]
+) -> None:
+    """Each (source, target) block is equal on both sides; every other target block is zero."""
+    targets = {t for _, t in pairs}
+    for name, src in producer.caches.items():
+        dst = consumer.caches[name]
+        for s, t in pairs:
+            assert torch.equal(block_of(dst, "cpu", t), block_of(src, "cpu", s)), (name, s, t)
+        for b in set(range(NUM_BLOCKS)) - targets:
+            assert not torch.any(block_of(dst, "cpu", b)), (name, b)
+
+
+def test_load_copies_held_blocks(
+    producer: ProducerSide, make_consumer: Callable[..., ConsumerSide]
+) -> None:
+    consumer = make_consumer()
+    remote, local = [7, 2, 9, 4], [0, 5, 8, 3]
+    producer.holds.add("t-1", "engine-req-1", remote, LEASE_S)
+    consumer.endpoint.submit(load_spec(producer, "t-1", "req-1", 0, local))
+
+    results = wait_for_result(consumer.endpoint, "req-1")
+    assert results.failed == set()
+    assert results.failed_block_ids == set()
+    assert_blocks_copied(producer, consumer, list(zip(remote, local, strict=True)))
+    assert wait_for_release(producer.holds, "engine-req-1") == {"engine-req-1"}
+    assert len(producer.holds) == 0
+
+    num_bytes = 4 * producer.layout.bytes_per_block
+    assert num_bytes == 4 * 2 * (2 * 2 * BLOCK_SIZE * 8 * 4)  # 4 blocks x 2 layers x float32
+    assert producer.endpoint.counts["num_bytes_sent"] == num_bytes
+    assert consumer.endpoint.counts["num_bytes_received"] == num_bytes
+    assert consumer.endpoint.counts["num_loads"] == 1
+    assert consumer.endpoint.counts["num_failed_loads"] == 0
+
+
+def test_load_of_a_subset_from_first_block(
+    producer: ProducerSide, make_consumer: Callable[..., ConsumerSide]
+) -> None:
+    consumer = make_consumer()
+    remote = [6, 1, 3, 8, 5]
+    producer.holds.add("t-2", "engine-req-2", remote, LEASE_S)
+    # The first two blocks are cached on the decode side: pull remote[2:4] into local [9, 4].
+    consumer.endpoint.submit(load_spec(producer, "t-2", "req-2", 2, [9, 4]))
+
+    results = wait_for_result(consumer.endpoint, "req-2")
+    assert results.failed == set()
+    assert_blocks_copied(producer, consumer, [(3, 9), (8, 4)])
+    wait_for_release(producer.holds, "engine-req-2")
+    num_bytes = 2 * producer.layout.bytes_per_block
+    assert producer.endpoint.counts["num_bytes_sent"] == num_bytes
+    assert consumer.endpoint.counts["num_bytes_received"] == num_bytes
+
+
+def test_two_loads_over_one_pair(
+    producer: ProducerSide, make_consumer: Callable[..., ConsumerSide]
+) -> None:
+    consumer = make_consumer()
+    producer.holds.add("t-a", "engine-a", [1, 2], LEASE_S)
+    producer.holds.add("t-b", "engine-b", [8], LEASE_S)
+    consumer.endpoint.submit(load_spec(producer, "t-a", "req-a", 0, [4, 5]))
+    consumer.endpoint.submit(load_spec(producer, "t-b", "req-b", 0, [0]))
+
+    results = wait_for_result(consumer.endpoint, "req-a", "req-b")
+    assert results.finished == {"req-a", "req-b"}
+    assert results.failed == set()
+    assert_blocks_copied(producer, consumer, [(1, 4), (2, 5), (8, 0)])
+    assert wait_for_release(producer.holds, "engine-a", "engine-b") == {"engine-a", "engine-b"}
+    assert consumer.endpoint.counts["num_bytes_received"] == 3 * producer.layout.bytes_per_block
+
+
+def test_unknown_transfer_fails_after_retrying(
+    producer: ProducerSide, make_consumer: Callable[..., ConsumerSide]
+) -> None:
+    consumer = make_consumer(unknown_retry_s=0.3)
+    consumer.endpoint.submit(load_spec(producer, "never-held", "req-x", 0, [2, 6]))
+
+    results = wait_for_result(consumer.endpoint, "req-x")
+    assert results.failed == {"req-x"}
+    assert results.failed_block_ids == {2, 6}
+    assert consumer.endpoint.counts["num_failed_loads"] == 1
+    assert consumer.endpoint.counts["num_bytes_received"] == 0
+    for tensor in consumer.caches.values():
+        assert not torch.any(tensor)
+
+
+def test_hold_registered_late_is_still_pulled(
+    producer: ProducerSide, make_consumer: Callable[..., ConsumerSide]
+) -> None:
+    consumer = make_consumer(unknown_retry_s=5.0)
+    consumer.endpoint.submit(load_spec(producer, "t-late", "req-late", 0, [3]))
+    # The decode side asks before the prefill side registers the hold (one engine step later).
+    wait_until(lambda: producer.holds.num_refused >= 2, TIMEOUT_S, what="refused pulls")
+    producer.holds.add("t-late", "engine-late", [7], LEASE_S)
+
+    results = wait_for_result(consumer.endpoint, "req-late")
+    assert results.failed == set()
+    assert_blocks_copied(producer, consumer, [(7, 3)])
+
+
+def test_release_only_spec_frees_the_hold_without_data(
+    producer: ProducerSide, make_consumer: Callable[..., ConsumerSide]
+) -> None:
+    consumer = make_consumer()
+    producer.holds.add("t-r", "engine-req-r", [1, 2, 3], LEASE_S)
+    consumer.endpoint.submit(load_spec(producer, "t-r", None, 0, []))
+
+    assert wait_for_release(producer.holds, "engine-req-r") == {"engine-req-r"}
+    assert len(producer.holds) == 0
+    assert producer.endpoint.counts["num_bytes_sent"] == 0
+    assert consumer.endpoint.counts["num_bytes_received"] == 0
+    results = consumer.endpoint.take_results()
+    assert results.finished == set() and results.failed == set()
+    for tensor in consumer.caches.values():
+        assert not torch.any(tensor)
+
+
+def test_consumer_with_another_layout_is_refused(
+    producer: ProducerSide, make_consumer: Callable[..., ConsumerSide]
+) -> None:
+    consumer = make_consumer(block_size=2 * BLOCK_SIZE)
+    producer.holds.add("t-m", "engine-req-m", [1, 2], LEASE_S)
+    consumer.endpoint.submit(load_spec(producer, "t-m", "req-m", 0, [4, 5]))
+
+    results = wait_for_result(consumer.endpoint, "req-m")
+    assert results.failed == {"req-m"}
+    assert results.failed_block_ids == {4, 5}
+    for tensor in consumer.caches.values():
+        assert not torch.any(tensor)
+    assert producer.endpoint.counts["num_bytes_sent"] == 0
+    assert len(producer.holds) == 1  # still held for a decode worker that can take it
