@@ -75,7 +75,7 @@ async def test_parity_under_concurrency(app, client, engine_config, vocab_size,
     responses = await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     matches = [r.json()["choices"][0]["text"] == await reference_outputs(b)
-               for r, b in zip(responses, bodies)]
+               for r, b in zip(responses, bodies, strict=True)]
     rate = sum(matches) / len(matches)
     with capsys.disabled():
         print(f"\nexact-match rate under {len(bodies)} concurrent requests: "
