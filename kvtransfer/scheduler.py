@@ -27,7 +27,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_REMOTE_PARAMS = ("transfer_id", "remote_host", "remote_port", "remote_block_ids")
+REQUIRED_REMOTE_PARAMS = ("transfer_id", "remote_host", "remote_port", "remote_block_ids",
+                          "prompt_hash")
+
+
+def prompt_hash(token_ids: list[int] | None) -> str:
+    """A digest of the prompt's token ids: both sides must have computed the same tokens."""
+    import hashlib
+    import struct
+
+    ids = list(token_ids or ())
+    return hashlib.blake2b(struct.pack(f"<{len(ids)}q", *ids), digest_size=16).hexdigest()
 
 
 class PDScheduler:
@@ -53,6 +63,11 @@ class PDScheduler:
                            "computing its prompt here", request.request_id, missing,
                            params.get("protocol"))
             params["do_remote_prefill"] = False
+            return None
+        if params["prompt_hash"] != prompt_hash(request.prompt_token_ids):
+            logger.error("request %s: its prompt tokens differ from the ones the prefill engine "
+                         "computed; computing its prompt here", request.request_id)
+            self._release(params)
             return None
         if (params.get("tp_size"), params.get("pp_size")) != (self._tp_size, self._pp_size):
             logger.error("request %s: prefill TPxPP %sx%s differs from ours %sx%s; computing "
@@ -128,6 +143,7 @@ class PDScheduler:
             "remote_port": self._settings.port,
             "remote_block_ids": list(block_ids),
             "num_prompt_tokens": request.num_prompt_tokens,
+            "prompt_hash": prompt_hash(request.prompt_token_ids),
             "tp_size": self._tp_size,
             "pp_size": self._pp_size,
             "protocol": PROTOCOL_VERSION,

@@ -92,15 +92,35 @@ async def test_failed_load_is_recomputed(engines, engine_config, vocab_size, ref
     vLLM recomputes the prompt, and the answer is still right."""
     prefill, decode = engines
     body = completion_body(engine_config, make_prompts(engine_config, vocab_size, seed=3)[10])
-    params, _ = await prefill_then_decode(prefill, decode, completion_body(
-        engine_config, make_prompts(engine_config, vocab_size, seed=4)[3]))
+    first = await prefill.call("completion", {**body, "max_tokens": 1, "kv_transfer_params": {
+        "do_remote_decode": True, "transfer_id": uuid.uuid4().hex}})
     before = dict(vars(decode.stats))
-    bogus = {**params, "transfer_id": uuid.uuid4().hex}
+    bogus = {**first["kv_transfer_params"], "transfer_id": uuid.uuid4().hex}
     out = await decode.call("completion", {**body, "kv_transfer_params": bogus})
     assert out["choices"][0]["text"] == await reference_outputs(body)
     assert await wait_until(lambda: decode.stats.num_failed_loads == before["num_failed_loads"] + 1)
     assert decode.stats.prompt_tokens_computed - before["prompt_tokens_computed"] >= len(
         body["prompt"]) - 1
+
+
+async def test_other_prompt_tokens_are_not_loaded(engines, engine_config, vocab_size,
+                                                  reference_outputs):
+    """Transfer parameters of another prompt with as many blocks: the decode side sees the
+    token digest differ, computes the prompt itself, and lets the prefill side free its hold
+    at once (well before the lease)."""
+    prefill, decode = engines
+    prompts = make_prompts(engine_config, vocab_size, seed=6)
+    other = completion_body(engine_config, prompts[9])
+    body = completion_body(engine_config, prompts[9][::-1])  # same length, other tokens
+    assert await wait_until(lambda: prefill.stats.kv_usage == 0.0)
+    first = await prefill.call("completion", {**other, "max_tokens": 1, "kv_transfer_params": {
+        "do_remote_decode": True, "transfer_id": uuid.uuid4().hex}})
+    before = dict(vars(decode.stats))
+    out = await decode.call("completion", {**body, "kv_transfer_params":
+                                           first["kv_transfer_params"]})
+    assert out["choices"][0]["text"] == await reference_outputs(body)
+    assert decode.stats.num_loads == before["num_loads"]
+    assert await wait_until(lambda: prefill.stats.kv_usage == 0.0, timeout_s=LEASE_S / 2)
 
 
 async def test_unclaimed_blocks_are_freed_after_the_lease(engines, engine_config, vocab_size):

@@ -10,7 +10,7 @@ from vllm.v1.request import RequestStatus
 
 from kvtransfer.metadata import HoldSpec, LoadSpec
 from kvtransfer.protocol import PROTOCOL_VERSION
-from kvtransfer.scheduler import PDScheduler
+from kvtransfer.scheduler import PDScheduler, prompt_hash
 from kvtransfer.settings import ConnectorSettings
 
 BLOCK_SIZE = 16
@@ -55,6 +55,7 @@ def remote_params(**overrides: Any) -> dict[str, Any]:
         "remote_port": PREFILL_PORT,
         "remote_block_ids": [30, 31, 32, 33],
         "num_prompt_tokens": 64,
+        "prompt_hash": prompt_hash(list(range(100, 164))),  # make_request's 64 tokens
         "tp_size": 1,
         "pp_size": 1,
         "protocol": 1,
@@ -97,6 +98,7 @@ def test_producer_holds_a_finished_request(status: RequestStatus) -> None:
         "remote_port": PREFILL_PORT,
         "remote_block_ids": [5, 9, 2],
         "num_prompt_tokens": 40,
+        "prompt_hash": prompt_hash(list(range(100, 140))),
         "tp_size": 2,
         "pp_size": 1,
         "protocol": PROTOCOL_VERSION,
@@ -179,7 +181,8 @@ def test_consumer_without_remote_prefill_claims_nothing(params: dict[str, Any] |
 
 
 @pytest.mark.parametrize(
-    "key", ["transfer_id", "remote_host", "remote_port", "remote_block_ids", "protocol"]
+    "key",
+    ["transfer_id", "remote_host", "remote_port", "remote_block_ids", "prompt_hash", "protocol"],
 )
 def test_consumer_refuses_params_missing_a_key(key: str) -> None:
     sched = make_scheduler()
@@ -293,3 +296,17 @@ def test_finished_with_bad_params_releases_nothing() -> None:
     request = make_request(params=params, status=RequestStatus.FINISHED_ABORTED)
     assert sched.request_finished(request, []) == (False, None)
     assert sched.build_connector_meta().loads == []
+
+
+def test_prompt_hash_tells_token_sequences_apart() -> None:
+    assert prompt_hash([1, 2, 3]) == prompt_hash([1, 2, 3])
+    assert len({prompt_hash(ids) for ids in ([1, 2, 3], [1, 2, 4], [3, 2, 1], [1, 2], [])}) == 5
+
+
+def test_consumer_with_other_prompt_tokens_computes_locally_and_releases() -> None:
+    """The decode request's tokens are not the ones the prefill computed: loading those blocks
+    would silently corrupt the output, so the prompt is computed here and the hold released."""
+    scheduler = make_scheduler()
+    request = make_request(params=remote_params(prompt_hash=prompt_hash([7] * 64)))
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
+    assert scheduler.build_connector_meta().loads == [release_spec()]
