@@ -17,6 +17,8 @@ import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from cluster.ports import free_port_block
+
 if TYPE_CHECKING:
     from deploy.config import EngineConfig
 
@@ -81,8 +83,10 @@ def make_stats_logger_class(snapshot: StatsSnapshot) -> type:
     return EngineStats
 
 
-def engine_flags(cfg: EngineConfig, kv_transfer: dict[str, Any] | None) -> list[str]:
-    """The ``vllm serve`` flags for ``cfg``."""
+def engine_flags(cfg: EngineConfig, kv_transfer: dict[str, Any] | None,
+                 kv_events_port: int | None = None) -> list[str]:
+    """The ``vllm serve`` flags for ``cfg``; with ``kv_events_port``, the engine publishes its
+    KV cache events (block stored / removed / all cleared) on that port."""
     flags = [
         "--model", cfg.model,
         "--served-model-name", cfg.name,
@@ -98,6 +102,10 @@ def engine_flags(cfg: EngineConfig, kv_transfer: dict[str, Any] | None) -> list[
         flags.append("--enforce-eager")
     if kv_transfer is not None:
         flags += ["--kv-transfer-config", json.dumps(kv_transfer)]
+    if kv_events_port is not None:
+        flags += ["--kv-events-config", json.dumps({
+            "enable_kv_cache_events": True, "publisher": "zmq",
+            "endpoint": f"tcp://*:{kv_events_port}"})]
     return flags + list(cfg.extra_args)
 
 
@@ -117,18 +125,22 @@ def parse_flags(flags: list[str]) -> argparse.Namespace:
 class OpenAIEngine:
     """An AsyncLLM plus vLLM's OpenAI completion and chat handlers."""
 
-    def __init__(self, engine: Any, state: Any, stats: StatsSnapshot, config: EngineConfig):
+    def __init__(self, engine: Any, state: Any, stats: StatsSnapshot, config: EngineConfig,
+                 kv_events_endpoint: str | None = None):
         self.engine = engine
         self.stats = stats
         self.config = config
+        self.kv_events_endpoint = kv_events_endpoint
         self._completion = state.openai_serving_completion
         self._chat = state.openai_serving_chat
 
     @classmethod
     async def start(
         cls, cfg: EngineConfig, kv_transfer: dict[str, Any] | None = None,
-        cpu_cores: str | None = None,
+        cpu_cores: str | None = None, kv_events_host: str | None = None,
     ) -> OpenAIEngine:
+        """Start the engine; with ``kv_events_host``, it publishes KV cache events on a free
+        port of that host (``kv_events_endpoint``)."""
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -138,7 +150,8 @@ class OpenAIEngine:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.cpu_kvcache_space_gib)
         if cpu_cores is not None:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores
-        args = parse_flags(engine_flags(cfg, kv_transfer))
+        events_port = None if kv_events_host is None else free_port_block(kv_events_host, 1)
+        args = parse_flags(engine_flags(cfg, kv_transfer, events_port))
         stats = StatsSnapshot()
         engine = AsyncLLM.from_engine_args(
             AsyncEngineArgs.from_cli_args(args), stat_loggers=[make_stats_logger_class(stats)]
@@ -146,7 +159,8 @@ class OpenAIEngine:
         state = State()
         await init_app_state(engine, state, args,
                              supported_tasks=await engine.get_supported_tasks())
-        return cls(engine, state, stats, cfg)
+        endpoint = None if events_port is None else f"tcp://{kv_events_host}:{events_port}"
+        return cls(engine, state, stats, cfg, endpoint)
 
     async def call(self, kind: str, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[str]:
         """Run an OpenAI request (``kind`` "completion" or "chat") given as its JSON body.
@@ -202,13 +216,17 @@ class EngineServer:
     def __init__(self, engine: OpenAIEngine) -> None:
         self.engine = engine
         self.num_in_flight = 0
+        self.queued_prefill_tokens = 0
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Load figures for the router (Ray Serve polls this on every replica)."""
         s = self.engine.stats
         return {"num_running": max(s.num_running, self.num_in_flight),
-                "num_waiting": s.num_waiting, "kv_usage": s.kv_usage}
+                "num_waiting": s.num_waiting, "kv_usage": s.kv_usage,
+                "queued_prefill_tokens": self.queued_prefill_tokens,
+                "kv_events_endpoint": self.engine.kv_events_endpoint}
 
-    def stats(self) -> dict[str, Any]:
-        """The engine's counters: load, where prompt tokens came from, KV bytes moved."""
-        return dataclasses.asdict(self.engine.stats)
+    def stats(self, pin: str | None = None) -> dict[str, Any]:
+        """The engine's counters: load, where prompt tokens came from, KV bytes moved; ``pin``
+        names the replica to ask (read by the request router)."""
+        return {**dataclasses.asdict(self.engine.stats), "pid": os.getpid()}

@@ -4,6 +4,7 @@ A plain class holding an engine whose connector is the ``kv_consumer``; ``deploy
 into a Ray Serve deployment. Given the prefill's transfer parameters, the engine loads the
 prompt's blocks instead of computing them (vLLM recomputes them if the load fails), then
 generates. Without transfer parameters it prefills locally, like a plain vLLM server.
+``pin`` (every method) is the replica the router chose; Ray Serve's request router reads it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def decode_body(body: dict[str, Any], kv_transfer_params: dict[str, Any] | None)
 
 class DecodeServer(EngineServer):
     async def generate(self, kind: str, body: dict[str, Any],
-                       kv_transfer_params: dict[str, Any] | None = None) -> dict[str, Any]:
+                       kv_transfer_params: dict[str, Any] | None = None,
+                       pin: str | None = None) -> dict[str, Any]:
         """Non-streaming: the whole response body, or an OpenAI error body."""
         self.num_in_flight += 1
         try:
@@ -37,8 +39,8 @@ class DecodeServer(EngineServer):
             self.num_in_flight -= 1
 
     async def generate_stream(self, kind: str, body: dict[str, Any],
-                              kv_transfer_params: dict[str, Any] | None = None
-                              ) -> AsyncIterator[str | dict[str, Any]]:
+                              kv_transfer_params: dict[str, Any] | None = None,
+                              pin: str | None = None) -> AsyncIterator[str | dict[str, Any]]:
         """Streaming: vLLM's SSE lines; an error before the first token comes as one dict."""
         self.num_in_flight += 1
         try:

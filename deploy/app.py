@@ -45,7 +45,7 @@ class PrefillReplica(PrefillServer):
             host, engine_cfg.tensor_parallel_size * engine_cfg.pipeline_parallel_size)
         engine = await OpenAIEngine.start(
             engine_cfg, kv_transfer_config("kv_producer", connector_extra(cfg, host, port)),
-            cfg.prefill.cpu_cores)
+            cfg.prefill.cpu_cores, kv_events_host=host)
         super().__init__(engine)
 
 
@@ -54,9 +54,10 @@ class DecodeReplica(DecodeServer):
 
     async def __init__(self, config: dict[str, Any]) -> None:
         cfg = PDConfig.model_validate(config)
+        host = _node_ip()
         engine = await OpenAIEngine.start(
-            cfg.decode.engine, kv_transfer_config("kv_consumer", connector_extra(cfg, _node_ip())),
-            cfg.decode.cpu_cores)
+            cfg.decode.engine, kv_transfer_config("kv_consumer", connector_extra(cfg, host)),
+            cfg.decode.cpu_cores, kv_events_host=host)
         super().__init__(engine)
 
 
@@ -84,7 +85,7 @@ def _pool_deployment(cls: type, name: str, pool: PoolConfig, policy: str) -> Any
         health_check_timeout_s=60,
         request_router_config=RequestRouterConfig(
             request_router_class=ROUTER_CLASS,
-            request_router_kwargs={"policy": policy},
+            request_router_kwargs={"role": name, "policy": policy},
             request_routing_stats_period_s=1,
         ),
     )
@@ -99,8 +100,11 @@ def build_app_from_config(cfg: PDConfig) -> Any:
     decode = _pool_deployment(DecodeReplica, "decode", cfg.decode, cfg.router.decode_policy)
     router = serve.deployment(_ingress_class(), name="router", num_replicas=1,
                               ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
-    return router.bind(prefill.bind(config), decode.bind(config), cfg.model_name,
-                       cfg.prefill.engine.max_model_len, cfg.router.prefill_timeout_s)
+    engine = cfg.prefill.engine
+    return router.bind(
+        prefill.bind(config), decode.bind(config), cfg.model_name, engine.model,
+        engine.max_model_len, cfg.router.prefill_timeout_s, cfg.router.prefill_retries,
+        cfg.router.coordinator_settings(engine.block_size))
 
 
 def build_app(args: dict[str, Any] | None = None) -> Any:

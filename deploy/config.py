@@ -83,11 +83,44 @@ class PoolConfig(_Strict):
 class RouterConfig(_Strict):
     """The ingress: HTTP front door and replica choice."""
 
-    prefill_policy: str = Field("least_loaded", description="Routing policy for prefill.")
-    decode_policy: str = Field("least_loaded", description="Routing policy for decode.")
+    prefill_policy: str = Field(
+        "cache_cost", description="Routing policy for prefill (router.policies names)."
+    )
+    decode_policy: str = Field("cache_cost", description="Routing policy for decode.")
+    prefill_policy_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Settings of the prefill policy (its weights)."
+    )
+    decode_policy_kwargs: dict[str, Any] = Field(
+        default_factory=lambda: {"running_seq_tokens": 64.0, "kv_usage_tokens": 4096.0},
+        description="Settings of the decode policy: what a running sequence and a full KV "
+        "cache weigh, in prefill-token equivalents.",
+    )
+    pairing: dict[str, Any] = Field(
+        default_factory=lambda: {"local_prefill_max_uncached_tokens": 16},
+        description="Joint prefill/decode choice (router.pairing.PairingSettings): when the "
+        "decode replica prefills locally.",
+    )
     prefill_timeout_s: float = Field(
         120.0, gt=0, description="Limit for one prefill call before it counts as failed."
     )
+    prefill_retries: int = Field(
+        1, ge=0, description="Other prefill replicas tried after a failed prefill, before the "
+        "decode replica prefills locally."
+    )
+    guess_ttl_s: float = Field(
+        120.0, gt=0, description="For replicas that publish no KV events: how long the router "
+        "assumes a replica keeps a prompt it routed there."
+    )
+    failed_replica_s: float = Field(
+        30.0, gt=0, description="How long a prefill replica that failed is left out."
+    )
+
+    def coordinator_settings(self, block_size: int) -> dict[str, Any]:
+        return {"block_size": block_size, "prefill_policy": self.prefill_policy,
+                "decode_policy": self.decode_policy,
+                "prefill_policy_kwargs": self.prefill_policy_kwargs,
+                "decode_policy_kwargs": self.decode_policy_kwargs, "pairing": self.pairing,
+                "guess_ttl_s": self.guess_ttl_s, "failed_replica_s": self.failed_replica_s}
 
 
 class KVTransferConfig(_Strict):

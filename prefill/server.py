@@ -26,13 +26,21 @@ def prefill_body(body: dict[str, Any], transfer_id: str) -> dict[str, Any]:
 
 
 class PrefillServer(EngineServer):
-    async def prefill(self, kind: str, body: dict[str, Any], transfer_id: str) -> dict[str, Any]:
-        """Prefill ``body``; return ``{"kv_transfer_params": ...}`` or an OpenAI error body."""
+    async def prefill(self, kind: str, body: dict[str, Any], transfer_id: str,
+                      pin: str | None = None) -> dict[str, Any]:
+        """Prefill ``body``; return ``{"kv_transfer_params": ...}`` or an OpenAI error body.
+
+        ``pin`` is the replica the router chose; Ray Serve's request router reads it."""
+        prompt = body.get("prompt")
+        num_tokens = len(prompt) if isinstance(prompt, list) and prompt and \
+            isinstance(prompt[0], int) else 0
         self.num_in_flight += 1
+        self.queued_prefill_tokens += num_tokens
         try:
             result = await self.engine.call(kind, prefill_body(body, transfer_id))
         finally:
             self.num_in_flight -= 1
+            self.queued_prefill_tokens -= num_tokens
         if is_error(result):
             return result
         return {"kv_transfer_params": result.get("kv_transfer_params")}

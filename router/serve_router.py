@@ -1,9 +1,11 @@
-"""Our routing policies inside Ray Serve's request routing.
+"""Our routing inside Ray Serve's request routing.
 
 ``PolicyRequestRouter`` is a Ray Serve ``RequestRouter``: Serve hands it the live replicas of a
-deployment and the pending request, it asks a ``router.policy.RoutingPolicy`` to pick one. Load
-figures come from each replica's ``record_routing_stats``. The policy name and settings come from
-``request_router_kwargs`` (see ``deploy/``), so prefill and decode get separate instances.
+deployment and the pending request. It reports the replicas and their load (each replica's
+``record_routing_stats``) to the ingress's ``RoutingCoordinator``, and sends the request to the
+replica the coordinator pinned it to (the call's ``pin`` keyword). A request without a pin, or
+pinned to a replica that is gone, goes where the pool's own policy (``request_router_kwargs``)
+sends it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
+from router.coordinator import get_coordinator
 from router.policies import make_policy
 from router.policy import Candidate, ReplicaLoad, RoutingContext
 
@@ -27,8 +30,9 @@ def load_of(routing_stats: dict[str, Any] | None) -> ReplicaLoad:
 
 
 class PolicyRequestRouter(FIFOMixin, RequestRouter):
-    def initialize_state(self, policy: str = "least_loaded",
+    def initialize_state(self, role: str = "decode", policy: str = "least_loaded",
                          policy_kwargs: dict[str, Any] | None = None, **_: Any) -> None:
+        self._role = role
         self._policy = make_policy(policy, **(policy_kwargs or {}))
         self._replica_ids: frozenset[str] = frozenset()
 
@@ -39,6 +43,12 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
         if not candidate_replicas:
             return []
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        coordinator = get_coordinator()
+        if coordinator is not None:
+            coordinator.observe(self._role, {rid: r.routing_stats for rid, r in by_id.items()})
+        pin = pending_request.kwargs.get("pin") if pending_request else None
+        if pin in by_id:
+            return [[by_id[pin]]]
         ids = frozenset(by_id)
         if ids != self._replica_ids:
             self._replica_ids = ids

@@ -26,7 +26,8 @@ async def engines(engine_config):
     port = free_port_block("127.0.0.1", 1)
     extra = {"host": "127.0.0.1", "lease_s": LEASE_S, "timeout_s": 10, "unknown_retry_s": 1}
     prefill = await OpenAIEngine.start(
-        engine_config, kv_transfer_config("kv_producer", {**extra, "port": port}), "0")
+        engine_config, kv_transfer_config("kv_producer", {**extra, "port": port}), "0",
+        kv_events_host="127.0.0.1")
     decode = await OpenAIEngine.start(
         engine_config, kv_transfer_config("kv_consumer", extra), "1")
     yield prefill, decode
@@ -133,3 +134,41 @@ async def test_unclaimed_blocks_are_freed_after_the_lease(engines, engine_config
     await asyncio.sleep(0.5)
     assert prefill.stats.kv_usage > 0.0  # held for the decode side
     assert await wait_until(lambda: prefill.stats.kv_usage == 0.0, timeout_s=LEASE_S + 10)
+
+
+async def test_index_follows_real_kv_events(engines, engine_config, vocab_size):
+    """The router's index, fed by the prefill engine's own ZMQ publisher, sees the blocks a
+    prompt left in its prefix cache, and sees them go when the engine clears its cache."""
+    import threading
+
+    from router.kv_events import KVEventSubscriber
+    from router.kvindex import KVIndex, hash_token_blocks
+
+    prefill, _ = engines
+    index, lock = KVIndex(), threading.Lock()
+    subscriber = KVEventSubscriber(index, lock)
+    subscriber.sync({"prefill-0": prefill.kv_events_endpoint})
+    try:
+        await asyncio.sleep(1.0)  # let the subscription reach the publisher
+        prompt = make_prompts(engine_config, vocab_size, seed=7)[13]  # 13 full blocks + 3
+        hashes = hash_token_blocks(prompt, engine_config.block_size)
+        assert len(hashes) == len(prompt) // engine_config.block_size
+        await prefill.call("completion", completion_body(engine_config, prompt, max_tokens=1))
+
+        def held() -> int:
+            with lock:
+                return index.match(hashes).get("prefill-0", 0)
+
+        assert await wait_until(lambda: held() == len(hashes)), (held(), subscriber.num_events)
+        other = make_prompts(engine_config, vocab_size, seed=8)[13]
+        other_hashes = hash_token_blocks(other, engine_config.block_size)
+        with lock:
+            assert index.match(other_hashes) == {}
+        assert await prefill.engine.reset_prefix_cache()
+        # Events leave the engine with its next step: run another prompt.
+        await prefill.call("completion", completion_body(engine_config, other, max_tokens=1))
+        assert await wait_until(lambda: held() == 0)
+        with lock:
+            assert index.match(other_hashes) == {"prefill-0": len(other_hashes)}
+    finally:
+        subscriber.close()

@@ -28,6 +28,9 @@ def app(engine_config):
         prefill=PoolConfig(engine=engine_config, cpu_cores="0"),
         decode=PoolConfig(engine=engine_config, cpu_cores="1"),
         kv_transfer={"lease_s": 20, "timeout_s": 10},
+        # Every request goes through a prefill replica here: these tests check the transfer.
+        router={"pairing": {"local_prefill_max_uncached_tokens": 0,
+                            "local_prefill_cost_factor": 0}},
         app_name=APP,
     )
     connect_or_start(cfg)

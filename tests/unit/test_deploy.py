@@ -33,7 +33,7 @@ def test_build_app_binds_three_deployments() -> None:
     assert decode.ray_actor_options["resources"] == {"pdserve_decode": 1}
     assert prefill.ray_actor_options["resources"] == {"pdserve_prefill": 1}
     assert prefill._deployment_config.request_router_config.request_router_kwargs == {
-        "policy": "least_loaded"}
+        "role": "prefill", "policy": "cache_cost"}
 
 
 def test_build_app_rejects_disagreeing_pools() -> None:

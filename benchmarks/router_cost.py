@@ -1,0 +1,193 @@
+"""What the router's KV index costs: decision time, event ingestion rate, memory per block.
+
+``python -m benchmarks.router_cost [--blocks 1048576] [--replicas 16] [--queries 2000]``
+
+Builds a ``KVIndex`` of about ``--blocks`` distinct 16-token blocks spread over ``--replicas``
+replicas by applying ``StoredBlocks`` events as vLLM publishes them (one event per 2048-token
+prefill chunk, 128 blocks), then times 8192-token prompts (512 blocks): hashing, ``match``, and
+the whole routing decision (hash, match, context, ``PairSelector`` over 8 prefill and 8 decode
+candidates with the ``cache_cost`` policies). Memory is measured with tracemalloc in a second
+build. Prints one table; garbage collection stays on, as in a real router.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import time
+import tracemalloc
+from array import array
+from collections.abc import Callable, Sequence
+
+from router.kvindex import KVIndex, RemovedBlocks, StoredBlocks, hash_token_blocks
+from router.pairing import PairSelector
+from router.policies import make_policy
+from router.policy import Candidate, ReplicaLoad, RoutingContext
+
+BLOCK_SIZE = 16
+PROMPT_TOKENS = 8192
+CHUNK_BLOCKS = 128  # blocks per StoredBlocks event: one 2048-token prefill chunk
+SYSTEM_BLOCKS = 32  # every document starts with one of a few shared system prompts
+NUM_SYSTEM_PROMPTS = 32
+
+Event = tuple[str, StoredBlocks]
+
+
+def random_tokens(rng: random.Random, n: int) -> array:
+    return array("I", rng.randbytes(4 * n))
+
+
+def make_documents(rng: random.Random, num_blocks: int) -> list[array]:
+    """8192-token documents behind shared system prompts, ~num_blocks distinct blocks in all."""
+    systems = [random_tokens(rng, SYSTEM_BLOCKS * BLOCK_SIZE) for _ in range(NUM_SYSTEM_PROMPTS)]
+    unique_blocks = PROMPT_TOKENS // BLOCK_SIZE - SYSTEM_BLOCKS
+    count = max(1, (num_blocks - NUM_SYSTEM_PROMPTS * SYSTEM_BLOCKS) // unique_blocks)
+    rest = PROMPT_TOKENS - SYSTEM_BLOCKS * BLOCK_SIZE
+    return [systems[i % NUM_SYSTEM_PROMPTS] + random_tokens(rng, rest) for i in range(count)]
+
+
+def make_events(rng: random.Random, docs: Sequence[array], num_replicas: int) -> list[Event]:
+    """Each document is prefilled on one replica, in chunks; engine hashes are opaque ints."""
+    events: list[Event] = []
+    for i, doc in enumerate(docs):
+        replica = f"replica-{i % num_replicas}"
+        parent = None
+        for start in range(0, len(doc) // BLOCK_SIZE, CHUNK_BLOCKS):
+            hashes = [rng.getrandbits(63) for _ in range(CHUNK_BLOCKS)]
+            tokens = doc[start * BLOCK_SIZE : (start + CHUNK_BLOCKS) * BLOCK_SIZE]
+            events.append((replica, StoredBlocks(hashes, parent, tokens, BLOCK_SIZE)))
+            parent = hashes[-1]
+    return events
+
+
+def ingest(index: KVIndex, events: Sequence[Event]) -> tuple[float, float]:
+    """Apply the events; (wall seconds, CPU seconds of this thread)."""
+    wall, cpu = time.perf_counter(), time.thread_time()
+    for replica, event in events:
+        index.apply(replica, event)
+    return time.perf_counter() - wall, time.thread_time() - cpu
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    return ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, len(ordered) * 99 // 100)]
+
+
+Timing = tuple[float, float, float, float]  # wall p50, wall p99, CPU p50, CPU p99
+
+
+def time_each(fn: Callable[[array], object], prompts: Sequence[array]) -> Timing:
+    """Per-call wall time and CPU time of this thread (the latter ignores other processes)."""
+    wall, cpu = [], []
+    for prompt in prompts:
+        start_wall, start_cpu = time.perf_counter(), time.thread_time()
+        fn(prompt)
+        wall.append(time.perf_counter() - start_wall)
+        cpu.append(time.thread_time() - start_cpu)
+    return (*percentiles(wall), *percentiles(cpu))
+
+
+def decision(index: KVIndex, selector: PairSelector, loads: list[Candidate], prompt: array) -> None:
+    """One routing decision as the router makes it."""
+    hashes = hash_token_blocks(prompt, BLOCK_SIZE)
+    cached = {rid: n * BLOCK_SIZE for rid, n in index.match(hashes).items()}
+    ctx = RoutingContext("q", len(prompt), BLOCK_SIZE, prompt, cached, hashes)
+    selector.select(loads[:8], loads[8:], ctx)
+
+
+def make_queries(rng: random.Random, docs: Sequence[array], n: int) -> list[array]:
+    """Half repeat a whole indexed document (the longest walk), half share only a system prompt."""
+    queries = []
+    for i in range(n):
+        doc = docs[rng.randrange(len(docs))]
+        if i % 2:
+            shared = SYSTEM_BLOCKS * BLOCK_SIZE
+            doc = doc[:shared] + random_tokens(rng, len(doc) - shared)
+        queries.append(doc)
+    return queries
+
+
+def measure_memory(events: Sequence[Event]) -> tuple[int, int]:
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    index = KVIndex()
+    ingest(index, events)
+    used = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    return used, index.num_blocks
+
+
+Rates = tuple[float, float]  # blocks per wall second, per CPU second
+
+
+def ingestion_rates(events: Sequence[Event]) -> tuple[KVIndex, Rates, Rates]:
+    """Build the index from the events; blocks/s for stores, then for removals."""
+    index = KVIndex()
+    stored_wall, stored_cpu = ingest(index, events)
+    num_stored = sum(len(e.block_hashes) for _, e in events)
+    victims = [(r, RemovedBlocks(e.block_hashes[-16:])) for r, e in events[::10]]
+    removed_wall, removed_cpu = ingest(index, victims)  # type: ignore[arg-type]
+    num_removed = sum(len(e.block_hashes) for _, e in victims)
+    for replica, event in events[::10]:  # put the removed blocks back
+        index.apply(replica, event)
+    stored = (num_stored / stored_wall, num_stored / stored_cpu)
+    return index, stored, (num_removed / removed_wall, num_removed / removed_cpu)
+
+
+def decision_rows(
+    index: KVIndex, prompts: Sequence[array], num_replicas: int, rng: random.Random
+) -> list[tuple[str, Timing]]:
+    loads = [
+        Candidate(f"replica-{i}", ReplicaLoad(rng.randrange(8), 0, rng.randrange(50_000), 0.5))
+        for i in range(num_replicas)
+    ]
+    selector = PairSelector(
+        make_policy("cache_cost", seed=0), make_policy("cache_cost", running_seq_tokens=256)
+    )
+    hashed = {id(p): hash_token_blocks(p, BLOCK_SIZE) for p in prompts}
+    return [
+        (
+            f"hash an {PROMPT_TOKENS}-token prompt",
+            time_each(lambda p: hash_token_blocks(p, BLOCK_SIZE), prompts),
+        ),
+        ("match in the index", time_each(lambda p: index.match(hashed[id(p)]), prompts)),
+        (
+            "whole decision: hash + match + pair",
+            time_each(lambda p: decision(index, selector, loads, p), prompts),
+        ),
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=1 << 20)
+    parser.add_argument("--replicas", type=int, default=16)
+    parser.add_argument("--queries", type=int, default=2000)
+    args = parser.parse_args(argv)
+    rng = random.Random(0)
+    docs = make_documents(rng, args.blocks)
+    events = make_events(rng, docs, args.replicas)
+    index, stored, removed = ingestion_rates(events)
+    rows = decision_rows(index, make_queries(rng, docs, args.queries), args.replicas, rng)
+    memory_bytes, memory_blocks = measure_memory(events)
+    print(
+        f"KV index: {index.num_blocks:,} distinct blocks of {BLOCK_SIZE} tokens on "
+        f"{args.replicas} replicas; {args.queries} prompts of {PROMPT_TOKENS} tokens "
+        f"({PROMPT_TOKENS // BLOCK_SIZE} blocks)"
+    )
+    header = f"{'routing cost':<36} {'wall p50':>9} {'wall p99':>9} {'CPU p50':>9} {'CPU p99':>9}"
+    print(header)
+    for label, timing in rows:
+        print(f"{label:<36}" + "".join(f" {t * 1e3:>7.3f}ms" for t in timing))
+    for label, (wall, cpu) in (("Stored, 128/event", stored), ("Removed, 16/event", removed)):
+        print(f"{'ingest ' + label:<36} {wall:>9,.0f}/s wall {cpu:>9,.0f}/s CPU (blocks)")
+    per_block = memory_bytes / memory_blocks
+    print(f"{'memory per indexed block (tracemalloc)':<36} {per_block:>9,.0f} bytes")
+    estimate = index.estimate_memory_bytes() / index.num_blocks
+    print(f"{'estimate_memory_bytes() per block':<36} {estimate:>9,.0f} bytes")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Tokenizing once, at the router, with the model's own tokenizer and chat template.
+
+The router routes on token ids (the KV index is keyed on token blocks) and passes them on, so
+a completion's prefill and decode engines do not tokenize again. A chat request is rendered
+with the model's chat template the way vLLM renders it (template to text, then tokens without
+special tokens); its prefill runs on those ids, and the decode engine's own rendering is
+checked against them by the connector (``prompt_hash``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class PromptTokenizer:
+    def __init__(self, model: str) -> None:
+        from transformers import AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(model)
+
+    def token_ids(self, kind: str, body: dict[str, Any]) -> list[int] | None:
+        """The prompt's token ids, or None when the request has no single prompt to route on
+        (several prompts, non-text message parts) or cannot be rendered."""
+        try:
+            if kind == "completion":
+                return self._completion_ids(body)
+            return self._chat_ids(body)
+        except Exception as e:  # a prompt we cannot tokenize is routed without its tokens
+            logger.warning("cannot tokenize a %s request at the router: %s", kind, e)
+            return None
+
+    def _completion_ids(self, body: dict[str, Any]) -> list[int] | None:
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            return self._tok.encode(prompt, add_special_tokens=body.get("add_special_tokens",
+                                                                          True))
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        return None
+
+    def _chat_ids(self, body: dict[str, Any]) -> list[int] | None:
+        messages = body.get("messages") or []
+        if not all(isinstance(m.get("content"), str) for m in messages):
+            return None
+        text = self._tok.apply_chat_template(
+            messages, tokenize=False,
+            add_generation_prompt=body.get("add_generation_prompt", True),
+            continue_final_message=body.get("continue_final_message", False),
+            **(body.get("chat_template_kwargs") or {}))
+        return self._tok.encode(text, add_special_tokens=body.get("add_special_tokens", False))

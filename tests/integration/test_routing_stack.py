@@ -1,0 +1,161 @@
+"""Prefix-aware, joint routing on the real stack: two prefill replicas, one decode replica."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import httpx
+import pytest
+
+from cluster.ports import free_port_block
+from tests.integration.support import completion_body, make_prompts, wait_until
+
+APP = "pdserve-routing"
+PREFILL_TIMEOUT_S = 4.0
+
+
+@pytest.fixture(scope="module")
+def app(engine_config):
+    import ray
+    from ray import serve
+
+    from cluster.local import connect_or_start
+    from deploy.app import build_app_from_config
+    from deploy.config import PDConfig, PoolConfig
+
+    cfg = PDConfig(
+        prefill=PoolConfig(engine=engine_config, num_replicas=2, cpu_cores="0"),
+        decode=PoolConfig(engine=engine_config, cpu_cores="1"),
+        router={"prefill_timeout_s": PREFILL_TIMEOUT_S, "failed_replica_s": 600},
+        kv_transfer={"lease_s": 20, "timeout_s": 10},
+        app_name=APP,
+    )
+    if ray.is_initialized():  # another module's cluster lacks the second prefill resource
+        serve.shutdown()
+        ray.shutdown()
+    connect_or_start(cfg)
+    port = free_port_block("127.0.0.1", 1)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app_from_config(cfg), name=APP, route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture
+async def client(app):
+    async with httpx.AsyncClient(base_url=app, timeout=120) as c:
+        yield c
+
+
+async def routing(client) -> dict:
+    return (await client.get("/routing")).json()
+
+
+async def replica_stats(role: str, replica_id: str) -> dict:
+    from ray import serve
+
+    return await serve.get_deployment_handle(role, APP).stats.remote(pin=replica_id)
+
+
+async def known_replicas(client) -> dict:
+    """Wait until the router sees both pools and follows every replica's KV events."""
+    async def ready():
+        await client.post("/v1/completions", json={"prompt": "warm up", "max_tokens": 1})
+        state = await routing(client)
+        sizes = {role: len(ids) for role, ids in state["replicas"].items()}
+        return state if sizes == {"prefill": 2, "decode": 1} and \
+            len(state["event_fed"]) == 3 else None
+
+    state = await wait_until(ready, timeout_s=60, interval_s=1.0)
+    assert state, await routing(client)
+    return state["replicas"]
+
+
+async def test_index_is_fed_by_every_engine(client, engine_config, vocab_size):
+    await known_replicas(client)
+    prompt = make_prompts(engine_config, vocab_size, seed=21)[16]
+    r = await client.post("/v1/completions", json=completion_body(engine_config, prompt))
+    assert r.status_code == 200
+    state = await wait_until(lambda: _grown(client), timeout_s=20)
+    assert state["num_events"] > 0 and state["index"]["num_blocks"] >= len(prompt) // 32
+
+
+async def _grown(client):
+    state = await routing(client)
+    return state if state["index"]["num_blocks"] > 0 else None
+
+
+async def test_shared_prefix_goes_where_it_is_cached(client, engine_config, vocab_size,
+                                                     reference_outputs):
+    replicas = await known_replicas(client)
+    prefill_ids = sorted(replicas["prefill"])
+    shared = make_prompts(engine_config, vocab_size, seed=22)[-1][: 20 * engine_config.block_size]
+    assert len(shared) == 20 * engine_config.block_size
+    suffixes = make_prompts(engine_config, vocab_size, seed=23)[6:9]  # 64..95 tokens each
+
+    before = {rid: await replica_stats("prefill", rid) for rid in prefill_ids}
+    first = completion_body(engine_config, shared + suffixes[0])
+    assert (await client.post("/v1/completions", json=first)).status_code == 200
+    after = {rid: await replica_stats("prefill", rid) for rid in prefill_ids}
+    (holder,) = [rid for rid in prefill_ids
+                 if after[rid]["prompt_tokens_total"] > before[rid]["prompt_tokens_total"]]
+    (other,) = set(prefill_ids) - {holder}
+    await asyncio.sleep(1.0)  # the holder's events reach the index
+
+    for suffix in suffixes[1:]:
+        body = completion_body(engine_config, shared + suffix)
+        r = await client.post("/v1/completions", json=body)
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["text"] == await reference_outputs(body)
+    final = {rid: await replica_stats("prefill", rid) for rid in prefill_ids}
+    # Both follow-ups were prefilled on the holder, which found the shared prefix in its own
+    # prefix cache (vLLM's counter); the other replica computed nothing.
+    hits = final[holder]["prefix_cache_hits"] - after[holder]["prefix_cache_hits"]
+    assert hits >= 2 * len(shared) - engine_config.block_size, hits
+    assert final[other]["prompt_tokens_total"] == after[other]["prompt_tokens_total"]
+
+
+async def test_decode_prefills_locally_when_it_holds_the_prompt(client, engine_config,
+                                                                vocab_size, reference_outputs):
+    """A prompt the decode replica already holds but for a few tokens is not sent to prefill."""
+    replicas = await known_replicas(client)
+    (decode_id,) = replicas["decode"]
+    prompt = make_prompts(engine_config, vocab_size, seed=24)[12]  # 11 blocks + 3 tokens
+    body = completion_body(engine_config, prompt)
+    assert (await client.post("/v1/completions", json=body)).status_code == 200
+    await asyncio.sleep(1.0)
+    before = await replica_stats("decode", decode_id)
+    state_before = await routing(client)
+    extended = completion_body(engine_config, prompt + [5, 6, 7, 8])
+    r = await client.post("/v1/completions", json=extended)
+    assert r.json()["choices"][0]["text"] == await reference_outputs(extended)
+    after = await replica_stats("decode", decode_id)
+    assert (await routing(client))["num_local_prefills"] == state_before["num_local_prefills"] + 1
+    assert after["num_loads"] == before["num_loads"]  # nothing moved
+    computed = after["prompt_tokens_computed"] - before["prompt_tokens_computed"]
+    assert 0 < computed <= engine_config.block_size + 4
+
+
+async def test_stalled_prefill_replicas_do_not_fail_requests(client, engine_config, vocab_size,
+                                                             reference_outputs):
+    """Freeze one prefill replica, then both: every request still gets the right answer, from
+    the other prefill replica or, with none left, prefilled on the decode replica."""
+    replicas = await known_replicas(client)
+    pids = {rid: (await replica_stats("prefill", rid))["pid"] for rid in replicas["prefill"]}
+    prompts = make_prompts(engine_config, vocab_size, seed=25)
+    stopped = []
+    try:
+        for rid in sorted(pids):
+            os.kill(pids[rid], signal.SIGSTOP)
+            stopped.append(rid)
+            for prompt in prompts[10:12]:
+                body = completion_body(engine_config, prompt)
+                r = await client.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["text"] == await reference_outputs(body)
+    finally:
+        for rid in stopped:
+            os.kill(pids[rid], signal.SIGCONT)

@@ -1,0 +1,228 @@
+"""Unit tests of the KV index: hashing, the tree, engine events, guessed entries."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from router.kvindex import (
+    ROOT_HASH,
+    AllCleared,
+    KVIndex,
+    RemovedBlocks,
+    StoredBlocks,
+    hash_token_blocks,
+    root_hash,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def reference_hashes(tokens: list[int], block_size: int, parent: int = ROOT_HASH) -> list[int]:
+    """The documented construction, spelled out: BLAKE2b of parent + tokens, little-endian."""
+    out = []
+    prev = parent.to_bytes(8, "little")
+    for start in range(0, len(tokens) // block_size * block_size, block_size):
+        data = b"".join(t.to_bytes(4, "little") for t in tokens[start : start + block_size])
+        prev = hashlib.blake2b(prev + data, digest_size=8).digest()
+        out.append(int.from_bytes(prev, "little"))
+    return out
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# -- hashing ------------------------------------------------------------------------------------
+
+
+def test_hashes_follow_the_documented_construction() -> None:
+    tokens = list(range(1000, 1037))
+    assert hash_token_blocks(tokens, 8) == reference_hashes(tokens, 8)
+    assert len(hash_token_blocks(tokens, 8)) == 4  # the partial fifth block is dropped
+
+
+def test_hashes_chain_from_a_parent() -> None:
+    tokens = list(range(64))
+    full = hash_token_blocks(tokens, 16)
+    assert hash_token_blocks(tokens[16:], 16, parent=full[0]) == full[1:]
+    assert hash_token_blocks(tokens[16:], 16) != full[1:]  # same tokens, other prefix
+
+
+def test_hashes_are_stable_across_processes() -> None:
+    code = "from router.kvindex import hash_token_blocks as h; print(h(list(range(48)), 16))"
+    outputs = set()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)}
+        result = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        outputs.add(result.stdout.strip())
+    assert outputs == {str(hash_token_blocks(list(range(48)), 16))}
+
+
+def test_lora_roots_differ() -> None:
+    assert root_hash(None) == ROOT_HASH
+    assert len({root_hash(None), root_hash(1), root_hash(2)}) == 3
+
+
+def test_hashing_rejects_bad_input() -> None:
+    assert hash_token_blocks([1, 2, 3], 4) == []
+    with pytest.raises(ValueError):
+        hash_token_blocks([1, 2], 0)
+    with pytest.raises(OverflowError):
+        hash_token_blocks([-1, 2], 2)
+
+
+# -- tree ---------------------------------------------------------------------------------------
+
+
+def test_match_counts_leading_blocks_per_replica() -> None:
+    index = KVIndex()
+    chain = hash_token_blocks(list(range(64)), 16)
+    index.insert("a", chain)
+    index.insert("b", chain[:2])
+    assert index.match(chain) == {"a": 4, "b": 2}
+    assert index.match(chain[:1]) == {"a": 1, "b": 1}
+    assert index.match(hash_token_blocks(list(range(100, 132)), 16)) == {}
+    assert index.match([]) == {}
+    assert index.num_blocks == 4
+    assert index.num_blocks_of("a") == 4 and index.num_blocks_of("b") == 2
+
+
+def test_match_stops_at_the_first_missing_block() -> None:
+    index = KVIndex()
+    chain = hash_token_blocks(list(range(64)), 16)
+    index.insert("a", chain)
+    index.remove("a", [chain[1]])
+    assert index.match(chain) == {"a": 1}  # blocks 2 and 3 are held but not contiguous
+
+
+def test_remove_replica_frees_its_slot_for_a_newcomer() -> None:
+    index = KVIndex()
+    chain = hash_token_blocks(list(range(32)), 16)
+    index.insert("a", chain)
+    index.insert("b", chain[:1])
+    index.remove_replica("a")
+    assert index.match(chain) == {"b": 1}
+    index.insert("c", [])  # reuses a's slot; must not inherit its blocks
+    assert index.match(chain) == {"b": 1}
+    assert index.replica_ids() == ["b", "c"]
+    index.remove_replica("missing")  # no-op
+
+
+def test_clear_replica_keeps_it_registered() -> None:
+    index = KVIndex()
+    chain = hash_token_blocks(list(range(32)), 16)
+    index.insert("a", chain)
+    index.clear_replica("a")
+    assert index.match(chain) == {} and index.num_blocks == 0
+    assert index.replica_ids() == ["a"] and index.is_event_fed("a")
+
+
+# -- engine events ------------------------------------------------------------------------------
+
+
+def test_events_map_engine_hashes_to_own_hashes() -> None:
+    index = KVIndex()
+    tokens = list(range(48))
+    chain = hash_token_blocks(tokens, 16)
+    index.apply("p", StoredBlocks(["e1", "e2"], None, tokens[:32], 16))
+    index.apply("p", StoredBlocks(["e3"], "e2", tokens[32:], 16))
+    assert index.match(chain) == {"p": 3}
+    index.apply("p", RemovedBlocks(["e3", "unknown"]))
+    assert index.match(chain) == {"p": 2}
+    index.apply("p", AllCleared())
+    assert index.match(chain) == {}
+
+
+def test_stored_block_with_unknown_parent_is_counted_and_dropped() -> None:
+    index = KVIndex()
+    index.apply("p", StoredBlocks(["e9"], "never-seen", list(range(16)), 16))
+    assert index.num_blocks == 0
+    assert index.stats().num_orphan_blocks == 1
+
+
+def test_events_for_other_media_are_ignored() -> None:
+    index = KVIndex()
+    index.apply("p", StoredBlocks(["e1"], None, list(range(16)), 16, medium="CPU"))
+    index.apply("p", RemovedBlocks(["e1"], medium="CPU"))
+    assert index.num_blocks == 0 and index.stats().num_ignored_events == 2
+
+
+def test_lora_blocks_are_distinct_from_base_blocks() -> None:
+    index = KVIndex()
+    tokens = list(range(16))
+    index.apply("p", StoredBlocks(["e1"], None, tokens, 16, lora_id=3))
+    assert index.match(hash_token_blocks(tokens, 16)) == {}
+    assert index.match(hash_token_blocks(tokens, 16, parent=root_hash(3))) == {"p": 1}
+
+
+def test_two_engine_hashes_for_one_block_need_two_removals() -> None:
+    index = KVIndex()
+    tokens = list(range(16))
+    chain = hash_token_blocks(tokens, 16)
+    index.apply("p", StoredBlocks(["salt-a"], None, tokens, 16))
+    index.apply("p", StoredBlocks(["salt-b"], None, tokens, 16))
+    index.apply("p", RemovedBlocks(["salt-a"]))
+    assert index.match(chain) == {"p": 1}
+    index.apply("p", RemovedBlocks(["salt-b"]))
+    assert index.match(chain) == {}
+
+
+def test_bad_event_is_rejected() -> None:
+    index = KVIndex()
+    with pytest.raises(ValueError):
+        index.apply("p", StoredBlocks(["e1", "e2"], None, list(range(16)), 16))
+    with pytest.raises(TypeError):
+        index.apply("p", "not an event")  # type: ignore[arg-type]
+
+
+# -- guessed replicas ---------------------------------------------------------------------------
+
+
+def test_guesses_expire(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    index = KVIndex(clock=clock)
+    chain = hash_token_blocks(list(range(48)), 16)
+    with caplog.at_level(logging.WARNING, logger="router.kvindex.index"):
+        assert index.record_routed("g", chain, ttl_s=10.0)
+        index.record_routed("g", chain[:1], ttl_s=30.0)
+    assert sum("publishes no KV cache events" in r.message for r in caplog.records) == 1
+    assert index.match(chain) == {"g": 3}
+    clock.now += 10.0
+    assert index.match(chain) == {"g": 1}  # the first block was refreshed for 30 s
+    clock.now += 20.0
+    assert index.match(chain) == {} and index.num_blocks == 0
+    stats = index.stats()
+    assert stats.guessed_replicas == ("g",) and stats.event_fed_replicas == ()
+
+
+def test_event_fed_replicas_ignore_guesses_and_guessed_ones_switch_on_events() -> None:
+    index = KVIndex(clock=FakeClock())
+    tokens = list(range(32))
+    chain = hash_token_blocks(tokens, 16)
+    index.add_replica("e", is_event_fed=True)
+    assert not index.record_routed("e", chain, ttl_s=5.0)
+    assert index.match(chain) == {}
+    index.record_routed("g", chain, ttl_s=5.0)
+    assert not index.is_event_fed("g")
+    index.apply("g", StoredBlocks(["x"], None, tokens[:16], 16))  # starts publishing
+    assert index.is_event_fed("g") and index.match(chain) == {"g": 1}
+
+
+def test_memory_estimate_grows_with_blocks() -> None:
+    index = KVIndex()
+    empty = index.estimate_memory_bytes()
+    index.insert("a", hash_token_blocks(list(range(1600)), 16))
+    assert index.estimate_memory_bytes() > empty + 100 * 64
