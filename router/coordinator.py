@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from router.kvindex import KVIndex, hash_token_blocks
+from router.metrics import RouterMetrics
 from router.pairing import PairChoice, PairingSettings, PairSelector
 from router.policies import make_policy
 from router.policy import Candidate, ReplicaLoad, RoutingContext
@@ -58,6 +59,8 @@ class RoutingCoordinator:
         self._endpoints: dict[str, dict[str, str]] = {role: {} for role in ROLES}
         self._failed_until: dict[str, float] = {}
         self.num_local_prefills = 0
+        self.metrics = RouterMetrics()
+        self._num_events_reported = 0
 
     # -- what the request routers report ------------------------------------------------------
 
@@ -77,6 +80,17 @@ class RoutingCoordinator:
                 for gone in before - set(replicas):
                     self.index.remove_replica(gone)
         self.events.sync({**self._endpoints["prefill"], **self._endpoints["decode"]})
+        self._report()
+
+    def _report(self) -> None:
+        """Index metrics (the index itself logs each replica it can only guess, once)."""
+        with self.lock:
+            stats = self.index.stats()
+        self.metrics.index(stats.num_blocks, len(stats.event_fed_replicas),
+                           len(stats.guessed_replicas))
+        num_events = self.events.num_events
+        self.metrics.events(num_events - self._num_events_reported)
+        self._num_events_reported = num_events
 
     # -- what the ingress asks ----------------------------------------------------------------
 
@@ -104,6 +118,7 @@ class RoutingCoordinator:
             return None
         choice = self.pairs.select(self.candidates("prefill"), decode, ctx)
         self.num_local_prefills += choice.is_local_prefill
+        self.metrics.decision("local" if choice.is_local_prefill else "transfer")
         return choice
 
     def choose_prefill(self, ctx: RoutingContext) -> Candidate | None:
@@ -113,6 +128,7 @@ class RoutingCoordinator:
 
     def mark_failed(self, replica_id: str) -> None:
         self._failed_until[replica_id] = time.monotonic() + self.settings.failed_replica_s
+        self.metrics.decision("retry")
 
     def done(self, ctx: RoutingContext, replica_ids: Sequence[str]) -> None:
         """The request finished on ``replica_ids``: record guesses for replicas without events."""

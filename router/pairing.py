@@ -64,7 +64,7 @@ class PairingSettings(BaseModel):
         "the stall a local prefill causes to the decode replica's running sequences.",
     )
     local_prefill_max_advantage_tokens: int = Field(
-        4096,
+        8192,
         ge=0,
         description="Largest remainder the cost-factor test sends to a decode replica.",
     )

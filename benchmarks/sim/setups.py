@@ -24,9 +24,10 @@ class RouterSetup:
     )
 
 
-# Our policy's weights, in prefill-token equivalents. Prefill pool: time to first token (uncached
-# prompt plus queued prefill). Decode pool: the same plus decode load, so that a conversation
-# stays where its history is cached while running sequences stay even.
+# Our settings (defaults of CacheCostSettings and PairingSettings unless listed). Prefill pool:
+# least uncached prompt within a load band of 1.5x the mean queued prefill tokens + 8192. Decode
+# pool: a running sequence weighs 256 tokens and the band is tighter (1.2x + 16 sequences), so
+# running sequences stay even while a conversation stays where its history is cached.
 CACHE_COST_PREFILL: dict[str, Any] = {"seed": 0}
 CACHE_COST_DECODE: dict[str, Any] = {
     "running_seq_tokens": 256.0,

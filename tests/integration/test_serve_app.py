@@ -193,3 +193,25 @@ async def test_client_disconnect_frees_blocks(app, client, engine_config, vocab_
     # ... and it was stopped, not run to its end.
     generated = (await replica_stats("decode"))["generation_tokens_total"] - generated_before
     assert 3 <= generated < max_tokens // 2, (generated, max_tokens)
+
+
+async def test_chat_prompt_is_transferred_not_recomputed(app, client, engine_config):
+    """The router renders the chat template once and the prefill runs on those ids; the decode
+    engine's own rendering must give the same tokens (the connector checks their digest), so
+    its prompt arrives by transfer."""
+    before = await replica_stats("decode")
+    messages = [{"role": "system", "content": "You answer in Python."},
+                {"role": "user", "content": "Write a function that adds two numbers. " * 8}]
+    r = await client.post("/v1/chat/completions", json={
+        "model": engine_config.name, "messages": messages, "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200, r.text
+    num_prompt = r.json()["usage"]["prompt_tokens"]
+    after = await wait_until(lambda: _loaded(before), timeout_s=10)
+    assert after, await replica_stats("decode")
+    assert after["prompt_tokens_computed"] - before["prompt_tokens_computed"] <= 1
+    assert after["prompt_tokens_external"] - before["prompt_tokens_external"] >= num_prompt - 1
+
+
+async def _loaded(before: dict) -> dict | None:
+    stats = await replica_stats("decode")
+    return stats if stats["num_loads"] == before["num_loads"] + 1 else None
