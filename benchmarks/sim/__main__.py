@@ -52,9 +52,9 @@ def describe(name: str, report: SimReport, elapsed_s: float) -> str:
         f"{TRACE_BLOCK_TOKENS}-token blocks, cache {report.capacity_blocks} blocks per replica, "
         f"prefill {report.prefill_tokens_per_s:.0f} tokens/s per replica "
         f"({elapsed_s:.0f}s to simulate)\n"
-        f"hit rate ceiling (one infinite cache) {report.ceiling_hit_rate:.3f}   "
-        f"reference (one LRU cache, all replicas' capacity) {report.reference_hit_rate:.3f}   "
-        f"(same, half the capacity {report.half_reference_hit_rate:.3f})"
+        f"hit rate ceiling (one infinite cache) {report.ceiling_hit_rate:.4f}   "
+        f"reference (one LRU cache, all replicas' capacity) {report.reference_hit_rate:.4f}   "
+        f"(same, half the capacity {report.half_reference_hit_rate:.4f})"
     )
 
 

@@ -73,7 +73,7 @@ def format_table(rows: Sequence[SetupMetrics], reference_hit_rate: float) -> str
     for m in rows:
         ratio = m.hit_rate / reference_hit_rate if reference_hit_rate else 0.0
         lines.append(
-            f"{m.label:<20} {m.hit_rate:>6.3f} {ratio:>7.3f} {m.prefill_imbalance:>7.2f} "
+            f"{m.label:<20} {m.hit_rate:>6.4f} {ratio:>7.4f} {m.prefill_imbalance:>7.2f} "
             f"{m.prefill_work_imbalance:>6.2f} {m.decode_imbalance:>6.2f} "
             f"{m.local_fraction:>6.1%} {m.ttft_p50_s:>8.3f}s "
             f"{m.ttft_p99_s:>8.3f}s {m.tpot_p99_s * 1000:>7.1f}ms "
