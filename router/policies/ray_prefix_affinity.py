@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from router.policies.tenant_tree import TenantTree
+from router.policies.tenant_tree import TenantTree, tree_with_tenants
 from router.policy import Candidate, RoutingContext, RoutingPolicy
 
 
@@ -73,7 +73,7 @@ class RayPrefixAffinityPolicy(RoutingPolicy):
 
     def select(self, candidates: Sequence[Candidate], ctx: RoutingContext) -> Candidate:
         now = time.monotonic() if ctx.now_s is None else ctx.now_s
-        tree = self._tree_for(ctx, candidates)
+        tree = self._tree = tree_with_tenants(self._tree, ctx.block_size, candidates)
         self._maybe_evict(tree, now)
         fallback = self._power_of_two(candidates)
         queue_lens = [_queue_len(c) for c in candidates]
@@ -122,14 +122,6 @@ class RayPrefixAffinityPolicy(RoutingPolicy):
         if j >= i:
             j += 1
         return [candidates[i], candidates[j]]
-
-    def _tree_for(self, ctx: RoutingContext, candidates: Sequence[Candidate]) -> TenantTree:
-        if self._tree is None:
-            self._tree = TenantTree(ctx.block_size)
-        for candidate in candidates:
-            if candidate.replica_id not in self._tree.sizes:
-                self._tree.add_tenant(candidate.replica_id)
-        return self._tree
 
     def _maybe_evict(self, tree: TenantTree, now: float) -> None:
         s = self.settings

@@ -33,7 +33,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from router.policies.tenant_tree import TenantTree
+from router.policies.tenant_tree import TenantTree, tree_with_tenants
 from router.policy import Candidate, RoutingContext, RoutingPolicy
 
 _MASK64 = (1 << 64) - 1
@@ -81,7 +81,7 @@ class SGLangCacheAwarePolicy(RoutingPolicy):
 
     def select(self, candidates: Sequence[Candidate], ctx: RoutingContext) -> Candidate:
         now = time.monotonic() if ctx.now_s is None else ctx.now_s
-        tree = self._tree_for(ctx, candidates)
+        tree = self._tree = tree_with_tenants(self._tree, ctx.block_size, candidates)
         self._maybe_evict(tree, now)
         loads = [c.load.num_running + c.load.num_waiting for c in candidates]
         s = self.settings
@@ -135,14 +135,6 @@ class SGLangCacheAwarePolicy(RoutingPolicy):
             digest = hashlib.blake2b(tenant.encode(), digest_size=8).digest()
             key = self._tenant_keys[tenant] = int.from_bytes(digest, "little")
         return key
-
-    def _tree_for(self, ctx: RoutingContext, candidates: Sequence[Candidate]) -> TenantTree:
-        if self._tree is None:
-            self._tree = TenantTree(ctx.block_size)
-        for candidate in candidates:
-            if candidate.replica_id not in self._tree.sizes:
-                self._tree.add_tenant(candidate.replica_id)
-        return self._tree
 
     def _maybe_evict(self, tree: TenantTree, now: float) -> None:
         interval = self.settings.eviction_interval_secs

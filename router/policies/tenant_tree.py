@@ -9,6 +9,10 @@ counts sizes in tokens (``block_size`` per block). Each node maps tenant -> last
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from router.policy import Candidate
 
 
 class _Node:
@@ -111,3 +115,15 @@ class TenantTree:
             self.sizes[tenant] -= self.block_size
         if not node.tenants:
             del self._nodes[chain]
+
+
+def tree_with_tenants(
+    tree: TenantTree | None, block_size: int, candidates: Sequence[Candidate]
+) -> TenantTree:
+    """``tree`` (made on first use) with every candidate registered as a tenant."""
+    if tree is None:
+        tree = TenantTree(block_size)
+    for candidate in candidates:
+        if candidate.replica_id not in tree.sizes:
+            tree.add_tenant(candidate.replica_id)
+    return tree
