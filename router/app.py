@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -69,9 +70,9 @@ class PDRouter:
         """What the router knows: replicas, their load, the KV index (for operators and tests)."""
         c = self.coordinator
         with c.lock:
-            index = dataclasses_asdict(c.index.stats())
+            index = dataclasses.asdict(c.index.stats())
         return JSONResponse({
-            "replicas": {role: {cand.replica_id: dataclasses_asdict(cand.load)
+            "replicas": {role: {cand.replica_id: dataclasses.asdict(cand.load)
                                 for cand in c.candidates(role)} for role in ("prefill", "decode")},
             "event_fed": sorted(c.events.subscribed()), "index": index,
             "num_events": c.events.num_events, "num_local_prefills": c.num_local_prefills})
@@ -114,7 +115,8 @@ class PDRouter:
             if isinstance(result, Response):
                 return result
             if result is not None:
-                used.extend([pin] if pin else [])
+                if pin is not None:
+                    used.append(pin)
                 return result
             if pin is not None:
                 self.coordinator.mark_failed(pin)
@@ -122,7 +124,7 @@ class PDRouter:
             if retry is None:
                 break
             pin = retry.replica_id
-        self.coordinator.num_local_prefills += 1
+        self.coordinator.count_local_prefill()
         return None
 
     async def _prefill_once(self, kind: str, body: dict[str, Any],
@@ -184,12 +186,6 @@ class PDRouter:
                 with contextlib.suppress(Exception):  # a stalled replica must not stop this
                     await asyncio.wait_for(handle.record_routing_stats.remote(), REFRESH_S)
             await asyncio.sleep(REFRESH_S)
-
-
-def dataclasses_asdict(obj: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
 
 
 # (HTTP method, path, PDRouter method name): what deploy/ mounts on the FastAPI app.

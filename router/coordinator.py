@@ -24,7 +24,7 @@ from router.kvindex import KVIndex, hash_token_blocks
 from router.metrics import RouterMetrics
 from router.pairing import PairChoice, PairingSettings, PairSelector
 from router.policies import make_policy
-from router.policy import Candidate, ReplicaLoad, RoutingContext
+from router.policy import Candidate, ReplicaLoad, RoutingContext, RoutingPolicy
 
 logger = logging.getLogger(__name__)
 ROLES = ("prefill", "decode")
@@ -74,8 +74,7 @@ class RoutingCoordinator:
                                  for rid, stats in replicas.items()
                                  if stats and stats.get("kv_events_endpoint")}
         if set(replicas) != before:
-            policy = self.pairs.prefill_policy if role == "prefill" else self.pairs.decode_policy
-            policy.on_replicas_changed(frozenset(replicas))
+            self._policy(role).on_replicas_changed(frozenset(replicas))
             with self.lock:
                 for gone in before - set(replicas):
                     self.index.remove_replica(gone)
@@ -100,9 +99,9 @@ class RoutingCoordinator:
         if token_ids:
             ctx.prompt_token_ids = token_ids
             ctx.num_prompt_tokens = len(token_ids)
-            hashes = hash_token_blocks(token_ids, block_size)
+            ctx.block_hashes = hash_token_blocks(token_ids, block_size)
             with self.lock:
-                matched = self.index.match(hashes)
+                matched = self.index.match(ctx.block_hashes)
             ctx.cached_tokens = {rid: n * block_size for rid, n in matched.items()}
         return ctx
 
@@ -117,9 +116,16 @@ class RoutingCoordinator:
         if not decode:
             return None
         choice = self.pairs.select(self.candidates("prefill"), decode, ctx)
-        self.num_local_prefills += choice.is_local_prefill
-        self.metrics.decision("local" if choice.is_local_prefill else "transfer")
+        if choice.is_local_prefill:
+            self.count_local_prefill()
+        else:
+            self.metrics.decision("transfer")
         return choice
+
+    def count_local_prefill(self) -> None:
+        """A request is prefilled on its decode replica (chosen so, or no prefill succeeded)."""
+        self.num_local_prefills += 1
+        self.metrics.decision("local")
 
     def choose_prefill(self, ctx: RoutingContext) -> Candidate | None:
         """Another prefill replica for a retry (failed ones are left out)."""
@@ -132,16 +138,17 @@ class RoutingCoordinator:
 
     def done(self, ctx: RoutingContext, replica_ids: Sequence[str]) -> None:
         """The request finished on ``replica_ids``: record guesses for replicas without events."""
-        if ctx.prompt_token_ids:
-            hashes = hash_token_blocks(ctx.prompt_token_ids, self.settings.block_size)
+        if ctx.block_hashes:
             with self.lock:
                 for rid in replica_ids:
                     if not self.index.is_event_fed(rid):
-                        self.index.record_routed(rid, hashes, self.settings.guess_ttl_s)
+                        self.index.record_routed(rid, ctx.block_hashes, self.settings.guess_ttl_s)
         for rid in replica_ids:
-            role = "prefill" if rid in self._loads["prefill"] else "decode"
-            policy = self.pairs.prefill_policy if role == "prefill" else self.pairs.decode_policy
-            policy.on_request_done(rid, ctx)
+            self._policy("prefill" if rid in self._loads["prefill"] else "decode") \
+                .on_request_done(rid, ctx)
+
+    def _policy(self, role: str) -> RoutingPolicy:
+        return self.pairs.prefill_policy if role == "prefill" else self.pairs.decode_policy
 
 
 _coordinator: RoutingCoordinator | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from router.coordinator import CoordinatorSettings, RoutingCoordinator
-from router.kvindex import StoredBlocks
+from router.kvindex import StoredBlocks, hash_token_blocks
 
 BLOCK = 4
 PROMPT = list(range(100, 140))  # 10 blocks
@@ -34,6 +34,7 @@ def test_context_counts_cached_tokens_per_replica(coordinator) -> None:
     ctx = coordinator.context("r", PROMPT)
     assert ctx.num_prompt_tokens == 40
     assert ctx.cached_tokens == {"p1": 24}
+    assert list(ctx.block_hashes) == hash_token_blocks(PROMPT, BLOCK)
     assert ctx.uncached_tokens("p1") == 16 and ctx.uncached_tokens("p0") == 40
 
 
@@ -80,3 +81,25 @@ def test_replicas_without_events_are_guessed_from_routing(coordinator) -> None:
     coordinator.done(ctx, ["p0", "d0"])
     cached = coordinator.context("r2", PROMPT).cached_tokens
     assert cached == {"p0": 40, "d0": 40}  # every full block of the prompt
+
+
+@pytest.mark.parametrize("policy", ["sglang_cache_aware", "ray_prefix_affinity"])
+def test_baseline_policies_see_the_prompt_blocks(policy: str) -> None:
+    """The baselines keep their own trees over ``ctx.block_hashes``: six unrelated cold prompts
+    spread over six replicas (without the prompt's blocks they would all pile on one), and each
+    goes back to its replica when it comes again."""
+    c = RoutingCoordinator(CoordinatorSettings(
+        block_size=BLOCK, prefill_policy=policy,
+        pairing={"local_prefill_max_uncached_tokens": 0, "local_prefill_cost_factor": 0}))
+    try:
+        c.observe("prefill", {f"p{i}": {} for i in range(8)})
+        c.observe("decode", {"d0": {}})
+        prompts = [[t + 1000 * k for t in PROMPT] for k in range(6)]
+        first = [c.choose(c.context(f"a{k}", p)).prefill.replica_id
+                 for k, p in enumerate(prompts)]
+        again = [c.choose(c.context(f"b{k}", p)).prefill.replica_id
+                 for k, p in enumerate(prompts)]
+        assert len(set(first)) == len(prompts)
+        assert again == first
+    finally:
+        c.events.close()
