@@ -4,12 +4,15 @@
 takes, then vLLM's ``OpenAIServingCompletion`` / ``OpenAIServingChat`` over it (no HTTP server:
 the router is the only front door). Responses are exactly what vLLM's OpenAI server answers.
 ``EngineStats`` listens to the engine's own per-step statistics (load, KV usage, where prompt
-tokens came from); the router and the tests read them.
+tokens came from, KV blocks held for decode); the router and the tests read them.
+``EngineHealth`` (cluster/worker_health.py) tells whether the engine and its KV transfer
+threads are alive; ``EngineServer.check_health`` is what Ray Serve calls.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import logging
@@ -17,7 +20,8 @@ import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from cluster.ports import free_port_block
+from cluster.ports import KV_EVENTS_CONFIG, kv_event_endpoints
+from cluster.worker_health import EXTENSION_CLS, EngineHealth
 
 if TYPE_CHECKING:
     from deploy.config import EngineConfig
@@ -47,6 +51,27 @@ class StatsSnapshot:
     num_bytes_received: int = 0
     num_loads: int = 0
     num_failed_loads: int = 0
+    # A gauge (kvtransfer.stats.GAUGES): KV blocks the prefill engine holds for decode now.
+    num_held_blocks: int = 0
+    # Every other connector counter (kvtransfer.stats.COUNTERS: refusals, protocol errors,
+    # links, claims...), by name.
+    transfer: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def apply_connector_stats(snapshot: StatsSnapshot, stats: dict[str, Any]) -> None:
+    """Add the connector's counters to ``snapshot``'s totals; set its gauges (levels, not
+    deltas: the newest reported value wins; kvtransfer/stats.py explains why)."""
+    from kvtransfer.stats import is_gauge
+
+    for name, value in stats.items():
+        if type(value) is not int:
+            continue
+        if not hasattr(snapshot, name) or name == "transfer":
+            snapshot.transfer[name] = snapshot.transfer.get(name, 0) + value
+        elif is_gauge(name):
+            setattr(snapshot, name, value)
+        else:
+            setattr(snapshot, name, getattr(snapshot, name) + value)
 
 
 def make_stats_logger_class(snapshot: StatsSnapshot) -> type:
@@ -66,9 +91,7 @@ def make_stats_logger_class(snapshot: StatsSnapshot) -> type:
                 pcs = scheduler_stats.prefix_cache_stats
                 snapshot.prefix_cache_queries += pcs.queries
                 snapshot.prefix_cache_hits += pcs.hits
-                for name, value in (scheduler_stats.kv_connector_stats or {}).items():
-                    if isinstance(value, int) and hasattr(snapshot, name):
-                        setattr(snapshot, name, getattr(snapshot, name) + value)
+                apply_connector_stats(snapshot, scheduler_stats.kv_connector_stats or {})
             if iteration_stats is not None:
                 snapshot.generation_tokens_total += iteration_stats.num_generation_tokens
                 pts = iteration_stats.prompt_token_stats
@@ -84,9 +107,11 @@ def make_stats_logger_class(snapshot: StatsSnapshot) -> type:
 
 
 def engine_flags(cfg: EngineConfig, kv_transfer: dict[str, Any] | None,
-                 kv_events_port: int | None = None) -> list[str]:
-    """The ``vllm serve`` flags for ``cfg``; with ``kv_events_port``, the engine publishes its
-    KV cache events (block stored / removed / all cleared) on that port."""
+                 kv_events: bool = False) -> list[str]:
+    """The ``vllm serve`` flags for ``cfg``. With ``kv_transfer``, the engine loads our
+    connector and the workers' health extension. With ``kv_events``, it publishes its KV cache
+    events (block stored / removed / all cleared) and serves replays of recent ones, each on a
+    port the engine binds itself on ``VLLM_HOST_IP`` (vLLM's ``tcp://*:0``) and reports back."""
     flags = [
         "--model", cfg.model,
         "--served-model-name", cfg.name,
@@ -101,11 +126,10 @@ def engine_flags(cfg: EngineConfig, kv_transfer: dict[str, Any] | None,
     if cfg.enforce_eager:
         flags.append("--enforce-eager")
     if kv_transfer is not None:
-        flags += ["--kv-transfer-config", json.dumps(kv_transfer)]
-    if kv_events_port is not None:
-        flags += ["--kv-events-config", json.dumps({
-            "enable_kv_cache_events": True, "publisher": "zmq",
-            "endpoint": f"tcp://*:{kv_events_port}"})]
+        flags += ["--kv-transfer-config", json.dumps(kv_transfer),
+                  "--worker-extension-cls", EXTENSION_CLS]
+    if kv_events:
+        flags += ["--kv-events-config", json.dumps(KV_EVENTS_CONFIG)]
     return flags + list(cfg.extra_args)
 
 
@@ -123,14 +147,18 @@ def parse_flags(flags: list[str]) -> argparse.Namespace:
 
 
 class OpenAIEngine:
-    """An AsyncLLM plus vLLM's OpenAI completion and chat handlers."""
+    """An AsyncLLM plus vLLM's OpenAI completion and chat handlers, and its health checks."""
 
     def __init__(self, engine: Any, state: Any, stats: StatsSnapshot, config: EngineConfig,
-                 kv_events_endpoint: str | None = None):
+                 kv_events_endpoint: str | None = None,
+                 kv_events_replay_endpoint: str | None = None,
+                 health: EngineHealth | None = None):
         self.engine = engine
         self.stats = stats
         self.config = config
         self.kv_events_endpoint = kv_events_endpoint
+        self.kv_events_replay_endpoint = kv_events_replay_endpoint
+        self.health = health or EngineHealth(engine, probe_workers=False)
         self._completion = state.openai_serving_completion
         self._chat = state.openai_serving_chat
 
@@ -139,8 +167,9 @@ class OpenAIEngine:
         cls, cfg: EngineConfig, kv_transfer: dict[str, Any] | None = None,
         cpu_cores: str | None = None, kv_events_host: str | None = None,
     ) -> OpenAIEngine:
-        """Start the engine; with ``kv_events_host``, it publishes KV cache events on a free
-        port of that host (``kv_events_endpoint``)."""
+        """Start the engine; with ``kv_events_host``, it publishes KV cache events, and serves
+        replays of them, on two ports it binds on that host (``kv_events_endpoint``,
+        ``kv_events_replay_endpoint``)."""
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -150,17 +179,29 @@ class OpenAIEngine:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.cpu_kvcache_space_gib)
         if cpu_cores is not None:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores
-        events_port = None if kv_events_host is None else free_port_block(kv_events_host, 1)
-        args = parse_flags(engine_flags(cfg, kv_transfer, events_port))
+        if kv_events_host is not None:
+            os.environ["VLLM_HOST_IP"] = kv_events_host  # where "tcp://*:0" binds
+        args = parse_flags(engine_flags(cfg, kv_transfer, kv_events_host is not None))
         stats = StatsSnapshot()
         engine = AsyncLLM.from_engine_args(
             AsyncEngineArgs.from_cli_args(args), stat_loggers=[make_stats_logger_class(stats)]
         )
-        state = State()
-        await init_app_state(engine, state, args,
-                             supported_tasks=await engine.get_supported_tasks())
-        endpoint = None if events_port is None else f"tcp://{kv_events_host}:{events_port}"
-        return cls(engine, state, stats, cfg, endpoint)
+        try:
+            state = State()
+            await init_app_state(engine, state, args,
+                                 supported_tasks=await engine.get_supported_tasks())
+            endpoints = (None, None) if kv_events_host is None \
+                else kv_event_endpoints(engine, kv_events_host)
+        except BaseException:
+            engine.shutdown()
+            raise
+        health = EngineHealth(engine, probe_workers=kv_transfer is not None)
+        return cls(engine, state, stats, cfg, *endpoints, health=health)
+
+    @property
+    def is_dead(self) -> bool:
+        """The engine can never answer again (its EngineCore is gone)."""
+        return bool(self.engine.errored)
 
     async def call(self, kind: str, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[str]:
         """Run an OpenAI request (``kind`` "completion" or "chat") given as its JSON body.
@@ -170,7 +211,10 @@ class OpenAIEngine:
         """
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
 
+        if self.is_dead:
+            raise EngineDeadError()
         try:
             request = request_model(kind).model_validate(body)
             handler = self._completion.create_completion if kind == "completion" \
@@ -211,12 +255,25 @@ def is_error(body: Any) -> bool:
 
 
 class EngineServer:
-    """What prefill and decode servers share: the engine, and the load they report."""
+    """What prefill and decode servers share: the engine, its health, the load they report,
+    and counters of what went wrong (each kind logged the first time)."""
 
     def __init__(self, engine: OpenAIEngine) -> None:
         self.engine = engine
         self.num_in_flight = 0
         self.queued_prefill_tokens = 0
+        self.failures: collections.Counter[str] = collections.Counter()
+        self._is_shut_down = False
+
+    async def check_health(self) -> None:
+        """Ray Serve's health check: raises when the engine or a KV transfer thread is dead
+        (or the workers stopped answering); Ray Serve then replaces this replica."""
+        await self.engine.health.check()
+
+    def health(self, pin: str | None = None) -> dict[str, Any]:
+        """What the last health check found, and the failures counted since start."""
+        return {**self.engine.health.summary(), "failures": dict(self.failures),
+                "pid": os.getpid()}
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Load figures for the router (Ray Serve polls this on every replica)."""
@@ -224,9 +281,26 @@ class EngineServer:
         return {"num_running": max(s.num_running, self.num_in_flight),
                 "num_waiting": s.num_waiting, "kv_usage": s.kv_usage,
                 "queued_prefill_tokens": self.queued_prefill_tokens,
-                "kv_events_endpoint": self.engine.kv_events_endpoint}
+                "kv_events_endpoint": self.engine.kv_events_endpoint,
+                "kv_events_replay_endpoint": self.engine.kv_events_replay_endpoint}
 
     def stats(self, pin: str | None = None) -> dict[str, Any]:
         """The engine's counters: load, where prompt tokens came from, KV bytes moved; ``pin``
         names the replica to ask (read by the request router)."""
         return {**dataclasses.asdict(self.engine.stats), "pid": os.getpid()}
+
+    def count_failure(self, kind: str, message: str) -> None:
+        """Count one ``kind`` of failure; log it the first time it happens."""
+        self.failures[kind] += 1
+        if self.failures[kind] == 1:
+            logger.warning("%s (first time; counted in health()['failures'][%r])", message, kind)
+
+    def shutdown(self) -> None:
+        """Stop the engine, once (Ray Serve's graceful stop calls the replica's ``__del__``)."""
+        if self._is_shut_down:
+            return
+        self._is_shut_down = True
+        try:
+            self.engine.shutdown()
+        except Exception as e:  # a dead engine may fail to stop: nothing is left to stop
+            logger.warning("engine shutdown failed: %s: %s", type(e).__name__, e)

@@ -9,6 +9,7 @@ different cores.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -21,12 +22,16 @@ def pool_resource(role: str) -> str:
     return f"pdserve_{role}"
 
 
-def replica_actor_options(pool: PoolConfig, role: str) -> dict[str, Any]:
-    """``ray_actor_options`` for one replica of ``pool``."""
+def replica_actor_options(pool: PoolConfig, role: str,
+                          env_vars: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``ray_actor_options`` for one replica of ``pool``; ``env_vars`` become the replica's
+    environment (its ``runtime_env``), which the processes it starts inherit."""
     options: dict[str, Any] = {
         "num_cpus": pool.num_cpus,
         "resources": dict(pool.resources) or {pool_resource(role): 1},
     }
+    if env_vars:
+        options["runtime_env"] = {"env_vars": dict(env_vars)}
     if pool.num_gpus:
         options["num_gpus"] = pool.num_gpus
     if pool.accelerator_type:

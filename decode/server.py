@@ -5,15 +5,34 @@ into a Ray Serve deployment. Given the prefill's transfer parameters, the engine
 prompt's blocks instead of computing them (vLLM recomputes them if the load fails), then
 generates. Without transfer parameters it prefills locally, like a plain vLLM server.
 ``pin`` (every method) is the replica the router chose; Ray Serve's request router reads it.
+
+Failures:
+
+- an error body (the request was refused before the engine took it) is returned as is;
+- an exception before the first streamed chunk (or an error event as the first chunk) is
+  raised, so the router can send the request to another replica;
+- a failure after the first chunk ends the stream with an OpenAI error event and
+  ``data: [DONE]``: a stream is never cut silently.
+
+Whenever a call fails before its engine took the request, or its engine died, the prefill
+replica is told to free the blocks it holds for it (``release_transfer``): nobody will pull them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cluster.engine import EngineServer, is_error
+from cluster.engine import EngineServer, error_body, is_error
 from kvtransfer.release import release_transfer
+
+DONE_EVENT = "data: [DONE]\n\n"
+
+
+class EngineStreamError(RuntimeError):
+    """The engine failed before a stream's first chunk: the router may try another replica."""
 
 
 def decode_body(body: dict[str, Any], kv_transfer_params: dict[str, Any] | None) -> dict[str, Any]:
@@ -22,6 +41,25 @@ def decode_body(body: dict[str, Any], kv_transfer_params: dict[str, Any] | None)
     if kv_transfer_params:
         out["kv_transfer_params"] = kv_transfer_params
     return out
+
+
+def sse_error(chunk: Any) -> dict[str, Any] | None:
+    """The error body an SSE chunk carries (``data: {"error": ...}``), or None."""
+    if not isinstance(chunk, str) or not chunk.startswith("data:"):
+        return None
+    payload = chunk[len("data:"):].strip()
+    if not payload.startswith("{") or '"error"' not in payload[:16]:
+        return None
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return None
+    return body if is_error(body) and isinstance(body["error"], dict) else None
+
+
+def error_event(message: str) -> str:
+    """An OpenAI-style SSE error event (a 500: the server failed, not the request)."""
+    return f"data: {json.dumps(error_body(500, message, 'InternalServerError'))}\n\n"
 
 
 class DecodeServer(EngineServer):
@@ -33,6 +71,8 @@ class DecodeServer(EngineServer):
         try:
             result = await self._call(kind, body, kv_transfer_params)
             if hasattr(result, "__aiter__"):
+                await result.aclose()  # never iterated: the engine did not take the request
+                self._release(kv_transfer_params, "a streaming request came to generate")
                 raise ValueError("streaming requests go to generate_stream")
             return result
         finally:
@@ -41,22 +81,89 @@ class DecodeServer(EngineServer):
     async def generate_stream(self, kind: str, body: dict[str, Any],
                               kv_transfer_params: dict[str, Any] | None = None,
                               pin: str | None = None) -> AsyncIterator[str | dict[str, Any]]:
-        """Streaming: vLLM's SSE lines; an error before the first token comes as one dict."""
+        """Streaming: vLLM's SSE lines; a refusal before the first token comes as one dict, an
+        engine failure before it as an exception, one after it as a final error event."""
         self.num_in_flight += 1
+        stream = None
         try:
             result = await self._call(kind, body, kv_transfer_params)
             if is_error(result) or not hasattr(result, "__aiter__"):
                 yield result
                 return
-            async for chunk in result:
-                yield chunk
+            stream = result
+            first = await self._first_chunk(stream, kv_transfer_params)
+            yield first
+            async with contextlib.aclosing(self._rest(stream, first == DONE_EVENT)) as rest:
+                async for chunk in rest:
+                    yield chunk
         finally:
             self.num_in_flight -= 1
+            if stream is not None:
+                await stream.aclose()  # a client gone mid-stream: the engine aborts the request
 
     async def _call(self, kind: str, body: dict[str, Any],
                     kv_transfer_params: dict[str, Any] | None) -> Any:
-        result = await self.engine.call(kind, decode_body(body, kv_transfer_params))
-        if kv_transfer_params and is_error(result):
+        try:
+            result = await self.engine.call(kind, decode_body(body, kv_transfer_params))
+        except Exception as e:
+            if self.engine.is_dead:
+                self._release(kv_transfer_params, "the decode engine is dead")
+            self.count_failure("call_failed", f"a decode call failed: {type(e).__name__}: {e}")
+            raise
+        if is_error(result):
             # Rejected before the engine saw the transfer: the prefill side must not wait.
-            release_transfer(kv_transfer_params)
+            self._release(kv_transfer_params, "the decode engine refused the request")
         return result
+
+    async def _first_chunk(self, stream: Any, kv_transfer_params: dict[str, Any] | None) -> str:
+        """The stream's first chunk; raises ``EngineStreamError`` when the engine failed first."""
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            failure = EngineStreamError("the engine's stream ended before its first chunk")
+        except Exception as e:
+            failure = EngineStreamError(f"the engine failed before the first token: "
+                                        f"{type(e).__name__}: {e}")
+            failure.__cause__ = e
+        else:
+            error = sse_error(first)
+            if error is None:
+                return first
+            failure = EngineStreamError(f"the engine failed before the first token: "
+                                        f"{error['error'].get('message')}")
+        await stream.aclose()
+        if self.engine.is_dead:
+            self._release(kv_transfer_params, "the decode engine died before the first token")
+        self.count_failure("stream_failed_before_first_chunk", f"a decode stream failed before "
+                           f"its first chunk, raised so the router can retry: {failure}")
+        raise failure
+
+    async def _rest(self, stream: Any, ended: bool) -> AsyncIterator[str]:
+        """The chunks after the first; a failure, or an end without ``[DONE]``, becomes an
+        error event and ``[DONE]``."""
+        try:
+            async for chunk in stream:
+                if sse_error(chunk) is not None:
+                    self.count_failure("stream_error_event",
+                                       "a decode stream ended with an engine error event")
+                ended = chunk == DONE_EVENT
+                yield chunk
+        except Exception as e:
+            why = "the decode engine died" if self.engine.is_dead else "the decode stream failed"
+            self.count_failure("stream_failed", f"{why} mid-stream: {type(e).__name__}: {e}")
+            yield error_event(f"{why} mid-stream ({type(e).__name__}: {e}); the response is "
+                              "incomplete")
+            yield DONE_EVENT
+            return
+        if not ended:
+            self.count_failure("stream_cut", "a decode stream ended without [DONE]")
+            yield error_event("the decode stream ended early; the response is incomplete")
+            yield DONE_EVENT
+
+    def _release(self, params: dict[str, Any] | None, why: str) -> None:
+        """Tell the prefill replica to free the blocks it holds for ``params``."""
+        if not params:
+            return
+        self.count_failure("released", f"released a transfer the decode side will not pull "
+                           f"({why})")
+        release_transfer(params)

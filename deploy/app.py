@@ -6,21 +6,42 @@
 
 Three deployments: ``prefill`` and ``decode`` (each on its own resource pool, each scaled on its
 own) and ``router`` (the HTTP ingress, holding a handle to each).
+
+Health: Ray Serve calls each prefill and decode replica's ``check_health`` every
+``HEALTH_CHECK_PERIOD_S``; it raises when the engine is dead, a KV transfer thread died, or the
+workers stopped answering (cluster/worker_health.py); a check without an answer within
+``HEALTH_CHECK_TIMEOUT_S`` fails too. After three failed checks in a row (Ray Serve's
+``REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD``), or at once if the replica's actor died, Ray Serve
+marks the replica unhealthy, stops it (waiting up to ``GRACEFUL_SHUTDOWN_TIMEOUT_S`` for its
+requests, then calling ``__del__``, which stops the engine), and starts a replacement. So a dead
+engine is found about 3 x 2 s after it died; the replacement then needs the old replica's stop
+and its own engine's start.
+
+Secret: every build makes one KV transport secret (``secrets.token_hex(32)``, unless
+``PDSERVE_KV_SECRET`` is set where the app is built) and gives it to the prefill and decode
+replicas only as an environment variable of their runtime_env; their engine-core processes
+inherit it, and ``kvtransfer.env.kv_secret()`` reads it. It is in no config and never logged.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 from typing import Any
 
 from cluster.engine import OpenAIEngine, kv_transfer_config
 from cluster.pools import replica_actor_options
-from cluster.ports import free_port_block
 from decode.server import DecodeServer
 from deploy.config import PDConfig, PoolConfig
+from kvtransfer.env import KV_SECRET_ENV
 from prefill.server import PrefillServer
 from router.app import ROUTES, PDRouter
 
 ROUTER_CLASS = "router.serve_router:PolicyRequestRouter"
+HEALTH_CHECK_PERIOD_S = 2.0
+# Longer than the slowest healthy check: EngineHealth waits up to 5 s for the workers' answer.
+HEALTH_CHECK_TIMEOUT_S = 15.0
+GRACEFUL_SHUTDOWN_TIMEOUT_S = 10.0
 
 
 def _node_ip() -> str:
@@ -29,27 +50,37 @@ def _node_ip() -> str:
     return ray.util.get_node_ip_address()
 
 
-def connector_extra(cfg: PDConfig, host: str, port: int = 0) -> dict[str, Any]:
-    return {"host": host, "port": port, "lease_s": cfg.kv_transfer.lease_s,
-            "timeout_s": cfg.kv_transfer.timeout_s}
+def connector_extra(cfg: PDConfig, host: str) -> dict[str, Any]:
+    """The connector's settings (kvtransfer.settings): every KVTransferConfig field, this
+    node's address, and port 0 (each prefill worker binds a free port and reports it)."""
+    return {**cfg.kv_transfer.model_dump(), "host": host, "port": 0}
 
 
-class PrefillReplica(PrefillServer):
-    """A prefill replica: starts its engine, with the producer connector, on a free port."""
+def kv_secret_env() -> dict[str, str]:
+    """The replicas' environment carrying the deployment's KV transport secret."""
+    return {KV_SECRET_ENV: os.environ.get(KV_SECRET_ENV) or secrets.token_hex(32)}
+
+
+class _Replica:
+    def __del__(self) -> None:
+        """Ray Serve's graceful stop calls this: stop the engine (its EngineCore too)."""
+        if getattr(self, "engine", None) is not None:
+            self.shutdown()
+
+
+class PrefillReplica(_Replica, PrefillServer):
+    """A prefill replica: starts its engine with the producer connector."""
 
     async def __init__(self, config: dict[str, Any]) -> None:
         cfg = PDConfig.model_validate(config)
-        engine_cfg = cfg.prefill.engine
         host = _node_ip()
-        port = free_port_block(
-            host, engine_cfg.tensor_parallel_size * engine_cfg.pipeline_parallel_size)
         engine = await OpenAIEngine.start(
-            engine_cfg, kv_transfer_config("kv_producer", connector_extra(cfg, host, port)),
+            cfg.prefill.engine, kv_transfer_config("kv_producer", connector_extra(cfg, host)),
             cfg.prefill.cpu_cores, kv_events_host=host)
-        super().__init__(engine)
+        super().__init__(engine, max_held_blocks=cfg.kv_transfer.max_held_blocks)
 
 
-class DecodeReplica(DecodeServer):
+class DecodeReplica(_Replica, DecodeServer):
     """A decode replica: starts its engine with the consumer connector."""
 
     async def __init__(self, config: dict[str, Any]) -> None:
@@ -65,13 +96,17 @@ def _ingress_class() -> type:
     from fastapi import FastAPI
     from ray import serve
 
+    from router.openai_api import install_openapi
+
     app = FastAPI(title="pdserve")
     for method, path, name in ROUTES:
         app.add_api_route(path, getattr(PDRouter, name), methods=[method])
+    install_openapi(app)
     return serve.ingress(app)(PDRouter)
 
 
-def _pool_deployment(cls: type, name: str, pool: PoolConfig, policy: str) -> Any:
+def _pool_deployment(cls: type, name: str, pool: PoolConfig, policy: str,
+                     env_vars: dict[str, str]) -> Any:
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
@@ -79,10 +114,11 @@ def _pool_deployment(cls: type, name: str, pool: PoolConfig, policy: str) -> Any
         cls,
         name=name,
         num_replicas=pool.num_replicas,
-        ray_actor_options=replica_actor_options(pool, name),
+        ray_actor_options=replica_actor_options(pool, name, env_vars),
         max_ongoing_requests=max(8, pool.engine.max_num_seqs * 2),
-        health_check_period_s=10,
-        health_check_timeout_s=60,
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
+        health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
+        graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
         request_router_config=RequestRouterConfig(
             request_router_class=ROUTER_CLASS,
             request_router_kwargs={"role": name, "policy": policy},
@@ -96,15 +132,18 @@ def build_app_from_config(cfg: PDConfig) -> Any:
     from ray import serve
 
     config = cfg.model_dump()
-    prefill = _pool_deployment(PrefillReplica, "prefill", cfg.prefill, cfg.router.prefill_policy)
-    decode = _pool_deployment(DecodeReplica, "decode", cfg.decode, cfg.router.decode_policy)
+    env_vars = kv_secret_env()
+    prefill = _pool_deployment(PrefillReplica, "prefill", cfg.prefill, cfg.router.prefill_policy,
+                               env_vars)
+    decode = _pool_deployment(DecodeReplica, "decode", cfg.decode, cfg.router.decode_policy,
+                              env_vars)
     router = serve.deployment(_ingress_class(), name="router", num_replicas=1,
                               ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
     engine = cfg.prefill.engine
     return router.bind(
         prefill.bind(config), decode.bind(config), cfg.model_name, engine.model,
         engine.max_model_len, cfg.router.prefill_timeout_s, cfg.router.prefill_retries,
-        cfg.router.coordinator_settings(engine.block_size))
+        cfg.router.coordinator_settings(engine.block_size), cfg.router.ingress_settings())
 
 
 def build_app(args: dict[str, Any] | None = None) -> Any:

@@ -1,45 +1,53 @@
-"""The decode worker's endpoint: pulls blocks from prefill workers on a thread of its own.
+"""The decode worker's endpoint: pulls blocks from prefill workers, one thread per peer.
 
-The worker's main thread ``submit``s load specs and ``take_results`` each engine step; the
-transfer thread owns every ZMQ socket and link, so none is shared between threads.
+Threads (ZMQ sockets are not thread-safe, so each socket has exactly one owner):
+
+- The worker's main thread only queues: ``submit`` (loads, release-only specs), ``claim``, and
+  ``take_results`` each engine step. It never waits on a peer.
+- One ``PeerChannel`` thread per prefill worker address owns that peer's control socket and
+  link, and runs its loads in order. A slow or dead peer stalls only its own loads. A control
+  reply is awaited ``control_timeout_s``, the data ``timeout_s``; a peer that did not answer a
+  HELLO fails its further loads at once for ``control_timeout_s``. A channel idle for
+  ``idle_s`` closes its socket and link and ends (replicas come and go).
+- One notifier thread owns a socket per address for the messages that need no reply (CLAIM,
+  DONE of release-only specs and of failed loads), so they go out at once even when that peer's
+  channel is busy or stalled, and survive a dropped link.
+
+A load fails (and vLLM recomputes the prompt) on a refusal, a timeout, a reply that is not for
+this pull (a SENDING or ERROR whose transfer_id or tag differ: the link and socket are dropped,
+the data is never scattered), a size mismatch, or a link error. Links that failed are dropped.
+Every message is signed with the deployment's secret (``protocol.Codec``). ``close`` stops and
+joins every thread before closing the sockets.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
+import itertools
 import logging
 import os
 import queue
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import zmq
 
-from kvtransfer import protocol
-from kvtransfer.blocks import KVLayout, empty_buffer, scatter_blocks
-from kvtransfer.link import DECODE_RANK, Link, TorchDistLink
-from kvtransfer.metadata import LoadSpec
-from kvtransfer.protocol import MsgType
+from kvtransfer.blocks import KVLayout
+from kvtransfer.consumer_peer import LoadContext, PeerChannel
+from kvtransfer.link import Link, TorchDistLink
+from kvtransfer.metadata import ClaimSpec, LoadSpec
+from kvtransfer.protocol import MAX_TAG, Codec, MsgType
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
-
-
-class TransferError(Exception):
-    pass
-
-
-@dataclasses.dataclass
-class Peer:
-    sock: zmq.Socket
-    link: Link
+Address = tuple[str, int]
+MAX_NOTIFY_SOCKETS = 256  # notifier sockets kept open (least recently used closed first)
+NOTIFY_LINGER_MS = 1000  # how long a closing notifier socket still tries to deliver
 
 
 @dataclasses.dataclass
@@ -58,129 +66,152 @@ class ConsumerEndpoint:
         layout: KVLayout,
         timeout_s: float,
         unknown_retry_s: float,
+        *,
+        num_workers: int = 1,
+        control_timeout_s: float = 5.0,
+        idle_s: float = 600.0,
+        codec: Codec | None = None,
         link_factory: Callable[..., Link] = TorchDistLink,
     ) -> None:
-        self._host = host
-        self._worker_index = worker_index
-        self._kv_caches = kv_caches
-        self._layout = layout
-        self._timeout_s = timeout_s
-        self._unknown_retry_s = unknown_retry_s
-        self._link_factory = link_factory
-        self._device = next(iter(kv_caches.values())).device
+        self.worker_index = worker_index
+        self.num_workers = num_workers
         self.peer_id = f"{socket.gethostname()}-{os.getpid()}-{worker_index}-{uuid.uuid4().hex[:8]}"
         self._ctx = zmq.Context()
-        self._peers: dict[tuple[str, int], Peer] = {}
-        self._jobs: queue.Queue[LoadSpec | None] = queue.Queue()
+        tags = itertools.count(1)
+        self.context = LoadContext(
+            peer_id=self.peer_id, host=host, kv_caches=kv_caches, layout=layout,
+            device=next(iter(kv_caches.values())).device, timeout_s=timeout_s,
+            control_timeout_s=control_timeout_s, unknown_retry_s=unknown_retry_s, idle_s=idle_s,
+            codec=codec if codec is not None else Codec.from_env(), zmq_ctx=self._ctx,
+            link_factory=link_factory, next_tag=lambda: (next(tags) - 1) % MAX_TAG + 1,
+            on_result=self._on_result, notify=self._notify_done,
+        )
         self._lock = threading.Lock()
         self._results = LoadResults()
-        self.counts = {"num_bytes_received": 0, "num_loads": 0, "num_failed_loads": 0}
-        self._thread = threading.Thread(target=self._run, name="pdserve-kv-consumer", daemon=True)
-        self._thread.start()
+        self.counts = {"num_bytes_received": 0, "num_loads": 0, "num_failed_loads": 0,
+                       "num_claims_sent": 0}
+        self._channels: dict[Address, PeerChannel] = {}
+        self._closed = False
+        self._notices: queue.SimpleQueue[tuple[Address, bytes] | None] = queue.SimpleQueue()
+        self._notifier = threading.Thread(target=self._run_notifier, name="pdserve-kv-notify",
+                                          daemon=True)
+        self._notifier.start()
+
+    # -- the worker's main thread --------------------------------------------------------------
 
     def submit(self, spec: LoadSpec) -> None:
-        self._jobs.put(spec)
+        """Queue a load (or, for a release-only spec, DONE to the prefill workers)."""
+        if spec.is_release_only:
+            # Worker i releases on prefill workers i, i + n, ...: together the decode workers
+            # reach every prefill worker, even when the two engines' TPxPP differ.
+            for port in spec.remote_ports[self.worker_index::self.num_workers]:
+                self._notify((spec.remote_host, port), MsgType.DONE, spec.transfer_id)
+            return
+        address = (spec.remote_host, spec.remote_ports[self.worker_index])
+        with self._lock:
+            channel = self._channels.get(address)
+            if channel is None or not channel.accepts_jobs:
+                channel = self._channels[address] = PeerChannel(self.context, address,
+                                                                 self._forget)
+            channel.submit(spec)
+
+    def claim(self, spec: ClaimSpec) -> None:
+        """Ask prefill worker ``worker_index`` to keep the transfer for its claim lease."""
+        if self.worker_index < len(spec.remote_ports):
+            address = (spec.remote_host, spec.remote_ports[self.worker_index])
+            self._notify(address, MsgType.CLAIM, spec.transfer_id)
+            with self._lock:
+                self.counts["num_claims_sent"] += 1
 
     def take_results(self) -> LoadResults:
         with self._lock:
             results, self._results = self._results, LoadResults()
         return results
 
+    def health(self) -> str | None:
+        """None while every thread that should run does; else what is wrong."""
+        if self._closed:
+            return "the KV consumer is closed"
+        if not self._notifier.is_alive():
+            return "the KV consumer's notifier thread died"
+        with self._lock:
+            dead = [a for a, c in self._channels.items() if c.accepts_jobs and not c.is_alive()]
+        if dead:
+            return f"the KV consumer's peer thread(s) for {dead} died"
+        return None
+
+    def is_alive(self) -> bool:
+        return self.health() is None
+
     def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=5)
-        for peer in self._peers.values():
-            peer.link.close()
-            peer.sock.close(linger=0)
+        """Stop every thread, join them, then close the sockets and the ZMQ context."""
+        self._closed = True
+        with self._lock:
+            channels = list(self._channels.values())
+            self._channels.clear()
+        for channel in channels:
+            channel.stop()
+        self._notices.put(None)
+        stuck = [c for c in channels if not c.join(self.context.timeout_s + 2)]
+        self._notifier.join(timeout=5)
+        if stuck or self._notifier.is_alive():
+            logger.error("KV consumer: %d thread(s) did not stop; leaving the sockets open",
+                         len(stuck) + self._notifier.is_alive())
+            return
         self._ctx.term()
 
-    def _run(self) -> None:
-        while (spec := self._jobs.get()) is not None:
-            address = (spec.remote_host, spec.remote_base_port + self._worker_index)
-            try:
-                self._load(address, spec)
-                ok = True
-            except Exception as e:  # a failed load must never hang the request
-                logger.warning("KV load of transfer %s from %s failed: %s",
-                               spec.transfer_id, address, e)
-                self._drop_peer(address)
-                ok = False
-            self._report(spec, ok)
+    # -- callbacks from the channels ------------------------------------------------------------
 
-    def _report(self, spec: LoadSpec, ok: bool) -> None:
-        if spec.request_id is None:
-            return
+    def _on_result(self, spec: LoadSpec, ok: bool, num_bytes: int) -> None:
         with self._lock:
             self.counts["num_loads"] += 1
             self.counts["num_failed_loads"] += 0 if ok else 1
-            self._results.finished.add(spec.request_id)
-            if not ok:
-                self._results.failed.add(spec.request_id)
-                self._results.failed_block_ids.update(spec.local_block_ids)
+            self.counts["num_bytes_received"] += num_bytes
+            if spec.request_id is not None:
+                self._results.finished.add(spec.request_id)
+                if not ok:
+                    self._results.failed.add(spec.request_id)
+                    self._results.failed_block_ids.update(spec.local_block_ids)
 
-    def _load(self, address: tuple[str, int], spec: LoadSpec) -> None:
-        peer = self._peer(address)
-        if spec.is_release_only:
-            peer.sock.send(protocol.encode(MsgType.DONE, transfer_id=spec.transfer_id))
-            return
-        reply = self._pull(peer, spec)
-        buffer = empty_buffer(self._kv_caches, self._layout, len(spec.local_block_ids))
-        if reply["num_bytes"] != buffer.numel():
-            raise TransferError(f"peer sends {reply['num_bytes']} bytes, expected {buffer.numel()}")
-        peer.link.recv(buffer)
-        scatter_blocks(self._kv_caches, self._layout, spec.local_block_ids, buffer)
-        self.counts["num_bytes_received"] += buffer.numel()
-        peer.sock.send(protocol.encode(MsgType.DONE, transfer_id=spec.transfer_id))
+    def _forget(self, address: Address, channel: PeerChannel) -> bool:
+        """An idle channel asks to end: True (and forgotten) unless a job came meanwhile."""
+        with self._lock:
+            if channel.has_jobs:
+                return False
+            if self._channels.get(address) is channel:
+                del self._channels[address]
+            return True
 
-    def _pull(self, peer: Peer, spec: LoadSpec) -> dict[str, Any]:
-        """Ask for the blocks; retry while the prefill side has not registered the hold yet."""
-        give_up_at = time.monotonic() + self._unknown_retry_s
-        while True:
-            peer.sock.send(protocol.encode(
-                MsgType.PULL, peer_id=self.peer_id, transfer_id=spec.transfer_id,
-                first_block=spec.first_block, num_blocks=len(spec.local_block_ids)))
-            kind, msg = self._recv(peer.sock)
-            if kind is MsgType.SENDING:
-                return msg
-            not_held_yet = kind is MsgType.ERROR and msg.get("code") == "hold"
-            if not_held_yet and time.monotonic() < give_up_at:
-                time.sleep(0.02)
-                continue
-            raise TransferError(f"prefill worker refused the pull: {msg.get('message')}")
+    def _notify_done(self, address: Address, transfer_id: str) -> None:
+        self._notify(address, MsgType.DONE, transfer_id)
 
-    def _recv(self, sock: zmq.Socket) -> tuple[MsgType, dict[str, Any]]:
-        if not sock.poll(int(self._timeout_s * 1000)):
-            raise TransferError(f"no reply within {self._timeout_s} s")
-        return protocol.decode(sock.recv())
-
-    def _peer(self, address: tuple[str, int]) -> Peer:
-        peer = self._peers.get(address)
-        if peer is not None:
-            return peer
-        import torch.distributed as dist
-
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(f"tcp://{address[0]}:{address[1]}")
+    def _notify(self, address: Address, kind: MsgType, transfer_id: str) -> None:
         try:
-            sock.send(protocol.encode(MsgType.HELLO, peer_id=self.peer_id,
-                                      layout=self._layout.to_wire()))
-            kind, msg = self._recv(sock)
-            if kind is not MsgType.WELCOME:
-                raise TransferError(f"prefill worker refused the pairing: {msg.get('message')}")
-            store = dist.TCPStore(address[0], msg["store_port"], is_master=False,
-                                  timeout=datetime.timedelta(seconds=self._timeout_s),
-                                  wait_for_workers=False)
-            link = self._link_factory(store, msg["group"], DECODE_RANK, self._device,
-                                      self._host, self._timeout_s)
-        except Exception:
-            sock.close(linger=0)
-            raise
-        self._peers[address] = peer = Peer(sock, link)
-        return peer
+            data = self.context.codec.encode(kind, transfer_id=transfer_id)
+        except Exception as e:  # an id the protocol refuses: nothing to tell the peer
+            logger.warning("cannot send %s for transfer %.40r: %s", kind.value, transfer_id, e)
+            return
+        self._notices.put((address, data))
 
-    def _drop_peer(self, address: tuple[str, int]) -> None:
-        peer = self._peers.pop(address, None)
-        if peer is not None:
-            peer.link.close()
-            peer.sock.close(linger=0)
+    # -- the notifier thread -------------------------------------------------------------------
+
+    def _run_notifier(self) -> None:
+        sockets: dict[Address, zmq.Socket] = {}
+        try:
+            while (notice := self._notices.get()) is not None:
+                address, data = notice
+                try:
+                    sock = sockets.pop(address, None)
+                    if sock is None:
+                        sock = self._ctx.socket(zmq.DEALER)
+                        sock.setsockopt(zmq.LINGER, NOTIFY_LINGER_MS)
+                        sock.connect(f"tcp://{address[0]}:{address[1]}")
+                    sockets[address] = sock  # most recently used last
+                    if len(sockets) > MAX_NOTIFY_SOCKETS:
+                        sockets.pop(next(iter(sockets))).close()
+                    sock.send(data, zmq.NOBLOCK)
+                except zmq.ZMQError as e:  # queue full (peer gone) or bad address
+                    logger.warning("KV consumer: cannot notify %s: %s", address, e)
+        finally:
+            for sock in sockets.values():
+                sock.close()

@@ -4,22 +4,32 @@ A finished prefill's blocks stay allocated until the decode side confirms it has
 the hold's lease runs out. One state machine per held request:
 
     HELD --pull--> SENDING --sent--> SENT --DONE--> released
-      ^               |                |
-      +---send failed-+                +--lease expired--> released
-    HELD --lease expired--> released
+      ^               |   \\                |
+      +---send failed-+    +--DONE meanwhile: released when the send ends (ok or not)
+    HELD or SENT --lease expired--> released
+    HELD --CLAIM--> HELD with lease now + claim_lease_s (never shortened)
 
-A SENDING hold never expires: its blocks are being read. Released holds are handed to vLLM, by
-engine request id, through ``take_released`` so that it frees their blocks. Thread-safe: the
-transfer thread pulls and confirms, the worker's main thread adds and reaps.
+A SENDING hold does not expire: its blocks are being read. The producer guarantees that every
+``start_send`` is followed by one ``finish_send`` (try/finally), and the link bounds each send
+with a deadline, so no hold stays SENDING forever. Released holds are handed to vLLM, by engine
+request id, through ``take_released`` so that it frees their blocks. The table remembers the
+transfer ids of recently released or expired holds (bounded in number and age) so that a late
+pull gets ``expired`` or ``state`` rather than ``unknown``.
+
+Thread-safe: the endpoint's threads pull, claim and confirm; the worker's main thread adds and
+reaps.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import threading
 import time
 from collections.abc import Callable
+
+from kvtransfer.protocol import ErrorCode
 
 
 class HoldState(enum.Enum):
@@ -29,7 +39,11 @@ class HoldState(enum.Enum):
 
 
 class HoldError(Exception):
-    """A pull that the table cannot serve (unknown transfer, wrong state, bad range)."""
+    """A pull that the table cannot serve; ``code`` says why (unknown, expired, state, range)."""
+
+    def __init__(self, message: str, code: ErrorCode) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclasses.dataclass
@@ -38,37 +52,76 @@ class Hold:
     block_ids: list[int]
     deadline_s: float
     state: HoldState = HoldState.HELD
+    is_confirmed: bool = False  # DONE came while SENDING: release when the send ends
 
 
 class HoldTable:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        remember_s: float = 600.0,
+        max_remembered: int = 10_000,
+    ) -> None:
         self._clock = clock
+        self._remember_s = remember_s
+        self._max_remembered = max_remembered
         self._lock = threading.Lock()
         self._holds: dict[str, Hold] = {}
         self._released: set[str] = set()
+        # transfer id -> (why it is gone: "expired" or "released", when)
+        self._gone: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._holds)
 
+    @property
+    def num_held_blocks(self) -> int:
+        """Blocks held by every hold still in the table (any state)."""
+        with self._lock:
+            return sum(len(hold.block_ids) for hold in self._holds.values())
+
+    @property
+    def num_sending(self) -> int:
+        """Holds being sent right now (each ends within the link's deadline)."""
+        with self._lock:
+            return sum(hold.state is HoldState.SENDING for hold in self._holds.values())
+
     def add(self, transfer_id: str, request_id: str, block_ids: list[int], lease_s: float) -> None:
         with self._lock:
             if transfer_id in self._holds:
-                raise HoldError(f"transfer {transfer_id} is already held")
+                raise HoldError(f"transfer {transfer_id} is already held", ErrorCode.STATE)
+            self._gone.pop(transfer_id, None)
             self._holds[transfer_id] = Hold(request_id, list(block_ids), self._clock() + lease_s)
 
-    def start_send(self, transfer_id: str, first_block: int, num_blocks: int) -> list[int]:
-        """Mark the hold SENDING and return the block ids of the requested range."""
+    def claim(self, transfer_id: str, lease_s: float) -> bool:
+        """A decode scheduler took the transfer: keep it at least ``lease_s`` from now."""
         with self._lock:
             hold = self._holds.get(transfer_id)
             if hold is None:
-                raise HoldError(f"transfer {transfer_id} is not held here (expired or unknown)")
+                return False
+            hold.deadline_s = max(hold.deadline_s, self._clock() + lease_s)
+            return True
+
+    def start_send(self, transfer_id: str, first_block: int, num_blocks: int) -> list[int]:
+        """Mark the hold SENDING and return the block ids of the requested range.
+
+        The caller must call ``finish_send`` once, whatever happens after this returns.
+        """
+        if type(first_block) is not int or type(num_blocks) is not int:
+            raise HoldError("first_block and num_blocks must be ints", ErrorCode.RANGE)
+        with self._lock:
+            hold = self._holds.get(transfer_id)
+            if hold is None:
+                raise self._not_held(transfer_id)
             if hold.state is not HoldState.HELD:
-                raise HoldError(f"transfer {transfer_id} is {hold.state.value}, not held")
+                raise HoldError(f"transfer {transfer_id} is {hold.state.value}, not held",
+                                ErrorCode.STATE)
             end = first_block + num_blocks
             if first_block < 0 or num_blocks < 0 or end > len(hold.block_ids):
                 raise HoldError(
-                    f"blocks [{first_block}, {end}) out of range for {len(hold.block_ids)} held"
+                    f"blocks [{first_block}, {end}) out of range for {len(hold.block_ids)} held",
+                    ErrorCode.RANGE,
                 )
             hold.state = HoldState.SENDING
             return hold.block_ids[first_block:end]
@@ -76,17 +129,26 @@ class HoldTable:
     def finish_send(self, transfer_id: str, ok: bool) -> None:
         with self._lock:
             hold = self._holds.get(transfer_id)
-            if hold is not None and hold.state is HoldState.SENDING:
+            if hold is None or hold.state is not HoldState.SENDING:
+                return
+            if hold.is_confirmed:
+                self._release(transfer_id, "released")
+            else:
                 hold.state = HoldState.SENT if ok else HoldState.HELD
 
     def confirm(self, transfer_id: str) -> bool:
-        """The decode side has the blocks (or will not pull them): release the hold."""
+        """The decode side has the blocks (or will not pull them): release the hold.
+
+        While the hold is SENDING the release waits for ``finish_send``. False when not held.
+        """
         with self._lock:
             hold = self._holds.get(transfer_id)
-            if hold is None or hold.state is HoldState.SENDING:
+            if hold is None:
                 return False
-            del self._holds[transfer_id]
-            self._released.add(hold.request_id)
+            if hold.state is HoldState.SENDING:
+                hold.is_confirmed = True
+            else:
+                self._release(transfer_id, "released")
             return True
 
     def take_released(self) -> set[str]:
@@ -95,7 +157,32 @@ class HoldTable:
         with self._lock:
             for transfer_id, hold in list(self._holds.items()):
                 if hold.state is not HoldState.SENDING and hold.deadline_s <= now:
-                    del self._holds[transfer_id]
-                    self._released.add(hold.request_id)
+                    self._release(transfer_id, "expired")
+            self._forget_old(now)
             released, self._released = self._released, set()
             return released
+
+    def _release(self, transfer_id: str, why: str) -> None:
+        hold = self._holds.pop(transfer_id)
+        self._released.add(hold.request_id)
+        self._gone[transfer_id] = (why, self._clock())
+        self._gone.move_to_end(transfer_id)
+        while len(self._gone) > self._max_remembered:
+            self._gone.popitem(last=False)
+
+    def _forget_old(self, now: float) -> None:
+        while self._gone:
+            _, (_, at) = next(iter(self._gone.items()))
+            if at + self._remember_s > now:
+                break
+            self._gone.popitem(last=False)
+
+    def _not_held(self, transfer_id: str) -> HoldError:
+        gone = self._gone.get(transfer_id)
+        if gone is None:
+            return HoldError(f"transfer {transfer_id} is not held here (unknown, or not yet)",
+                             ErrorCode.UNKNOWN)
+        if gone[0] == "expired":
+            return HoldError(f"transfer {transfer_id} expired: its lease ran out",
+                             ErrorCode.EXPIRED)
+        return HoldError(f"transfer {transfer_id} was already released", ErrorCode.STATE)

@@ -1,10 +1,14 @@
-"""What the scheduler-side connector tells its workers each engine step."""
+"""What the scheduler-side connector tells its workers each engine step, and what the workers
+report back once at start-up (their bound ports, through vLLM's handshake metadata)."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorHandshakeMetadata,
+    KVConnectorMetadata,
+)
 
 
 @dataclasses.dataclass
@@ -17,17 +21,30 @@ class HoldSpec:
 
 
 @dataclasses.dataclass
+class ClaimSpec:
+    """Decode side: a scheduler took a request of this transfer; extend the hold's lease.
+
+    Worker i sends CLAIM to the prefill engine's worker i, at ``remote_ports[i]``.
+    """
+
+    transfer_id: str
+    remote_host: str
+    remote_ports: list[int]
+
+
+@dataclasses.dataclass
 class LoadSpec:
     """Decode side: pull a request's prompt blocks from a prefill engine.
 
-    ``remote_block_ids[first_block:]`` are copied into ``local_block_ids``. A spec with no
-    local blocks (and no request waiting on it) only tells the prefill side to let go.
+    ``remote_block_ids[first_block:]`` are copied into ``local_block_ids``; worker i pulls from
+    the prefill engine's worker i, at ``remote_ports[i]``. A spec with no local blocks (and no
+    request waiting on it) only tells the prefill side to let go (DONE).
     """
 
     transfer_id: str
     request_id: str | None
     remote_host: str
-    remote_base_port: int
+    remote_ports: list[int]
     first_block: int
     local_block_ids: list[int]
 
@@ -40,4 +57,13 @@ class LoadSpec:
 class PDConnectorMetadata(KVConnectorMetadata):
     holds: list[HoldSpec] = dataclasses.field(default_factory=list)
     loads: list[LoadSpec] = dataclasses.field(default_factory=list)
+    claims: list[ClaimSpec] = dataclasses.field(default_factory=list)
     lease_s: float = 30.0
+
+
+@dataclasses.dataclass
+class PDHandshake(KVConnectorHandshakeMetadata):
+    """One prefill worker's control endpoint, as it bound it (port 0 picks a free port)."""
+
+    host: str
+    port: int

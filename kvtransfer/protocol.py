@@ -1,79 +1,210 @@
-"""Control messages between a decode worker and a prefill worker: msgpack, versioned.
+"""Control messages between a decode worker and a prefill worker: msgpack, versioned, signed.
 
-Every message is a msgpack map with ``v`` (the protocol version) and ``type``; the receiver
-rejects any other version. KV data never travels here: it moves over the pair's
-torch.distributed link (see ``kvtransfer.link``).
+Every message is one ZMQ frame of at most ``MAX_MESSAGE_BYTES``: a msgpack map with ``v`` (the
+protocol version), ``type``, the type's fields and, when the deployment has a secret, ``mac``
+(HMAC-SHA256 over the msgpack encoding of every other field, keys sorted). ``Codec.decode``
+refuses another version, a missing or unknown field, a field of the wrong type (a bool is not an
+int) or out of range, and a missing or wrong MAC. KV data never travels here: it moves over the
+pair's torch.distributed link (see ``kvtransfer.link``).
 
 Exchange, decode side first (``->`` decode to prefill, ``<-`` the reply):
 
     -> HELLO   peer_id, layout          once per pair: the decode worker's KV layout
     <- WELCOME store_port, group        join this TCPStore prefix to build the pair's link
-       (or ERROR when the layouts differ)
-    -> PULL    transfer_id, first_block, num_blocks
-    <- SENDING num_bytes                then that many bytes arrive over the link
-       (or ERROR: unknown transfer, lease expired, bad range)
+       (or ERROR layout / busy)
+    -> CLAIM   transfer_id              a decode scheduler took the request: extend the lease
+    -> PULL    peer_id, transfer_id, first_block, num_blocks, tag
+    <- SENDING transfer_id, num_bytes, tag   then that many bytes arrive over the link, with tag
+       (or ERROR unknown / expired / state / range / link, with the transfer_id)
     -> DONE    transfer_id              the blocks may be freed (no reply)
+
+Replay of a captured signed message is not prevented (there is no nonce): the MAC only proves
+the message was made by a holder of the deployment's secret.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+MAX_MESSAGE_BYTES = 64 * 1024
+MAC_BYTES = 32
+MAX_ID_CHARS = 256
+MAX_TAG = 2**31 - 1
+_MAX_INT = 2**63 - 1
+
+
+class ErrorCode(str, enum.Enum):
+    PROTOCOL = "protocol"  # malformed message: frames, encoding, version, field types
+    AUTH = "auth"  # missing or wrong MAC
+    TOO_LARGE = "too_large"  # control frame over MAX_MESSAGE_BYTES
+    LAYOUT = "layout"  # the peer's KV layout cannot exchange blocks with ours
+    LINK = "link"  # no usable link with this peer: say HELLO (again)
+    UNKNOWN = "unknown"  # transfer never held here, or not yet: retry a little
+    EXPIRED = "expired"  # was held, its lease ran out
+    STATE = "state"  # held (or just released) but not pullable now
+    RANGE = "range"  # blocks out of the held range
+    BUSY = "busy"  # too many peers, or too many held blocks
 
 
 class ProtocolError(Exception):
-    """A control message that cannot be accepted."""
+    """A control message that cannot be accepted (or built)."""
+
+    code = ErrorCode.PROTOCOL
+
+
+class TooLargeError(ProtocolError):
+    code = ErrorCode.TOO_LARGE
+
+
+class AuthError(ProtocolError):
+    """The message's MAC is missing or wrong."""
+
+    code = ErrorCode.AUTH
 
 
 class MsgType(str, enum.Enum):
     HELLO = "hello"
     WELCOME = "welcome"
+    CLAIM = "claim"
     PULL = "pull"
     SENDING = "sending"
     DONE = "done"
     ERROR = "error"
 
 
-REQUIRED_FIELDS: dict[MsgType, tuple[str, ...]] = {
-    MsgType.HELLO: ("peer_id", "layout"),
-    MsgType.WELCOME: ("store_port", "group"),
-    MsgType.PULL: ("transfer_id", "first_block", "num_blocks"),
-    MsgType.SENDING: ("num_bytes",),
-    MsgType.DONE: ("transfer_id",),
-    MsgType.ERROR: ("message",),
+def _text(max_chars: int) -> Callable[[Any], bool]:
+    return lambda x: type(x) is str and len(x) <= max_chars
+
+
+def _int(low: int, high: int = _MAX_INT) -> Callable[[Any], bool]:
+    return lambda x: type(x) is int and low <= x <= high
+
+
+def _is_map(x: Any) -> bool:
+    return type(x) is dict
+
+
+def _is_code(x: Any) -> bool:
+    return type(x) is str and x in ErrorCode._value2member_map_
+
+
+_ID = _text(MAX_ID_CHARS)
+_MESSAGE = _text(4096)
+_FIELD_HINTS = {"layout": "a map", "code": f"one of {[c.value for c in ErrorCode]}",
+                "tag": f"an int in [1, {MAX_TAG}]", "store_port": "an int in [1, 65535]",
+                "message": "a str of at most 4096 chars"}
+
+# Each type's fields: name -> (check, required).
+FIELDS: dict[MsgType, dict[str, tuple[Callable[[Any], bool], bool]]] = {
+    MsgType.HELLO: {"peer_id": (_ID, True), "layout": (_is_map, True)},
+    MsgType.WELCOME: {"store_port": (_int(1, 65535), True), "group": (_ID, True)},
+    MsgType.CLAIM: {"transfer_id": (_ID, True)},
+    MsgType.PULL: {"peer_id": (_ID, True), "transfer_id": (_ID, True),
+                   "first_block": (_int(0, MAX_TAG), True), "num_blocks": (_int(0, MAX_TAG), True),
+                   "tag": (_int(1, MAX_TAG), True)},
+    MsgType.SENDING: {"transfer_id": (_ID, True), "num_bytes": (_int(0), True),
+                      "tag": (_int(1, MAX_TAG), True)},
+    MsgType.DONE: {"transfer_id": (_ID, True)},
+    MsgType.ERROR: {"message": (_MESSAGE, True), "code": (_is_code, True),
+                    "transfer_id": (_ID, False)},
 }
 
 
-def encode(kind: MsgType, **fields: Any) -> bytes:
-    missing = [name for name in REQUIRED_FIELDS[kind] if name not in fields]
+def check_fields(kind: MsgType, fields: dict[str, Any]) -> None:
+    """Raise ``ProtocolError`` unless ``fields`` are exactly a valid ``kind`` message's fields."""
+    spec = FIELDS[kind]
+    unknown = sorted(set(fields) - set(spec))
+    if unknown:
+        raise ProtocolError(f"{kind.value} message has unknown fields {unknown}")
+    missing = [name for name, (_, required) in spec.items() if required and name not in fields]
     if missing:
         raise ProtocolError(f"{kind.value} message lacks {missing}")
-    return msgpack.packb({"v": PROTOCOL_VERSION, "type": kind.value, **fields})
+    for name, value in fields.items():
+        if not spec[name][0](value):
+            hint = _FIELD_HINTS.get(name, "a str of at most 256 chars" if spec[name][0] is _ID
+                                    else "a non-negative int in range")
+            raise ProtocolError(
+                f"{kind.value} field {name} must be {hint}, got {type(value).__name__}")
 
 
-def decode(data: bytes) -> tuple[MsgType, dict[str, Any]]:
-    """Parse and check one message; raise ``ProtocolError`` on anything unexpected."""
-    try:
-        msg = msgpack.unpackb(data)
-    except (msgpack.UnpackException, ValueError) as e:
-        raise ProtocolError(f"undecodable control message: {e}") from e
-    if not isinstance(msg, dict):
-        raise ProtocolError("control message is not a map")
-    version = msg.get("v")
-    if type(version) is not int or version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"protocol version {version!r} does not match ours ({PROTOCOL_VERSION})"
-        )
-    try:
-        kind = MsgType(msg.pop("type"))
-    except (KeyError, ValueError) as e:
-        raise ProtocolError(f"unknown control message type: {e}") from e
-    msg.pop("v")
-    missing = [name for name in REQUIRED_FIELDS[kind] if name not in msg]
-    if missing:
-        raise ProtocolError(f"{kind.value} message lacks {missing}")
-    return kind, msg
+class Codec:
+    """Encodes and checks control messages; signs and verifies them when given a secret.
+
+    Stateless after construction, so one instance may be shared by threads.
+    """
+
+    def __init__(self, secret: bytes | None) -> None:
+        if secret is not None and (type(secret) is not bytes or not secret):
+            raise ValueError("the KV secret must be non-empty bytes (or None)")
+        self._secret = secret
+
+    @property
+    def is_authenticated(self) -> bool:
+        return self._secret is not None
+
+    @classmethod
+    def from_env(cls) -> Codec:
+        from kvtransfer.env import kv_secret
+
+        return cls(kv_secret())
+
+    def encode(self, kind: MsgType, **fields: Any) -> bytes:
+        """One message's wire form; raise ``ProtocolError`` on a field the peer would refuse."""
+        check_fields(kind, fields)
+        msg = {"v": PROTOCOL_VERSION, "type": kind.value, **fields}
+        if self._secret is not None:
+            msg["mac"] = self._mac(msg)
+        data = msgpack.packb(msg)
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise TooLargeError(f"{kind.value} message of {len(data)} bytes is over the limit")
+        return data
+
+    def decode(self, data: bytes) -> tuple[MsgType, dict[str, Any]]:
+        """Parse and check one message: raise ``ProtocolError`` (``AuthError`` for the MAC)."""
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise TooLargeError(f"control message of {len(data)} bytes is over the limit")
+        try:
+            msg = msgpack.unpackb(data)
+        except Exception as e:  # msgpack raises several types on garbage
+            raise ProtocolError(f"undecodable control message: {type(e).__name__}") from e
+        if type(msg) is not dict:
+            raise ProtocolError("control message is not a map")
+        version = msg.get("v")
+        if type(version) is not int or version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"protocol version {version!r:.20} does not match ours ({PROTOCOL_VERSION})")
+        mac = msg.pop("mac", None)
+        if self._secret is not None:
+            self._verify(msg, mac)
+        try:
+            kind = MsgType(msg.pop("type"))
+        except (KeyError, ValueError, TypeError) as e:
+            raise ProtocolError("unknown control message type") from e
+        msg.pop("v")
+        check_fields(kind, msg)
+        if kind is MsgType.ERROR:
+            msg["code"] = ErrorCode(msg["code"])
+        return kind, msg
+
+    def _mac(self, msg: dict[str, Any]) -> bytes:
+        body = msgpack.packb({k: msg[k] for k in sorted(msg)})
+        return hmac.new(self._secret, body, hashlib.sha256).digest()
+
+    def _verify(self, msg: dict[str, Any], mac: Any) -> None:
+        if mac is None:
+            raise AuthError("control message is not signed")
+        if type(mac) is not bytes or len(mac) != MAC_BYTES:
+            raise AuthError("control message has a malformed MAC")
+        try:
+            expected = self._mac(msg)
+        except (TypeError, ValueError) as e:  # e.g. keys of mixed types cannot be sorted
+            raise ProtocolError("control message cannot be canonicalised") from e
+        if not hmac.compare_digest(mac, expected):
+            raise AuthError("control message has a wrong MAC")

@@ -1,8 +1,14 @@
-"""Let a prefill engine free blocks held for a request that will never pull them.
+"""One-way messages from the decode side to every worker of a prefill engine.
 
-Used when the decode side rejects a request before its engine sees the transfer (for example
-a prompt plus ``max_tokens`` longer than the model allows): without it the prefill replica would
-hold the blocks until the lease runs out.
+``release_transfer``: free blocks held for a request that will never pull them. Used when the
+decode side rejects a request before its engine sees the transfer (for example a prompt plus
+``max_tokens`` longer than the model allows): without it the prefill replica would hold the
+blocks until the lease runs out.
+``claim_transfer``: a decode scheduler took the request; the pull may wait for KV space, so
+extend the hold's lease (to the prefill's ``claim_lease_s``).
+
+Both send one signed message (DONE or CLAIM) to worker i at ``remote_ports[i]`` and return
+without waiting (neither has a reply).
 """
 
 from __future__ import annotations
@@ -12,25 +18,58 @@ from typing import Any
 
 import zmq
 
-from kvtransfer import protocol
-from kvtransfer.protocol import MsgType
+from kvtransfer.protocol import MAX_MESSAGE_BYTES, Codec, MsgType, ProtocolError
 
 logger = logging.getLogger(__name__)
+LINGER_MS = 1000
 
 
-def release_transfer(params: dict[str, Any]) -> None:
-    """Send DONE for ``params["transfer_id"]`` to every worker of the prefill engine."""
+def release_targets(params: dict[str, Any]) -> tuple[str, list[int], str]:
+    """(host, worker ports, transfer id) from a prefill's kv_transfer_params; ValueError if bad."""
+    host, ports, transfer_id = (params.get("remote_host"), params.get("remote_ports"),
+                                params.get("transfer_id"))
+    if type(host) is not str or not host:
+        raise ValueError(f"remote_host must be a non-empty str, got {host!r:.80}")
+    if type(ports) is not list or not ports or not all(
+            type(p) is int and 0 < p < 65536 for p in ports):
+        raise ValueError(f"remote_ports must be a non-empty list of ports, got {ports!r:.80}")
+    if type(transfer_id) is not str or not transfer_id:
+        raise ValueError(f"transfer_id must be a non-empty str, got {transfer_id!r:.80}")
+    return host, ports, transfer_id
+
+
+def release_transfer(params: dict[str, Any], codec: Codec | None = None) -> bool:
+    """Send DONE for ``params["transfer_id"]`` to every worker of the prefill engine.
+
+    Returns False (and logs) when the parameters cannot be used. ``codec`` defaults to one with
+    the deployment's secret (``PDSERVE_KV_SECRET``).
+    """
+    return _notify(MsgType.DONE, params, codec)
+
+
+def claim_transfer(params: dict[str, Any], codec: Codec | None = None) -> bool:
+    """Send CLAIM for ``params["transfer_id"]`` to every worker of the prefill engine."""
+    return _notify(MsgType.CLAIM, params, codec)
+
+
+def _notify(kind: MsgType, params: dict[str, Any], codec: Codec | None) -> bool:
     try:
-        host, base = params["remote_host"], int(params["remote_port"])
-        num_workers = int(params.get("tp_size", 1)) * int(params.get("pp_size", 1))
-        message = protocol.encode(MsgType.DONE, transfer_id=params["transfer_id"])
-    except (KeyError, TypeError, ValueError) as e:
-        logger.warning("cannot release transfer with parameters %s: %s", params, e)
-        return
+        host, ports, transfer_id = release_targets(params)
+        message = (codec or Codec.from_env()).encode(kind, transfer_id=transfer_id)
+    except (ValueError, ProtocolError) as e:
+        logger.warning("cannot send %s for a KV transfer: %s", kind.value.upper(), e)
+        return False
     ctx = zmq.Context.instance()
-    for index in range(num_workers):
+    for port in ports:
         sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.connect(f"tcp://{host}:{base + index}")
-        sock.send(message)
-        sock.close()
+        try:
+            sock.setsockopt(zmq.LINGER, LINGER_MS)
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+            sock.connect(f"tcp://{host}:{port}")
+            sock.send(message, zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            logger.warning("cannot send %s for KV transfer %s to %s:%d: %s", kind.value.upper(),
+                           transfer_id, host, port, e)
+        finally:
+            sock.close()
+    return True

@@ -1,4 +1,8 @@
-"""The connector's settings, read from vLLM's ``kv_connector_extra_config``."""
+"""The connector's settings, read from vLLM's ``kv_connector_extra_config``.
+
+Every field of ``deploy.config.KVTransferConfig`` has a field of the same name here: deploy/
+passes them through (plus ``host`` and ``port``, which are per replica).
+"""
 
 from __future__ import annotations
 
@@ -12,26 +16,49 @@ class ConnectorSettings(BaseModel):
 
     host: str = Field(
         "127.0.0.1",
-        description="Address this worker listens on and advertises to its peers (the node IP).",
+        description="Address this worker listens on (ZMQ and TCPStore bind it only) and "
+        "advertises to its peers (the node IP).",
     )
     port: int = Field(
         0,
         ge=0,
         le=65535,
-        description="Base control port of a prefill engine; worker i (pp_rank * tp + tp_rank) "
-        "listens on port + i. Ignored on the decode side.",
+        description="Base control port of a prefill engine: 0 lets each worker bind a free port "
+        "and report it through vLLM's handshake metadata; otherwise worker i "
+        "(pp_rank * tp + tp_rank) listens on port + i. Ignored on the decode side.",
     )
     lease_s: float = Field(
-        30.0, gt=0, description="How long a prefill worker holds blocks no decode worker pulled."
+        30.0, gt=0, description="How long a prefill worker holds blocks nobody claimed or pulled."
+    )
+    claim_lease_s: float = Field(
+        300.0,
+        gt=0,
+        description="How long a prefill worker keeps holding blocks once a decode scheduler has "
+        "claimed the transfer (the pull may wait for decode KV space).",
     )
     timeout_s: float = Field(
-        30.0, gt=0, description="Limit for one control reply or one block transfer."
+        30.0, gt=0, description="Limit for one block transfer over a link (data plane)."
+    )
+    control_timeout_s: float = Field(
+        5.0, gt=0, description="Limit for one control reply (HELLO, PULL) from a prefill worker."
     )
     unknown_retry_s: float = Field(
         2.0,
         ge=0,
         description="How long a decode worker retries a pull for a transfer the prefill worker "
         "has not registered yet (the hold reaches it one engine step after the prefill ends).",
+    )
+    max_held_blocks: int | None = Field(
+        None,
+        ge=1,
+        description="Cap on KV blocks one prefill engine holds for decode; past it the prefill "
+        "scheduler holds no more and the request is answered busy. None: no cap.",
+    )
+    link_idle_s: float = Field(
+        600.0,
+        gt=0,
+        description="A prefill worker closes a link to a decode worker idle this long (and "
+        "deletes its rendezvous keys); the peer pairs again on its next pull.",
     )
 
     @classmethod

@@ -1,4 +1,16 @@
-"""Transfer counters, carried from the workers to the engine's stat loggers by vLLM itself."""
+"""Transfer counters and gauges, carried to the engine's stat loggers by vLLM itself.
+
+vLLM merges stats with ``aggregate``: the workers' stats of one step (summed by its output
+aggregator), then the scheduler side's (``PDScheduler.take_stats``), then every step of a logging
+interval, oldest first. So:
+
+- a *counter* (``COUNTERS``, or any other int key) is a delta since the last report, and sums;
+- a *gauge* (``GAUGES``) is a level, reported by the scheduler side only when it changed, and
+  is never summed: the newest value wins, and a report without the key keeps the last value.
+
+A stat logger must therefore add counters to its totals and *set* gauges to the reported value
+when the key is present (``is_gauge(name)``), leaving them unchanged when it is absent.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +19,27 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
-COUNTERS = ("num_bytes_sent", "num_bytes_received", "num_loads", "num_failed_loads")
+COUNTERS = (
+    "num_bytes_sent",  # prefill workers: KV bytes sent over links
+    "num_bytes_received",  # decode workers: KV bytes received and scattered
+    "num_loads",  # decode workers: loads finished, ok or not
+    "num_failed_loads",  # decode workers: loads that failed (the prompt is recomputed)
+    "num_claims_sent",  # decode workers: CLAIM messages sent
+    "num_bad_specs",  # workers: hold or load specs refused (the request fails, the engine lives)
+    "num_duplicate_holds",  # prefill scheduler: a second hold under a held transfer id, refused
+    "num_busy_holds",  # prefill scheduler: holds refused at max_held_blocks (answered busy)
+    "num_duplicate_loads",  # decode scheduler: requests that shared a transfer id with another
+    "num_hook_errors",  # either side: unexpected errors a connector hook swallowed
+    # prefill workers (kvtransfer/producer_peer.py):
+    "num_pulls", "num_failed_sends", "num_protocol_errors", "num_auth_failures", "num_busy",
+    "num_layout_mismatches",
+    "num_links_opened", "num_link_failures", "num_links_closed", "num_internal_errors",
+)
+GAUGES = ("num_held_blocks",)  # prefill scheduler: KV blocks held for decode right now
+
+
+def is_gauge(name: str) -> bool:
+    return name in GAUGES
 
 
 @dataclasses.dataclass
@@ -20,16 +52,25 @@ class TransferStats(KVConnectorStats):
         self.data = dict.fromkeys(COUNTERS, 0)
 
     def aggregate(self, other: KVConnectorStats) -> TransferStats:
-        for name in COUNTERS:
-            self.data[name] += other.data.get(name, 0)
+        for name, value in other.data.items():
+            if is_gauge(name):
+                self.data[name] = value  # newest wins
+            else:
+                self.data[name] = self.data.get(name, 0) + value
         return self
 
     def reduce(self) -> dict[str, int | float]:
         return dict(self.data)
 
     def is_empty(self) -> bool:
-        return not any(self.data.values())
+        return not any(self.data.get(name) for name in COUNTERS) and not any(
+            name in self.data for name in GAUGES)
 
     @classmethod
     def from_counts(cls, counts: dict[str, Any]) -> TransferStats:
-        return cls(data={name: int(counts.get(name, 0)) for name in COUNTERS})
+        """Counters (missing ones are 0), other int counters, and the gauges present."""
+        data = {name: int(counts.get(name, 0)) for name in COUNTERS}
+        for name, value in counts.items():
+            if name not in data and type(value) is int:
+                data[name] = value
+        return cls(data=data)

@@ -1,17 +1,23 @@
 """The ingress: pdserve's OpenAI-compatible HTTP front door.
 
-For each request it checks the body, tokenizes the prompt once, and asks the
-``RoutingCoordinator`` for a prefill/decode pair chosen together from what every replica has
-cached (the KV index) and how loaded it is. A prefill replica computes the prompt and keeps its
-KV blocks; the decode replica loads them and generates, and the router streams its output back.
-Both calls are pinned to the chosen replicas (the ``pin`` keyword, honoured by
-``router.serve_router``). When the decode replica already caches most of the prompt, or the
-prefill pool is saturated, the decode replica prefills locally and nothing moves. A prefill
-that fails or times out is retried on another prefill replica, then done locally: the client
-sees a slower answer, not an error.
+For each request it checks the API key, the body size and the body, tokenizes the prompt once,
+and asks the ``RoutingCoordinator`` for a prefill/decode pair chosen together from what every
+replica has cached (the KV index) and how loaded it is. A prefill replica computes the prompt
+and keeps its KV blocks; the decode replica loads them and generates, and the router streams
+its output back. Both calls are pinned to the chosen replicas (the ``pin`` keyword, honoured by
+``router.serve_router``); ``router.calls`` makes them, with deadlines and retries on other
+replicas. When the decode replica already caches most of the prompt, the prefill pool is
+saturated or unhealthy, or the request makes several engine requests (a list of prompts,
+n > 1, best_of > 1, beam search), the decode replica prefills locally and nothing moves; each
+such request is counted by reason (``GET /routing``, Ray metrics). The client sees a slower
+answer, not an error, unless no decode replica can serve it (503).
+
+Authentication (``IngressSettings.api_key``) covers /v1/* and /routing; /health stays open so
+that load balancers can probe it without a key.
 
 ``PDRouter`` is a plain class taking its two handles; ``deploy/`` mounts its methods on a
-FastAPI app (``ROUTES``) and makes it a Ray Serve deployment.
+FastAPI app (``ROUTES``, then ``router.openai_api.install_openapi``) and makes it a Ray Serve
+deployment.
 """
 
 from __future__ import annotations
@@ -25,29 +31,52 @@ import uuid
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
+from router.calls import CallLimits, ReplicaCalls
 from router.coordinator import CoordinatorSettings, get_coordinator
-from router.openai_api import APIError, parse_body, status_of
-from router.policy import RoutingContext
+from router.openai_api import (
+    APIError,
+    check_api_key,
+    check_chat_template,
+    check_token_ids,
+    is_batch,
+    parse_body,
+    read_body,
+)
 from router.tokenizing import PromptTokenizer
 
 logger = logging.getLogger(__name__)
 REFRESH_S = 2.0
 
 
+@dataclasses.dataclass(frozen=True)
+class IngressSettings:
+    """The ingress's own settings (``deploy.config.RouterConfig.ingress_settings()``)."""
+
+    api_key: str | None = dataclasses.field(default=None, repr=False)
+    max_request_bytes: int = 8 * 1024 * 1024
+    allow_request_chat_template: bool = False
+    decode_timeout_s: float = 600.0
+    decode_first_token_timeout_s: float = 120.0
+    decode_retries: int = 1
+
+
 class PDRouter:
     def __init__(self, prefill: Any, decode: Any, model_name: str, model_path: str,
                  max_model_len: int, prefill_timeout_s: float, prefill_retries: int,
-                 coordinator: dict[str, Any]) -> None:
+                 coordinator: dict[str, Any], ingress: dict[str, Any] | None = None) -> None:
+        self.settings = IngressSettings(**(ingress or {}))
         self._prefill = prefill
         self._decode = decode
         self._model_name = model_name
         self._max_model_len = max_model_len
-        self._prefill_timeout_s = prefill_timeout_s
-        self._prefill_retries = prefill_retries
         self._tokenizer = PromptTokenizer(model_path)
         self.coordinator = get_coordinator(CoordinatorSettings(**coordinator))
+        s = self.settings
+        self.calls = ReplicaCalls(prefill, decode, self.coordinator, CallLimits(
+            prefill_timeout_s, prefill_retries, s.decode_timeout_s,
+            s.decode_first_token_timeout_s, s.decode_retries))
         self._created = int(time.time())
         self._refresher: asyncio.Task | None = None
 
@@ -57,122 +86,83 @@ class PDRouter:
     async def chat_completions(self, request: Request) -> Response:
         return await self._serve("chat", request)
 
-    async def models(self) -> JSONResponse:
+    async def models(self, request: Request) -> JSONResponse:
+        try:
+            check_api_key(request.headers, self.settings.api_key)
+        except APIError as e:
+            return e.response()
         return JSONResponse({"object": "list", "data": [{
             "id": self._model_name, "object": "model", "created": self._created,
             "owned_by": "pdserve", "root": self._model_name,
             "max_model_len": self._max_model_len}]})
 
     async def health(self) -> Response:
+        """Open to everyone (no API key): load balancers probe it."""
         return Response(status_code=200)
 
-    async def routing_state(self) -> JSONResponse:
-        """What the router knows: replicas, their load, the KV index (for operators and tests)."""
+    async def routing_state(self, request: Request) -> JSONResponse:
+        """What the router knows: replicas, their load, the KV index, the fallbacks it took
+        (for operators and tests)."""
+        try:
+            check_api_key(request.headers, self.settings.api_key)
+        except APIError as e:
+            return e.response()
         c = self.coordinator
         with c.lock:
             index = dataclasses.asdict(c.index.stats())
         return JSONResponse({
-            "replicas": {role: {cand.replica_id: dataclasses.asdict(cand.load)
-                                for cand in c.candidates(role)} for role in ("prefill", "decode")},
+            "replicas": {role: {rid: dataclasses.asdict(load)
+                                for rid, load in c.replicas(role).items()}
+                         for role in ("prefill", "decode")},
             "event_fed": sorted(c.events.subscribed()), "index": index,
-            "num_events": c.events.num_events, "num_local_prefills": c.num_local_prefills})
+            "num_events": c.events.num_events, "kv_events": c.events.stats(),
+            **c.fallbacks()})
 
     async def _serve(self, kind: str, request: Request) -> Response:
         self._start_refreshing()
         try:
-            body = parse_body(await request.body(), kind, self._model_name)
+            body = await self._checked_body(kind, request)
         except APIError as e:
-            return JSONResponse(e.body, status_code=e.status)
-        token_ids = await asyncio.to_thread(self._tokenizer.token_ids, kind, body)
+            return e.response()
+        batch = is_batch(kind, body)
+        token_ids = None if batch else await asyncio.to_thread(
+            self._tokenizer.token_ids, kind, body)
         if kind == "completion" and token_ids is not None:
             body["prompt"] = token_ids  # the engines do not tokenize again
         ctx = self.coordinator.context(uuid.uuid4().hex, token_ids)
+        if batch:
+            # Several engine requests: prefilled on the decode replica, never one transfer id
+            # for several requests. Splitting them into one prefill and one transfer per
+            # prompt would go here (a fan-out over self.calls.prefill, one ctx per prompt).
+            decode = self.coordinator.choose_decode(ctx)
+            self.coordinator.count_local_prefill("batch")
+            return await self.calls.decode(kind, body, None, ctx,
+                                           decode.replica_id if decode else None, [])
         choice = self.coordinator.choose(ctx)
-        decode_pin = choice.decode.replica_id if choice else None
-        used = [decode_pin] if decode_pin else []
         kv_params = None
+        used: list[str] = []
         if choice is None or not choice.is_local_prefill:
-            prefill_pin = choice.prefill.replica_id if choice else None
-            kv_params = await self._run_prefill(kind, body, token_ids, ctx, prefill_pin, used)
+            prefill_body = body if token_ids is None else \
+                {"model": body.get("model"), "prompt": token_ids}  # prefill needs only tokens
+            kv_params = await self.calls.prefill(
+                "completion" if token_ids is not None else kind, prefill_body, ctx,
+                choice.prefill.replica_id if choice else None, used)
             if isinstance(kv_params, Response):
-                return kv_params
-        if body.get("stream"):
-            return await self._stream(kind, body, kv_params, decode_pin, ctx, used)
-        try:
-            result = await self._decode.generate.remote(kind, body, kv_params, pin=decode_pin)
-        finally:
-            self.coordinator.done(ctx, used)
-        return JSONResponse(result, status_code=status_of(result))
-
-    async def _run_prefill(self, kind: str, body: dict[str, Any], token_ids: list[int] | None,
-                           ctx: RoutingContext, pin: str | None, used: list[str]
-                           ) -> dict[str, Any] | Response | None:
-        """Transfer parameters, a client error to return as is, or None to prefill on decode."""
-        if token_ids is not None:  # prefill only needs the prompt's tokens
-            kind, body = "completion", {"model": body.get("model"), "prompt": token_ids}
-        for _ in range(1 + self._prefill_retries):
-            result = await self._prefill_once(kind, body, pin)
-            if isinstance(result, Response):
-                return result
-            if result is not None:
-                if pin is not None:
-                    used.append(pin)
-                return result
-            if pin is not None:
-                self.coordinator.mark_failed(pin)
-            retry = self.coordinator.choose_prefill(ctx)
-            if retry is None:
-                break
-            pin = retry.replica_id
-        self.coordinator.count_local_prefill()
-        return None
-
-    async def _prefill_once(self, kind: str, body: dict[str, Any],
-                            pin: str | None) -> dict[str, Any] | Response | None:
-        transfer_id = uuid.uuid4().hex
-        response = self._prefill.prefill.remote(kind, body, transfer_id, pin=pin)
-        try:
-            result = await asyncio.wait_for(response, self._prefill_timeout_s)
-        except asyncio.CancelledError:
-            response.cancel()  # the client went away: abort the prefill too
-            raise
-        except Exception as e:  # replica died, timed out, or the call failed
-            response.cancel()
-            logger.warning("prefill %s on %s failed (%s: %s)", transfer_id, pin,
-                           type(e).__name__, e)
-            return None
-        status = status_of(result)
-        if 400 <= status < 500:
-            return JSONResponse(result, status_code=status)
-        if status != 200 or not result.get("kv_transfer_params"):
-            logger.warning("prefill %s on %s answered %s", transfer_id, pin, result)
-            return None
-        return result["kv_transfer_params"]
-
-    async def _stream(self, kind: str, body: dict[str, Any], kv_params: dict[str, Any] | None,
-                      pin: str | None, ctx: RoutingContext, used: list[str]) -> Response:
-        gen = self._decode.options(stream=True).generate_stream.remote(
-            kind, body, kv_params, pin=pin)
-        try:
-            first = await gen.__anext__()
-        except StopAsyncIteration:
-            self.coordinator.done(ctx, used)
-            return JSONResponse({"error": {"message": "empty stream", "type": "InternalError",
-                                           "param": None, "code": 500}}, status_code=500)
-        if isinstance(first, dict):
-            self.coordinator.done(ctx, used)
-            return JSONResponse(first, status_code=status_of(first))
-
-        async def sse():
-            try:
-                yield first
-                async for chunk in gen:
-                    yield chunk
-            finally:
-                gen.cancel()  # a client that went away must not leave the request running
                 self.coordinator.done(ctx, used)
+                return kv_params
+        return await self.calls.decode(kind, body, kv_params, ctx,
+                                       choice.decode.replica_id if choice else None, used)
 
-        return StreamingResponse(sse(), media_type="text/event-stream")
+    async def _checked_body(self, kind: str, request: Request) -> dict[str, Any]:
+        """The request's body, checked; raises ``APIError`` (401, 413, 400, 404)."""
+        s = self.settings
+        check_api_key(request.headers, s.api_key)
+        body = parse_body(await read_body(request, s.max_request_bytes), kind, self._model_name)
+        if kind == "chat":
+            check_chat_template(body, s.allow_request_chat_template)
+        else:
+            check_token_ids(body, self._tokenizer.vocab_size)
+        return body
 
     def _start_refreshing(self) -> None:
         """Keep the coordinator's replica view fresh while idle: a cheap call through each

@@ -4,8 +4,11 @@
 of both pools with their load, and the joint prefill/decode choice (``router.pairing``). The
 Ray Serve request routers of the prefill and decode handles report the replicas they see
 (``observe``) and send a request where the coordinator pinned it; the ingress asks it for a
-pair per request (``choose``) and reports failures (``mark_failed``) and completions
-(``done``).
+pair per request (``choose``), another replica after a failure (``choose_prefill``,
+``choose_decode``), and reports failures (``mark_failed``), fallbacks (``count_local_prefill``,
+``count_decode_retry``) and completions (``done``). A replica whose call failed is left out of
+both choices (``router.health``) for ``failed_replica_s`` (``busy_replica_s`` after a 503), or
+until Ray Serve stops listing it.
 
 Everything here runs on the ingress event loop, except the event subscriber's thread, which
 touches the index only under ``lock``.
@@ -20,6 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from router.health import Degradations, ReplicaHealth
 from router.kvindex import KVIndex, hash_token_blocks
 from router.metrics import RouterMetrics
 from router.pairing import PairChoice, PairingSettings, PairSelector
@@ -40,6 +44,7 @@ class CoordinatorSettings:
     pairing: dict[str, Any] = dataclasses.field(default_factory=dict)
     guess_ttl_s: float = 120.0
     failed_replica_s: float = 30.0
+    busy_replica_s: float = 1.0
 
 
 class RoutingCoordinator:
@@ -57,10 +62,11 @@ class RoutingCoordinator:
         )
         self._loads: dict[str, dict[str, ReplicaLoad]] = {role: {} for role in ROLES}
         self._endpoints: dict[str, dict[str, str]] = {role: {} for role in ROLES}
-        self._failed_until: dict[str, float] = {}
-        self.num_local_prefills = 0
+        self._replay_endpoints: dict[str, dict[str, str]] = {role: {} for role in ROLES}
+        self.health = ReplicaHealth()
         self.metrics = RouterMetrics()
-        self._num_events_reported = 0
+        self.degradations = Degradations(self.metrics)
+        self._events_reported: dict[str, int] = {}
 
     # -- what the request routers report ------------------------------------------------------
 
@@ -69,16 +75,18 @@ class RoutingCoordinator:
         from router.serve_router import load_of
 
         before = set(self._loads[role])
+        self.health.forget_missing(role, set(replicas))
         self._loads[role] = {rid: load_of(stats) for rid, stats in replicas.items()}
-        self._endpoints[role] = {rid: stats["kv_events_endpoint"]
-                                 for rid, stats in replicas.items()
-                                 if stats and stats.get("kv_events_endpoint")}
+        self._endpoints[role] = _stats_field(replicas, "kv_events_endpoint")
+        self._replay_endpoints[role] = _stats_field(replicas, "kv_events_replay_endpoint")
         if set(replicas) != before:
             self._policy(role).on_replicas_changed(frozenset(replicas))
             with self.lock:
                 for gone in before - set(replicas):
                     self.index.remove_replica(gone)
-        self.events.sync({**self._endpoints["prefill"], **self._endpoints["decode"]})
+        self.events.sync({**self._endpoints["prefill"], **self._endpoints["decode"]},
+                         replay_endpoints={**self._replay_endpoints["prefill"],
+                                           **self._replay_endpoints["decode"]})
         self._report()
 
     def _report(self) -> None:
@@ -87,9 +95,12 @@ class RoutingCoordinator:
             stats = self.index.stats()
         self.metrics.index(stats.num_blocks, len(stats.event_fed_replicas),
                            len(stats.guessed_replicas))
-        num_events = self.events.num_events
-        self.metrics.events(num_events - self._num_events_reported)
-        self._num_events_reported = num_events
+        from router.metrics import EVENT_OUTCOMES
+
+        totals = {outcome: getattr(self.events, name) for outcome, name in EVENT_OUTCOMES.items()}
+        self.metrics.events({outcome: total - self._events_reported.get(outcome, 0)
+                             for outcome, total in totals.items()})
+        self._events_reported = totals
 
     # -- what the ingress asks ----------------------------------------------------------------
 
@@ -105,36 +116,79 @@ class RoutingCoordinator:
             ctx.cached_tokens = {rid: n * block_size for rid, n in matched.items()}
         return ctx
 
-    def candidates(self, role: str) -> list[Candidate]:
+    def candidates(self, role: str, exclude: Sequence[str | None] = ()) -> list[Candidate]:
+        """The live, healthy replicas of ``role``, but ``exclude``."""
         now = time.monotonic()
         return [Candidate(rid, load) for rid, load in self._loads[role].items()
-                if self._failed_until.get(rid, 0.0) <= now]
+                if rid not in exclude and self.health.is_healthy(rid, now)]
+
+    def replicas(self, role: str) -> dict[str, ReplicaLoad]:
+        """Every replica of ``role`` Ray Serve lists, failed or not, with its load."""
+        return dict(self._loads[role])
+
+    def is_healthy(self, replica_id: str) -> bool:
+        return self.health.is_healthy(replica_id)
 
     def choose(self, ctx: RoutingContext) -> PairChoice | None:
-        """The pair for this request; None while no decode replica is known yet."""
+        """The pair for this request; None while no healthy decode replica is known."""
         decode = self.candidates("decode")
         if not decode:
             return None
-        choice = self.pairs.select(self.candidates("prefill"), decode, ctx)
+        prefill = self.candidates("prefill")
+        choice = self.pairs.select(prefill, decode, ctx)
         if choice.is_local_prefill:
-            self.count_local_prefill()
+            self.count_local_prefill("policy" if prefill else "no_prefill_replica")
         else:
             self.metrics.decision("transfer")
         return choice
 
-    def count_local_prefill(self) -> None:
-        """A request is prefilled on its decode replica (chosen so, or no prefill succeeded)."""
-        self.num_local_prefills += 1
+    def count_local_prefill(self, reason: str) -> None:
+        """A request is prefilled on its decode replica, for ``reason``
+        (``router.health.LOCAL_PREFILL_REASONS``)."""
+        self.degradations.local_prefill(reason)
         self.metrics.decision("local")
 
-    def choose_prefill(self, ctx: RoutingContext) -> Candidate | None:
-        """Another prefill replica for a retry (failed ones are left out)."""
-        prefill = self.candidates("prefill")
+    def count_decode_retry(self) -> None:
+        self.degradations.decode_retry()
+
+    @property
+    def num_local_prefills(self) -> int:
+        return sum(self.degradations.local_prefills.values())
+
+    def choose_prefill(self, ctx: RoutingContext,
+                       exclude: Sequence[str | None] = ()) -> Candidate | None:
+        """Another prefill replica for a retry (failed ones and ``exclude`` are left out)."""
+        prefill = self.candidates("prefill", exclude)
         return self.pairs.prefill_policy.select(prefill, ctx) if prefill else None
 
-    def mark_failed(self, replica_id: str) -> None:
-        self._failed_until[replica_id] = time.monotonic() + self.settings.failed_replica_s
+    def choose_decode(self, ctx: RoutingContext,
+                      exclude: Sequence[str | None] = ()) -> Candidate | None:
+        """A decode replica (for a request that skips the pairing, or a retry)."""
+        decode = self.candidates("decode", exclude)
+        return self.pairs.decode_policy.select(decode, ctx) if decode else None
+
+    def mark_failed(self, role: str, replica_id: str, reason: str, is_busy: bool = False) -> None:
+        """A call to ``replica_id`` failed (``is_busy``: it answered 503, which leaves it out
+        only for ``busy_replica_s``)."""
+        was_healthy = self.health.is_healthy(replica_id)
+        period_s = self.settings.busy_replica_s if is_busy else self.settings.failed_replica_s
+        self.health.leave_out(role, replica_id, period_s)
         self.metrics.decision("retry")
+        if is_busy:
+            return
+        self.degradations.replica_failure(role)
+        if was_healthy:
+            logger.warning("%s replica %s failed (%s): left out for %.0f s", role, replica_id,
+                           reason, period_s)
+
+    def fallbacks(self) -> dict[str, Any]:
+        """What ``GET /routing`` shows of the router's fallbacks and left-out replicas."""
+        d = self.degradations
+        return {"local_prefills": dict(d.local_prefills),
+                "num_local_prefills": self.num_local_prefills,
+                "decode_retries": d.num_decode_retries,
+                "replica_failures": dict(d.replica_failures),
+                "failed_replicas": self.health.left_out()}
 
     def done(self, ctx: RoutingContext, replica_ids: Sequence[str]) -> None:
         """The request finished on ``replica_ids``: record guesses for replicas without events."""
@@ -149,6 +203,11 @@ class RoutingCoordinator:
 
     def _policy(self, role: str) -> RoutingPolicy:
         return self.pairs.prefill_policy if role == "prefill" else self.pairs.decode_policy
+
+
+def _stats_field(replicas: dict[str, dict[str, Any] | None], name: str) -> dict[str, str]:
+    """``replica_id -> stats[name]`` for the replicas whose routing stats have it."""
+    return {rid: stats[name] for rid, stats in replicas.items() if stats and stats.get(name)}
 
 
 _coordinator: RoutingCoordinator | None = None

@@ -1,23 +1,76 @@
 """The OpenAI surface the router checks before anything reaches an engine.
 
 Every rejection is an OpenAI-style error body with a 4xx status (vLLM's own shape:
-``{"error": {"message", "type", "param", "code"}}``), never a 500.
+``{"error": {"message", "type", "param", "code"}}``), never a 500. In the order the ingress
+applies them: the API key (``check_api_key``), the body size (``read_body``), the body itself
+(``parse_body``), a request-supplied chat template (``check_chat_template``), token ids outside
+the vocabulary (``check_token_ids``). ``install_openapi`` makes the app's OpenAPI schema
+describe the request bodies with vLLM's own models.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from cluster.engine import error_body, request_model
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+# (path, request kind) of the routes whose request body the OpenAPI schema describes.
+BODY_ROUTES = (("/v1/completions", "completion"), ("/v1/chat/completions", "chat"))
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "BadRequestError",
-                 param: str | None = None) -> None:
+                 param: str | None = None, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.body = error_body(status, message, type_, param)
+        self.headers = dict(headers or {})
+
+    def response(self) -> JSONResponse:
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse(self.body, status_code=self.status, headers=self.headers)
+
+
+def check_api_key(headers: Mapping[str, str], api_key: str | None) -> None:
+    """Raise a 401 unless ``headers`` carry ``Authorization: Bearer <api_key>`` (no key: no
+    check). The key is compared in constant time and never appears in a message."""
+    if api_key is None:
+        return
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), api_key.encode()):
+        raise APIError(401, "Missing or invalid API key: send `Authorization: Bearer <key>`.",
+                       "AuthenticationError", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, or a 413 as soon as it exceeds ``max_bytes`` (Content-Length is
+    checked before anything is read)."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.strip().isdigit():
+            raise APIError(400, f"invalid Content-Length header {length[:32]!r}")
+        if int(length) > max_bytes:
+            raise APIError(413, _too_large(max_bytes), "RequestTooLargeError")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise APIError(413, _too_large(max_bytes), "RequestTooLargeError")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(max_bytes: int) -> str:
+    return f"request body larger than {max_bytes} bytes"
 
 
 def parse_body(raw: bytes, kind: str, model_name: str) -> dict[str, Any]:
@@ -42,6 +95,11 @@ def parse_body(raw: bytes, kind: str, model_name: str) -> dict[str, Any]:
                        param=param) from None
     except VLLMClientError as e:
         raise APIError(400, str(e), param=getattr(e, "parameter", None)) from None
+    except (TypeError, AttributeError, KeyError, IndexError) as e:
+        # vLLM's own validators crash on some wrongly typed fields (``structured_outputs:
+        # true``): still the client's error, never a 500.
+        raise APIError(400, f"request body could not be validated ({type(e).__name__}: "
+                       f"{str(e)[:200]})") from None
     if kind == "completion" and _is_empty_prompt(body.get("prompt")):
         raise APIError(400, "prompt must not be empty", param="prompt")
     model = body.get("model")
@@ -68,3 +126,74 @@ def status_of(body: Any) -> int:
         code = body["error"].get("code")
         return code if isinstance(code, int) and 400 <= code < 600 else 500
     return 200
+
+
+def check_chat_template(body: dict[str, Any], allowed: bool) -> None:
+    """Refuse a request-supplied chat template unless ``allowed`` (vLLM's
+    ``--trust-request-chat-template``): a template is code the server would run."""
+    if allowed:
+        return
+    kwargs = body.get("chat_template_kwargs")
+    if body.get("chat_template") is not None or (
+            isinstance(kwargs, dict) and kwargs.get("chat_template") is not None):
+        raise APIError(400, "a chat template in the request is refused: the server does not "
+                       "trust request chat templates", param="chat_template")
+
+
+def check_token_ids(body: dict[str, Any], vocab_size: int) -> None:
+    """A completion prompt given as token ids must stay inside the vocabulary."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, list):
+        return
+    lists = [p for p in prompt if isinstance(p, list)] or [prompt]
+    for ids in lists:
+        for token_id in ids:
+            if isinstance(token_id, int) and not 0 <= token_id < vocab_size:
+                raise APIError(400, f"token id {token_id} is outside the vocabulary "
+                               f"(0 to {vocab_size - 1})", param="prompt")
+
+
+def is_batch(kind: str, body: dict[str, Any]) -> bool:
+    """Whether the request makes several engine requests: several prompts, n > 1,
+    best_of > 1, or beam search. One transfer id cannot serve them."""
+    prompt = body.get("prompt")
+    if kind == "completion" and isinstance(prompt, list) and len(prompt) > 1 and \
+            all(isinstance(p, (str, list)) for p in prompt):
+        return True
+    return any(isinstance(body.get(f), int) and body[f] > 1 for f in ("n", "best_of")) or \
+        body.get("use_beam_search") is True
+
+
+def request_body_schemas() -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """``({path: requestBody}, component schemas)`` from vLLM's own request models."""
+    bodies: dict[str, dict[str, Any]] = {}
+    components: dict[str, Any] = {}
+    for path, kind in BODY_ROUTES:
+        model = request_model(kind)
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        if kind == "completion":  # vLLM's validator: one of them must be given
+            schema["anyOf"] = [{"required": ["prompt"]}, {"required": ["prompt_embeds"]}]
+        components[model.__name__] = schema
+        bodies[path] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+    return bodies, components
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Make ``app.openapi()`` (served at /openapi.json) describe the request bodies of the
+    POST routes, which read their raw body; built on first use (it imports vLLM)."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            bodies, components = request_body_schemas()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+            for path, body in bodies.items():
+                if "post" in schema.get("paths", {}).get(path, {}):
+                    schema["paths"][path]["post"]["requestBody"] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -5,7 +5,8 @@ deployment and the pending request. It reports the replicas and their load (each
 ``record_routing_stats``) to the ingress's ``RoutingCoordinator``, and sends the request to the
 replica the coordinator pinned it to (the call's ``pin`` keyword). A request without a pin, or
 pinned to a replica that is gone, goes where the pool's own policy (``request_router_kwargs``)
-sends it.
+sends it, among the replicas the coordinator does not leave out as failed (all of them when it
+leaves out every one: better a try than no answer).
 """
 
 from __future__ import annotations
@@ -55,5 +56,8 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
             self._policy.on_replicas_changed(ids)
         request_id = pending_request.metadata.request_id if pending_request else ""
         candidates = [Candidate(rid, load_of(r.routing_stats)) for rid, r in by_id.items()]
+        if coordinator is not None:
+            candidates = [c for c in candidates
+                          if coordinator.is_healthy(c.replica_id)] or candidates
         choice = self._policy.select(candidates, RoutingContext(request_id=request_id))
         return [[by_id[choice.replica_id]]]

@@ -4,7 +4,8 @@ The router routes on token ids (the KV index is keyed on token blocks) and passe
 a completion's prefill and decode engines do not tokenize again. A chat request is rendered
 with the model's chat template the way vLLM renders it (template to text, then tokens without
 special tokens); its prefill runs on those ids, and the decode engine's own rendering is
-checked against them by the connector (``prompt_hash``).
+checked against them by the connector (``prompt_hash``). ``vocab_size`` (the model config's,
+else the tokenizer's) bounds the token ids a client may send.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class PromptTokenizer:
         from transformers import AutoTokenizer
 
         self._tok = AutoTokenizer.from_pretrained(model)
+        self.vocab_size = _vocab_size(model, len(self._tok))
 
     def token_ids(self, kind: str, body: dict[str, Any]) -> list[int] | None:
         """The prompt's token ids, or None when the request has no single prompt to route on
@@ -34,6 +36,8 @@ class PromptTokenizer:
 
     def _completion_ids(self, body: dict[str, Any]) -> list[int] | None:
         prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a list of one prompt is that prompt
         if isinstance(prompt, str):
             return self._tok.encode(prompt, add_special_tokens=body.get("add_special_tokens",
                                                                           True))
@@ -45,9 +49,26 @@ class PromptTokenizer:
         messages = body.get("messages") or []
         if not all(isinstance(m.get("content"), str) for m in messages):
             return None
+        template = {"chat_template": body["chat_template"]} if body.get("chat_template") else {}
         text = self._tok.apply_chat_template(
-            messages, tokenize=False,
+            messages, tokenize=False, **template,
             add_generation_prompt=body.get("add_generation_prompt", True),
             continue_final_message=body.get("continue_final_message", False),
             **(body.get("chat_template_kwargs") or {}))
         return self._tok.encode(text, add_special_tokens=body.get("add_special_tokens", False))
+
+
+def _vocab_size(model: str, tokenizer_size: int) -> int:
+    """The model config's ``vocab_size`` (what the engine's embedding holds), else the
+    tokenizer's size."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if isinstance(getattr(text_config, "vocab_size", None), int):
+            return text_config.vocab_size
+    except Exception as e:  # no config.json: the tokenizer knows its own size
+        logger.warning("no vocab_size in %s's config (%s); using the tokenizer's %d", model, e,
+                       tokenizer_size)
+    return tokenizer_size

@@ -12,7 +12,8 @@ Hashing (the request path)
 Queries (the request path)
     ``KVIndex.match(block_hashes) -> dict[replica_id, num_leading_blocks]``: longest cached prefix
     per replica; replicas holding none are absent. Read-only apart from expiring old guesses.
-    ``num_blocks``, ``num_blocks_of(replica_id)``, ``stats()``, ``estimate_memory_bytes()``.
+    ``num_blocks``, ``num_blocks_of(replica_id)``, ``chains_of(replica_id)``, ``stats()``,
+    ``estimate_memory_bytes()``.
 
 Engine events (the event subscriber; one call per event, in publication order per replica)
     ``apply(replica_id, event)`` with ``StoredBlocks`` / ``RemovedBlocks`` / ``AllCleared``, the
@@ -22,6 +23,10 @@ Engine events (the event subscriber; one call per event, in publication order pe
     block whose parent the index never saw is dropped and counted (``stats().num_orphan_blocks``).
     ``insert(replica_id, block_hashes)`` / ``remove(replica_id, block_hashes)`` are the same
     updates given the index's own hashes (a chain from the root).
+
+Event order (the event subscriber, per replica; ``stream.py``)
+    ``ReplicaStream`` turns a publisher's numbered batches into actions (apply a batch, drop the
+    replica's entries, ask for a replay): gaps, restarts and replays decided without sockets.
 
 Fallback for replicas that publish no events (the router, after each routing decision)
     ``record_routed(replica_id, block_hashes, ttl_s)``: guess the replica now holds the prompt;

@@ -39,6 +39,7 @@ class IndexStats:
     guessed_replicas: tuple[str, ...]
     num_orphan_blocks: int  # stored blocks dropped: their parent was unknown to the index
     num_ignored_events: int  # events about media the index does not track (CPU, storage)
+    num_blocks_by_replica: dict[str, int]  # distinct blocks each registered replica holds
 
 
 class KVIndex:
@@ -179,6 +180,12 @@ class KVIndex:
         rep = self._replicas.get(replica_id)
         return 0 if rep is None else rep.num_blocks
 
+    def chains_of(self, replica_id: str) -> frozenset[int]:
+        """The chained hashes of the blocks a replica holds (empty for an unknown replica)."""
+        self._expire(self._clock())
+        rep = self._replicas.get(replica_id)
+        return frozenset() if rep is None else frozenset(rep.chains())
+
     def stats(self) -> IndexStats:
         self._expire(self._clock())
         reps = self._replicas.values()
@@ -189,6 +196,7 @@ class KVIndex:
             guessed_replicas=tuple(r.replica_id for r in reps if r.mode is ReplicaMode.GUESSED),
             num_orphan_blocks=self._num_orphan_blocks,
             num_ignored_events=self._num_ignored_events,
+            num_blocks_by_replica={r.replica_id: r.num_blocks for r in reps},
         )
 
     def estimate_memory_bytes(self) -> int:

@@ -73,8 +73,8 @@ def corrupt_held_blocks(worker: Any, transfer_id: str) -> int:
 
     side = get_kv_transfer_group().worker_side
     hold = side.holds._holds[transfer_id]
-    caches = side.producer._kv_caches
-    for layout in side.producer._layout.layers:
+    caches = side.producer.kv_caches
+    for layout in side.producer.layout.layers:
         tensor = caches[layout.name]
         index = torch.tensor(hold.block_ids, dtype=torch.long)
         noise = torch.randn_like(tensor.index_select(layout.block_dim, index)) * 10

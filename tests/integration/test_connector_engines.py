@@ -8,7 +8,6 @@ import uuid
 import pytest
 
 from cluster.engine import OpenAIEngine, kv_transfer_config
-from cluster.ports import free_port_block
 from tests.integration.support import (
     bytes_per_block,
     completion_body,
@@ -23,10 +22,10 @@ LEASE_S = 4.0
 
 @pytest.fixture(scope="module")
 async def engines(engine_config):
-    port = free_port_block("127.0.0.1", 1)
     extra = {"host": "127.0.0.1", "lease_s": LEASE_S, "timeout_s": 10, "unknown_retry_s": 1}
+    # Port 0: the prefill worker binds a free port and reports it through vLLM's handshake.
     prefill = await OpenAIEngine.start(
-        engine_config, kv_transfer_config("kv_producer", {**extra, "port": port}), "0",
+        engine_config, kv_transfer_config("kv_producer", {**extra, "port": 0}), "0",
         kv_events_host="127.0.0.1")
     decode = await OpenAIEngine.start(
         engine_config, kv_transfer_config("kv_consumer", extra), "1")
@@ -53,6 +52,8 @@ async def test_parity_and_real_transfer(engines, engine_config, vocab_size, refe
         body = completion_body(engine_config, prompt)
         params, out = await prefill_then_decode(prefill, decode, body)
         assert len(params["remote_block_ids"]) == num_blocks(len(prompt), engine_config)
+        ports = params["remote_ports"]
+        assert len(ports) == 1 and 0 < ports[0] < 65536 and "remote_port" not in params
         expected_bytes += len(params["remote_block_ids"]) * bytes_per_block(
             engine_config.model, engine_config)
         if out["choices"][0]["text"] != await reference_outputs(body):
@@ -172,3 +173,54 @@ async def test_index_follows_real_kv_events(engines, engine_config, vocab_size):
             assert index.match(other_hashes) == {"prefill-0": len(other_hashes)}
     finally:
         subscriber.close()
+
+
+async def test_two_prompts_with_one_transfer_id_do_not_kill_the_prefill_engine(
+        engines, engine_config, vocab_size, reference_outputs):
+    """One set of transfer parameters sent with a list of two prompts used to kill the prefill
+    EngineCore ("transfer ... is already held"): now the second hold is refused, its blocks
+    freed at once, and the engine keeps serving."""
+    prefill, decode = engines
+    assert await wait_until(lambda: prefill.stats.kv_usage == 0.0)
+    prompts = make_prompts(engine_config, vocab_size, seed=9)
+    both = [prompts[9], prompts[10]]
+    first = await prefill.call("completion", {
+        **completion_body(engine_config, both), "max_tokens": 1,
+        "kv_transfer_params": {"do_remote_decode": True, "transfer_id": uuid.uuid4().hex}})
+    assert "error" not in first, first
+    assert len(first["choices"]) == 2
+    # The engine still serves, and a transfer still works end to end.
+    body = completion_body(engine_config, prompts[11])
+    _, out = await prefill_then_decode(prefill, decode, body)
+    assert out["choices"][0]["text"] == await reference_outputs(body)
+    # The refused duplicate did not stay held: only the one accepted hold waits for its lease.
+    assert await wait_until(lambda: prefill.stats.kv_usage == 0.0, timeout_s=LEASE_S + 10)
+
+
+async def test_n2_on_decode_loads_the_transfer_once(engines, engine_config, vocab_size,
+                                                    reference_outputs):
+    """vLLM fans n=2 out into two requests with the same transfer parameters: one loads, the
+    other waits and then finds the loaded blocks in the prefix cache."""
+    prefill, decode = engines
+    prompt = make_prompts(engine_config, vocab_size, seed=10)[9]  # several blocks
+    body = completion_body(engine_config, prompt)
+    first = await prefill.call("completion", {**body, "max_tokens": 1, "kv_transfer_params": {
+        "do_remote_decode": True, "transfer_id": uuid.uuid4().hex}})
+    params = first["kv_transfer_params"]
+    before = dict(vars(decode.stats))
+    # vLLM refuses n > 1 with temperature 0; top_k=1 samples the argmax all the same.
+    out = await decode.call("completion", {**body, "n": 2, "temperature": 1.0, "top_k": 1,
+                                           "kv_transfer_params": params})
+    assert "choices" in out, out
+    expected = await reference_outputs(body)
+    assert [c["text"] for c in out["choices"]] == [expected, expected]
+    block_bytes = bytes_per_block(engine_config.model, engine_config)
+
+    def loaded_once():
+        s = decode.stats
+        return s.num_loads - before["num_loads"] == 1 and \
+            s.num_bytes_received - before["num_bytes_received"] == \
+            len(params["remote_block_ids"]) * block_bytes
+
+    assert await wait_until(loaded_once), (vars(decode.stats), before)
+    assert decode.stats.num_failed_loads == before["num_failed_loads"]

@@ -65,16 +65,25 @@ async def test_parity_one_at_a_time(app, client, engine_config, vocab_size, refe
         if r.json()["choices"][0]["text"] != await reference_outputs(body):
             mismatches.append(len(prompt))
     assert not mismatches, f"outputs differ for prompt lengths {mismatches}"
-    after = await replica_stats("decode")
-    assert after["prompt_tokens_computed"] - decode_before["prompt_tokens_computed"] <= len(
-        prompts)
-    assert after["num_bytes_received"] > decode_before["num_bytes_received"]
+    assert_all_loaded(decode_before, await replica_stats("decode"), len(prompts))
+
+
+def assert_all_loaded(before: dict, after: dict, num_requests: int) -> None:
+    """Every one of ``num_requests`` prompts was loaded by transfer, none recomputed."""
+    def delta(name: str) -> int:
+        return after[name] - before[name]
+
+    assert delta("num_loads") == num_requests, (before, after)
+    assert delta("num_failed_loads") == 0, (before, after)
+    assert delta("prompt_tokens_computed") <= num_requests, (before, after)
+    assert delta("num_bytes_received") > 0
 
 
 async def test_parity_under_concurrency(app, client, engine_config, vocab_size,
                                         reference_outputs, capsys):
     prompts = make_prompts(engine_config, vocab_size, seed=12)
     bodies = [completion_body(engine_config, p) for p in prompts]
+    decode_before = await replica_stats("decode")
     responses = await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     matches = [r.json()["choices"][0]["text"] == await reference_outputs(b)
@@ -83,7 +92,8 @@ async def test_parity_under_concurrency(app, client, engine_config, vocab_size,
     with capsys.disabled():
         print(f"\nexact-match rate under {len(bodies)} concurrent requests: "
               f"{sum(matches)}/{len(matches)} = {rate:.2f}")
-    assert rate >= 0.9
+    assert rate == 1.0
+    assert_all_loaded(decode_before, await replica_stats("decode"), len(bodies))
 
 
 BAD_BODIES = [
@@ -98,6 +108,8 @@ BAD_BODIES = [
     ("prompt too long", {"prompt": [5] * 1100, "max_tokens": 4}, 400),
     ("max_tokens beyond the context", {"prompt": "hi", "max_tokens": 5000}, 400),
     ("unknown model", {"model": "no-such-model", "prompt": "hi"}, 404),
+    ("token id outside the vocabulary", {"prompt": [5, 10**6], "max_tokens": 4}, 400),
+    ("negative token id", {"prompt": [5, -1], "max_tokens": 4}, 400),
 ]
 
 
@@ -117,7 +129,9 @@ async def test_bad_input_gets_openai_error(app, client, engine_config, case, bod
 async def test_bad_chat_input(app, client, engine_config):
     for body, status in [({"messages": "hello"}, 400), ({"messages": []}, 400),
                          ({"messages": [{"role": "user", "content": "x"}],
-                           "max_completion_tokens": 0}, 400)]:
+                           "max_completion_tokens": 0}, 400),
+                         ({"messages": [{"role": "user", "content": "x"}],
+                           "chat_template": "{{ 'injected' }}"}, 400)]:
         r = await client.post("/v1/chat/completions", json={"model": engine_config.name, **body})
         assert r.status_code == status, r.text
         assert r.json()["error"]["code"] == status
@@ -187,8 +201,9 @@ async def test_client_disconnect_frees_blocks(app, client, engine_config, vocab_
             num_chunks += line.startswith("data:")
             if num_chunks >= 3:
                 break
-    # The client has gone mid-stream: both replicas must drop the request and its blocks.
-    assert await wait_until(idle, timeout_s=30), [await replica_stats(r) for r in
+    # The client has gone mid-stream: both replicas must drop the request and its blocks,
+    # well before the lease (20 s) could free them.
+    assert await wait_until(idle, timeout_s=8), [await replica_stats(r) for r in
                                                   ("prefill", "decode")]
     # ... and it was stopped, not run to its end.
     generated = (await replica_stats("decode"))["generation_tokens_total"] - generated_before
@@ -215,3 +230,47 @@ async def test_chat_prompt_is_transferred_not_recomputed(app, client, engine_con
 async def _loaded(before: dict) -> dict | None:
     stats = await replica_stats("decode")
     return stats if stats["num_loads"] == before["num_loads"] + 1 else None
+
+
+async def test_several_prompts_and_n2(app, client, engine_config, reference_outputs):
+    """A list of prompts and ``n = 2`` give the plain engine's outputs, both engines stay
+    alive, and the next cold prompt is still transferred, not prefilled on decode."""
+    prompts = ["def hello():", "import os"]
+    r = await client.post("/v1/completions",
+                          json=completion_body(engine_config, prompts, max_tokens=4))
+    assert r.status_code == 200, r.text
+    texts = [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+    assert texts == [await reference_outputs(completion_body(engine_config, p, max_tokens=4))
+                     for p in prompts]
+    # vLLM refuses n > 1 with greedy sampling; top_k = 1 samples the greedy token.
+    body = completion_body(engine_config, "class Widget:", max_tokens=4, n=2, temperature=1.0,
+                           top_k=1)
+    r = await client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    expected = await reference_outputs(completion_body(engine_config, "class Widget:",
+                                                       max_tokens=4))
+    assert [c["text"] for c in r.json()["choices"]] == [expected, expected]
+    routing = (await client.get("/routing")).json()
+    assert routing["local_prefills"].get("batch", 0) >= 2, routing
+    before = await replica_stats("decode")
+    cold = completion_body(engine_config, "A cold prompt nobody has sent before. " * 6)
+    r = await client.post("/v1/completions", json=cold)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == await reference_outputs(cold)
+    assert_all_loaded(before, await replica_stats("decode"), 1)
+
+
+async def test_engine_listeners_bind_the_node_address(app):
+    """The transfer endpoint, its TCPStore and the KV-event sockets listen on the node's
+    address only, never on every interface."""
+    import psutil
+    import ray
+
+    host = ray.util.get_node_ip_address()
+    for role in ("prefill", "decode"):
+        actor = psutil.Process((await replica_stats(role))["pid"])
+        listeners = [c.laddr for p in actor.children(recursive=True)
+                     for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+        assert listeners, f"{role}: no listener found"
+        wide = [a for a in listeners if a.ip not in (host, "127.0.0.1")]
+        assert not wide, f"{role} engine listens on every interface: {wide}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from router.coordinator import CoordinatorSettings, RoutingCoordinator
@@ -49,16 +51,65 @@ def test_decode_holding_all_but_a_few_tokens_prefills_locally(coordinator) -> No
     choice = coordinator.choose(coordinator.context("r", PROMPT))
     assert choice.is_local_prefill and choice.decode.replica_id == "d0"
     assert coordinator.num_local_prefills == 1
+    assert coordinator.fallbacks()["local_prefills"] == {"policy": 1}
 
 
 def test_failed_prefill_replica_is_left_out(coordinator) -> None:
     store(coordinator, "p1", PROMPT[:32])
     ctx = coordinator.context("r", PROMPT)
-    coordinator.mark_failed("p1")
+    coordinator.mark_failed("prefill", "p1", "test")
     assert coordinator.choose_prefill(ctx).replica_id == "p0"
-    coordinator.mark_failed("p0")
+    coordinator.mark_failed("prefill", "p0", "test")
     assert coordinator.choose_prefill(ctx) is None
     assert coordinator.choose(ctx).is_local_prefill  # no prefill replica left
+    assert coordinator.fallbacks()["local_prefills"] == {"no_prefill_replica": 1}
+    assert coordinator.fallbacks()["replica_failures"] == {"prefill": 2}
+
+
+def test_failed_decode_replica_is_left_out_and_taken_back(coordinator, monkeypatch) -> None:
+    coordinator.observe("decode", {"d0": {}, "d1": {}})
+    ctx = coordinator.context("r", PROMPT)
+    coordinator.mark_failed("decode", "d0", "test")
+    assert [coordinator.choose(ctx).decode.replica_id for _ in range(5)] == ["d1"] * 5
+    assert coordinator.choose_decode(ctx, exclude=["d1"]) is None
+    left = coordinator.fallbacks()["failed_replicas"]["decode"]
+    assert set(left) == {"d0"} and 29 < left["d0"] <= 30
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + 31)  # the failed period is over
+    assert {c.replica_id for c in coordinator.candidates("decode")} == {"d0", "d1"}
+    assert coordinator.fallbacks()["failed_replicas"]["decode"] == {}
+
+
+def test_replaced_replica_is_forgotten(coordinator) -> None:
+    coordinator.mark_failed("decode", "d0", "test")
+    assert coordinator.choose(coordinator.context("r", PROMPT)) is None  # no healthy decode
+    coordinator.observe("decode", {"d9": {}})  # Ray Serve replaced d0 by d9
+    assert coordinator.fallbacks()["failed_replicas"]["decode"] == {}
+    assert coordinator.choose(coordinator.context("r", PROMPT)).decode.replica_id == "d9"
+    coordinator.observe("decode", {"d0": {}, "d9": {}})  # d0 listed again: not left out
+    assert {c.replica_id for c in coordinator.candidates("decode")} == {"d0", "d9"}
+
+
+def test_busy_replica_is_left_out_briefly_and_not_counted_failed(coordinator) -> None:
+    coordinator.mark_failed("prefill", "p0", "503", is_busy=True)
+    left = coordinator.fallbacks()["failed_replicas"]["prefill"]["p0"]
+    assert 0 < left <= coordinator.settings.busy_replica_s
+    assert coordinator.fallbacks()["replica_failures"] == {}
+
+
+def test_each_degradation_is_logged_once(coordinator, caplog) -> None:
+    for _ in range(3):
+        coordinator.count_local_prefill("busy")
+        coordinator.count_local_prefill("policy")
+        coordinator.count_decode_retry()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert sum("reason busy" in m for m in warnings) == 1
+    assert sum("retried" in m for m in warnings) == 1
+    assert not any("policy" in m for m in warnings)
+    assert coordinator.fallbacks()["local_prefills"] == {"busy": 3, "policy": 3}
+    assert coordinator.fallbacks()["decode_retries"] == 3
+    with pytest.raises(ValueError):
+        coordinator.count_local_prefill("tired")
 
 
 def test_no_decode_replica_means_no_choice_yet() -> None:

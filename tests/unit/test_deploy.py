@@ -41,3 +41,68 @@ def test_build_app_rejects_disagreeing_pools() -> None:
 
     with pytest.raises(ValueError, match="block_size"):
         build_app({"decode": {"engine": {"block_size": 64}}})
+
+
+def _bound(app) -> tuple:
+    router = app._bound_deployment
+    prefill, decode = (arg._bound_deployment for arg in router.init_args[:2])
+    return router, prefill, decode
+
+
+def _secret_of(deployment) -> str | None:
+    runtime_env = (deployment.ray_actor_options or {}).get("runtime_env") or {}
+    return runtime_env.get("env_vars", {}).get("PDSERVE_KV_SECRET")
+
+
+def test_each_build_makes_a_secret_only_the_pool_replicas_get(monkeypatch, caplog) -> None:
+    import json
+    import logging
+
+    from deploy.app import build_app
+
+    monkeypatch.delenv("PDSERVE_KV_SECRET", raising=False)
+    with caplog.at_level(logging.DEBUG):
+        router, prefill, decode = _bound(build_app({}))
+    secret = _secret_of(prefill)
+    assert secret is not None and len(secret) == 64 and int(secret, 16) >= 0
+    assert _secret_of(decode) == secret and _secret_of(router) is None
+    # Not in any replica's init arguments (the config dict), nor in any log line.
+    for deployment in (router, prefill, decode):
+        args = json.dumps([a for a in deployment.init_args if isinstance(a, (dict, str))],
+                          default=str)
+        assert secret not in args
+    assert secret not in caplog.text
+    assert _secret_of(_bound(build_app({}))[1]) != secret  # one per deployment
+
+
+def test_a_secret_set_in_the_environment_is_used(monkeypatch) -> None:
+    from deploy.app import build_app
+
+    monkeypatch.setenv("PDSERVE_KV_SECRET", "my-operator-secret-0123456789")
+    _, prefill, decode = _bound(build_app({}))
+    assert _secret_of(prefill) == _secret_of(decode) == "my-operator-secret-0123456789"
+
+
+def test_every_kv_transfer_field_reaches_the_connector_with_port_0() -> None:
+    from deploy.app import connector_extra
+    from deploy.config import KVTransferConfig
+    from kvtransfer.settings import ConnectorSettings
+
+    cfg = PDConfig.model_validate({"kv_transfer": {"lease_s": 7, "max_held_blocks": 9}})
+    extra = connector_extra(cfg, "10.0.0.5")
+    assert set(KVTransferConfig.model_fields) <= set(extra)
+    assert (extra["host"], extra["port"], extra["lease_s"], extra["max_held_blocks"]) == (
+        "10.0.0.5", 0, 7, 9)
+    settings = ConnectorSettings.from_extra_config(extra)  # every name is the connector's
+    assert settings.max_held_blocks == 9
+
+
+def test_pool_deployments_are_health_checked_often() -> None:
+    from deploy.app import GRACEFUL_SHUTDOWN_TIMEOUT_S, HEALTH_CHECK_PERIOD_S, build_app
+
+    _, prefill, decode = _bound(build_app({}))
+    for deployment in (prefill, decode):
+        config = deployment._deployment_config
+        assert config.health_check_period_s == HEALTH_CHECK_PERIOD_S <= 2
+        assert config.health_check_timeout_s > 5  # longer than one worker probe may wait
+        assert config.graceful_shutdown_timeout_s == GRACEFUL_SHUTDOWN_TIMEOUT_S

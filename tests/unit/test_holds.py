@@ -1,4 +1,5 @@
-"""The prefill side's HoldTable: HELD -> SENDING -> SENT -> released, leases, bad pulls."""
+"""The prefill side's HoldTable: HELD -> SENDING -> SENT -> released, leases, claims, bad pulls
+and the error codes a refused pull gets."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import threading
 import pytest
 
 from kvtransfer.holds import HoldError, HoldTable
+from kvtransfer.protocol import ErrorCode
 
 LEASE_S = 30.0
 
@@ -59,15 +61,17 @@ def test_start_send_returns_the_requested_range(
 def test_out_of_range_pull_raises_and_keeps_the_hold(
     table: HoldTable, first: int, count: int
 ) -> None:
-    with pytest.raises(HoldError, match="out of range"):
+    with pytest.raises(HoldError, match="out of range") as info:
         table.start_send("t1", first, count)
+    assert info.value.code is ErrorCode.RANGE
     # Still HELD: a valid pull works afterwards.
     assert table.start_send("t1", 0, 4) == [7, 3, 9, 4]
 
 
 def test_unknown_transfer_raises(table: HoldTable) -> None:
-    with pytest.raises(HoldError, match="not held"):
+    with pytest.raises(HoldError, match="not held") as info:
         table.start_send("nope", 0, 1)
+    assert info.value.code is ErrorCode.UNKNOWN
 
 
 @pytest.mark.parametrize("sent", [False, True], ids=["sending", "sent"])
@@ -75,8 +79,9 @@ def test_second_pull_in_wrong_state_raises(table: HoldTable, sent: bool) -> None
     table.start_send("t1", 0, 4)
     if sent:
         table.finish_send("t1", ok=True)
-    with pytest.raises(HoldError, match="sent" if sent else "sending"):
+    with pytest.raises(HoldError, match="sent" if sent else "sending") as info:
         table.start_send("t1", 0, 4)
+    assert info.value.code is ErrorCode.STATE
 
 
 def test_duplicate_add_raises(table: HoldTable) -> None:
@@ -98,8 +103,9 @@ def test_held_expires_after_lease(table: HoldTable, clock: FakeClock) -> None:
     clock.advance(0.001)
     assert table.take_released() == {"req-1"}
     assert len(table) == 0
-    with pytest.raises(HoldError):
+    with pytest.raises(HoldError, match="expired") as info:
         table.start_send("t1", 0, 1)
+    assert info.value.code is ErrorCode.EXPIRED
 
 
 def test_sent_expires_after_lease(table: HoldTable, clock: FakeClock) -> None:
@@ -120,13 +126,16 @@ def test_sending_never_expires(table: HoldTable, clock: FakeClock) -> None:
     assert table.take_released() == {"req-1"}
 
 
-def test_confirm_while_sending_is_refused(table: HoldTable) -> None:
+@pytest.mark.parametrize("ok", [True, False], ids=["sent", "failed"])
+def test_confirm_while_sending_releases_when_the_send_ends(table: HoldTable, ok: bool) -> None:
     table.start_send("t1", 0, 4)
-    assert table.confirm("t1") is False
-    assert table.take_released() == set()
-    table.finish_send("t1", ok=True)
-    assert table.confirm("t1") is True
+    assert table.confirm("t1") is True  # the decode side got the bytes before we returned
+    assert table.take_released() == set()  # still SENDING: the blocks are being read
+    assert len(table) == 1
+    table.finish_send("t1", ok=ok)
+    assert len(table) == 0
     assert table.take_released() == {"req-1"}
+    assert table.confirm("t1") is False
 
 
 def test_confirm_of_held_releases_without_data(table: HoldTable) -> None:
@@ -189,3 +198,105 @@ def test_concurrent_adds_and_confirms(clock: FakeClock) -> None:
     released = table.take_released()
     assert released == {f"req-{t}-{i}" for t in range(num_threads) for i in range(per_thread)}
     assert len(table) == 0
+
+
+# -- error codes of refused pulls --------------------------------------------------------------
+
+
+def test_pull_after_release_is_a_state_error(table: HoldTable) -> None:
+    assert table.confirm("t1")
+    with pytest.raises(HoldError, match="released") as info:
+        table.start_send("t1", 0, 1)
+    assert info.value.code is ErrorCode.STATE
+
+
+@pytest.mark.parametrize(("first", "count"), [(0.0, 1), (0, 1.0), (True, 1), (0, None)])
+def test_non_int_range_is_refused_and_leaves_the_hold_held(
+    table: HoldTable, first: object, count: object
+) -> None:
+    with pytest.raises(HoldError) as info:
+        table.start_send("t1", first, count)  # type: ignore[arg-type]
+    assert info.value.code is ErrorCode.RANGE
+    assert table.start_send("t1", 0, 4) == [7, 3, 9, 4]
+
+
+def test_expired_ids_are_forgotten_after_a_while(clock: FakeClock) -> None:
+    table = HoldTable(clock=clock, remember_s=100.0)
+    table.add("t", "r", [1], 10.0)
+    clock.advance(10.0)
+    assert table.take_released() == {"r"}
+    clock.advance(99.0)
+    table.take_released()
+    with pytest.raises(HoldError) as info:
+        table.start_send("t", 0, 1)
+    assert info.value.code is ErrorCode.EXPIRED
+    clock.advance(2.0)
+    table.take_released()
+    with pytest.raises(HoldError) as info:
+        table.start_send("t", 0, 1)
+    assert info.value.code is ErrorCode.UNKNOWN
+
+
+def test_remembered_ids_are_bounded(clock: FakeClock) -> None:
+    table = HoldTable(clock=clock, max_remembered=3)
+    for i in range(5):
+        table.add(f"t{i}", f"r{i}", [i], LEASE_S)
+        table.confirm(f"t{i}")
+    codes = []
+    for i in range(5):
+        with pytest.raises(HoldError) as info:
+            table.start_send(f"t{i}", 0, 1)
+        codes.append(info.value.code)
+    assert codes == [ErrorCode.UNKNOWN] * 2 + [ErrorCode.STATE] * 3
+    assert len(table._gone) == 3
+
+
+def test_adding_again_after_release_makes_it_pullable(table: HoldTable) -> None:
+    table.confirm("t1")
+    table.add("t1", "req-1b", [5], LEASE_S)
+    assert table.start_send("t1", 0, 1) == [5]
+
+
+# -- claims and the held-blocks gauge ------------------------------------------------------------
+
+
+def test_claim_extends_the_lease(table: HoldTable, clock: FakeClock) -> None:
+    clock.advance(LEASE_S - 1)
+    assert table.claim("t1", 300.0) is True
+    clock.advance(2)
+    assert table.take_released() == set()  # the original lease has run out
+    clock.advance(297)
+    assert table.take_released() == set()
+    clock.advance(1)
+    assert table.take_released() == {"req-1"}
+
+
+def test_claim_never_shortens_the_lease(table: HoldTable, clock: FakeClock) -> None:
+    assert table.claim("t1", 1.0) is True
+    clock.advance(2.0)
+    assert table.take_released() == set()
+    clock.advance(LEASE_S)
+    assert table.take_released() == {"req-1"}
+
+
+def test_claim_of_unknown_is_false(table: HoldTable) -> None:
+    assert table.claim("nope", 300.0) is False
+    assert len(table) == 1
+
+
+def test_num_held_blocks_counts_every_state(clock: FakeClock) -> None:
+    table = HoldTable(clock=clock)
+    assert table.num_held_blocks == 0
+    table.add("a", "ra", [1, 2, 3], LEASE_S)
+    table.add("b", "rb", [4, 5], LEASE_S)
+    table.add("c", "rc", [6], LEASE_S)
+    table.start_send("b", 0, 2)
+    table.start_send("c", 0, 1)
+    table.finish_send("c", ok=True)
+    assert table.num_held_blocks == 6
+    table.confirm("a")
+    assert table.num_held_blocks == 3
+    table.confirm("b")  # SENDING: released when the send ends
+    assert table.num_held_blocks == 3
+    table.finish_send("b", ok=True)
+    assert table.num_held_blocks == 1

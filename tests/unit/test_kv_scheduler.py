@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from vllm.v1.request import RequestStatus
 
-from kvtransfer.metadata import HoldSpec, LoadSpec
+from kvtransfer.metadata import ClaimSpec, HoldSpec, LoadSpec, PDHandshake
 from kvtransfer.protocol import PROTOCOL_VERSION
 from kvtransfer.scheduler import PDScheduler, prompt_hash
 from kvtransfer.settings import ConnectorSettings
@@ -26,9 +26,9 @@ def make_vllm_config(tp: int = 1, pp: int = 1) -> SimpleNamespace:
     )
 
 
-def make_scheduler(tp: int = 1, pp: int = 1) -> PDScheduler:
-    settings = ConnectorSettings(host=PREFILL_HOST, port=PREFILL_PORT, lease_s=LEASE_S)
-    return PDScheduler(make_vllm_config(tp, pp), settings)
+def make_scheduler(tp: int = 1, pp: int = 1, **settings: Any) -> PDScheduler:
+    settings = {"host": PREFILL_HOST, "port": PREFILL_PORT, "lease_s": LEASE_S, **settings}
+    return PDScheduler(make_vllm_config(tp, pp), ConnectorSettings(**settings))
 
 
 def make_request(
@@ -52,13 +52,13 @@ def remote_params(**overrides: Any) -> dict[str, Any]:
         "do_remote_prefill": True,
         "transfer_id": "xfer-1",
         "remote_host": PREFILL_HOST,
-        "remote_port": PREFILL_PORT,
+        "remote_ports": [PREFILL_PORT],
         "remote_block_ids": [30, 31, 32, 33],
         "num_prompt_tokens": 64,
         "prompt_hash": prompt_hash(list(range(100, 164))),  # make_request's 64 tokens
         "tp_size": 1,
         "pp_size": 1,
-        "protocol": 1,
+        "protocol": PROTOCOL_VERSION,
     }
     params.update(overrides)
     return params
@@ -73,8 +73,8 @@ def make_blocks(block_ids: list[int], num_hashed: int) -> SimpleNamespace:
     return SimpleNamespace(blocks=(group,))
 
 
-def release_spec(transfer_id: str = "xfer-1") -> LoadSpec:
-    return LoadSpec(transfer_id, None, PREFILL_HOST, PREFILL_PORT, 0, [])
+def release_spec(transfer_id: str = "xfer-1", ports: list[int] | None = None) -> LoadSpec:
+    return LoadSpec(transfer_id, None, PREFILL_HOST, ports or [PREFILL_PORT], 0, [])
 
 
 # -- prefill side ------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def test_producer_holds_a_finished_request(status: RequestStatus) -> None:
         "do_remote_prefill": True,
         "transfer_id": "xfer-7",
         "remote_host": PREFILL_HOST,
-        "remote_port": PREFILL_PORT,
+        "remote_ports": [PREFILL_PORT, PREFILL_PORT + 1],  # fixed base port: worker i at +i
         "remote_block_ids": [5, 9, 2],
         "num_prompt_tokens": 40,
         "prompt_hash": prompt_hash(list(range(100, 140))),
@@ -159,12 +159,18 @@ def test_producer_does_not_hold_without_a_transfer(
 # -- decode side: matching ---------------------------------------------------------------------
 
 
+def ports_for(num_workers: int) -> list[int]:
+    return [PREFILL_PORT + i for i in range(num_workers)]
+
+
 @pytest.mark.parametrize(("num_computed", "expected"), [(0, 64), (16, 48), (48, 16), (63, 1)])
 def test_consumer_claims_the_rest_of_the_prompt(num_computed: int, expected: int) -> None:
     sched = make_scheduler()
-    request = make_request(params=remote_params())
+    params = remote_params()
+    request = make_request(params=params)
     assert sched.get_num_new_matched_tokens(request, num_computed) == (expected, True)
-    assert request.kv_transfer_params["do_remote_prefill"] is True  # not consumed yet
+    assert sched.get_num_new_matched_tokens(request, num_computed) == (expected, True)  # again
+    assert params == remote_params()  # the request's parameters are never changed
 
 
 def test_consumer_with_everything_cached_claims_nothing() -> None:
@@ -176,13 +182,16 @@ def test_consumer_with_everything_cached_claims_nothing() -> None:
 @pytest.mark.parametrize("params", [None, {}, {"do_remote_prefill": False}], ids=repr)
 def test_consumer_without_remote_prefill_claims_nothing(params: dict[str, Any] | None) -> None:
     sched = make_scheduler()
-    assert sched.get_num_new_matched_tokens(make_request(params=params), 0) == (0, False)
-    assert sched.build_connector_meta().loads == []
+    request = make_request(params=params)
+    sched.on_new_request(request)
+    assert sched.get_num_new_matched_tokens(request, 0) == (0, False)
+    meta = sched.build_connector_meta()
+    assert meta.loads == [] and meta.claims == []
 
 
 @pytest.mark.parametrize(
     "key",
-    ["transfer_id", "remote_host", "remote_port", "remote_block_ids", "prompt_hash", "protocol"],
+    ["transfer_id", "remote_host", "remote_ports", "remote_block_ids", "prompt_hash", "protocol"],
 )
 def test_consumer_refuses_params_missing_a_key(key: str) -> None:
     sched = make_scheduler()
@@ -190,35 +199,76 @@ def test_consumer_refuses_params_missing_a_key(key: str) -> None:
     del params[key]
     request = make_request(params=params)
     assert sched.get_num_new_matched_tokens(request, 0) == (0, False)
-    assert params["do_remote_prefill"] is False  # computed locally from now on
-    assert sched.get_num_new_matched_tokens(request, 0) == (0, False)
-    assert sched.build_connector_meta().loads == []
+    assert sched.get_num_new_matched_tokens(request, 0) == (0, False)  # computed locally
+    meta = sched.build_connector_meta()
+    assert meta.loads == [] and meta.claims == []
+    assert sched.counts["num_bad_specs"] == 1  # judged once
 
 
-@pytest.mark.parametrize("protocol", [0, 2, "1", None])
-def test_consumer_refuses_another_protocol(protocol: Any) -> None:
+@pytest.mark.parametrize(
+    "overrides",
+    [{"protocol": 1}, {"protocol": 3}, {"protocol": "2"}, {"protocol": None},
+     {"protocol": True}, {"remote_port": PREFILL_PORT, "remote_ports": PREFILL_PORT},
+     {"remote_ports": []}, {"remote_ports": [0]}, {"remote_ports": [True]},
+     {"remote_ports": ["41000"]}, {"remote_ports": [PREFILL_PORT, PREFILL_PORT + 1]},
+     {"transfer_id": 7}, {"transfer_id": ""}, {"transfer_id": "x" * 257},
+     {"remote_block_ids": [1, -2]}, {"remote_block_ids": "1,2"}, {"remote_host": ""},
+     {"tp_size": 0}, {"tp_size": "1"}],
+    ids=repr,
+)
+def test_consumer_refuses_malformed_params_without_raising(overrides: dict[str, Any]) -> None:
     sched = make_scheduler()
-    request = make_request(params=remote_params(protocol=protocol))
+    request = make_request(params=remote_params(**overrides))
+    sched.on_new_request(request)
     assert sched.get_num_new_matched_tokens(request, 0) == (0, False)
-    assert sched.build_connector_meta().loads == []
+    sched.update_state_after_alloc(request, make_blocks([1, 2, 3, 4], 0), 0)
+    request.status = RequestStatus.FINISHED_ABORTED
+    assert sched.request_finished(request, []) == (False, None)
+    meta = sched.build_connector_meta()
+    assert meta.loads == [] and meta.claims == [] and meta.holds == []
+    assert sched.counts["num_bad_specs"] == 1
 
 
 @pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2), (4, 2)])
 def test_parallel_mismatch_computes_locally_and_releases(tp: int, pp: int) -> None:
     sched = make_scheduler(tp=1, pp=1)
-    request = make_request(params=remote_params(tp_size=tp, pp_size=pp))
+    ports = ports_for(tp * pp)
+    request = make_request(params=remote_params(tp_size=tp, pp_size=pp, remote_ports=ports))
     assert sched.get_num_new_matched_tokens(request, 0) == (0, False)
-    assert request.kv_transfer_params["do_remote_prefill"] is False
     assert sched.get_num_new_matched_tokens(request, 0) == (0, False)  # asked again next step
+    request.status = RequestStatus.FINISHED_STOPPED
+    assert sched.request_finished(request, [1]) == (False, None)
     meta = sched.build_connector_meta()
-    assert meta.loads == [release_spec()]  # exactly one release
-    assert meta.holds == []
+    assert meta.loads == [release_spec(ports=ports)]  # exactly one release, to every worker
+    assert meta.holds == [] and meta.claims == []
 
 
 def test_parallel_match_with_tp2() -> None:
     sched = make_scheduler(tp=2, pp=1)
-    request = make_request(params=remote_params(tp_size=2, pp_size=1))
+    request = make_request(params=remote_params(tp_size=2, pp_size=1, remote_ports=ports_for(2)))
     assert sched.get_num_new_matched_tokens(request, 32) == (32, True)
+
+
+# -- decode side: claims -------------------------------------------------------------------------
+
+
+def test_a_new_request_claims_its_transfer_once() -> None:
+    sched = make_scheduler()
+    request = make_request("dec-1", params=remote_params())
+    sched.on_new_request(request)  # long before it reaches the head of the queue
+    assert sched.build_connector_meta().claims == [
+        ClaimSpec("xfer-1", PREFILL_HOST, [PREFILL_PORT])]
+    assert sched.get_num_new_matched_tokens(request, 0) == (64, True)
+    sched.on_new_request(request)
+    assert sched.build_connector_meta().claims == []
+
+
+def test_a_request_first_seen_when_matched_is_claimed_then() -> None:
+    sched = make_scheduler()
+    request = make_request("dec-1", params=remote_params())
+    assert sched.get_num_new_matched_tokens(request, 0) == (64, True)
+    assert sched.build_connector_meta().claims == [
+        ClaimSpec("xfer-1", PREFILL_HOST, [PREFILL_PORT])]
 
 
 # -- decode side: after allocation -------------------------------------------------------------
@@ -243,13 +293,13 @@ def test_alloc_builds_a_load_spec(
         num_external, True
     )
     sched.update_state_after_alloc(request, make_blocks(local_ids, num_hashed), num_external)
-    assert request.kv_transfer_params["do_remote_prefill"] is False
     meta = sched.build_connector_meta()
     assert meta.loads == [
-        LoadSpec("xfer-1", "dec-1", PREFILL_HOST, PREFILL_PORT, first_block, expected_local)
+        LoadSpec("xfer-1", "dec-1", PREFILL_HOST, [PREFILL_PORT], first_block, expected_local)
     ]
     assert sched.build_connector_meta().loads == []
     # One transfer per request: a second allocation (e.g. after preemption) loads nothing.
+    assert sched.get_num_new_matched_tokens(request, 0) == (0, False)
     sched.update_state_after_alloc(request, make_blocks(local_ids, num_hashed), num_external)
     assert sched.build_connector_meta().loads == []
 
@@ -257,9 +307,13 @@ def test_alloc_builds_a_load_spec(
 def test_alloc_with_nothing_external_releases() -> None:
     sched = make_scheduler()
     request = make_request("dec-2", params=remote_params())
+    sched.on_new_request(request)
     sched.update_state_after_alloc(request, make_blocks([1, 2, 3, 4], 4), 0)
     assert sched.build_connector_meta().loads == [release_spec()]
-    assert request.kv_transfer_params["do_remote_prefill"] is False
+    assert sched.get_num_new_matched_tokens(request, 0) == (0, False)
+    request.status = RequestStatus.FINISHED_STOPPED
+    sched.request_finished(request, [1, 2, 3, 4])
+    assert sched.build_connector_meta().loads == []  # released once
 
 
 def test_alloc_of_a_local_request_does_nothing() -> None:
@@ -269,24 +323,47 @@ def test_alloc_of_a_local_request_does_nothing() -> None:
     assert sched.build_connector_meta().loads == []
 
 
+def test_alloc_that_cannot_be_planned_fails_the_load_instead_of_raising() -> None:
+    sched = make_scheduler()
+    request = make_request("dec-5", params=remote_params())
+    assert sched.get_num_new_matched_tokens(request, 0) == (64, True)
+    bad_blocks = SimpleNamespace(blocks=([SimpleNamespace(block_id=3)],))  # no block_hash
+    sched.update_state_after_alloc(request, bad_blocks, 64)
+    # vLLM waits for this request's load now: the workers must report it failed (recompute).
+    assert sched.build_connector_meta().loads == [LoadSpec("", "dec-5", "", [], 0, [3])]
+    assert sched.counts["num_bad_specs"] == 1
+
+
 def test_finished_before_its_blocks_came_releases() -> None:
     sched = make_scheduler()
     request = make_request("dec-3", params=remote_params(transfer_id="xfer-3"),
                            status=RequestStatus.FINISHED_ABORTED)
     assert sched.request_finished(request, []) == (False, None)
     assert sched.build_connector_meta().loads == [release_spec("xfer-3")]
-    assert request.kv_transfer_params["do_remote_prefill"] is False
+
+
+def test_claimed_then_finished_before_allocation_releases_once() -> None:
+    sched = make_scheduler()
+    request = make_request("dec-3", params=remote_params(transfer_id="xfer-3"))
+    sched.on_new_request(request)
+    sched.build_connector_meta()
+    request.status = RequestStatus.FINISHED_ABORTED
+    assert sched.request_finished(request, []) == (False, None)
+    assert sched.build_connector_meta().loads == [release_spec("xfer-3")]
 
 
 def test_finished_after_loading_releases_nothing_more() -> None:
     sched = make_scheduler()
     request = make_request("dec-4", params=remote_params())
+    assert sched.get_num_new_matched_tokens(request, 0) == (64, True)
     sched.update_state_after_alloc(request, make_blocks([1, 2, 3, 4], 0), 64)
     sched.build_connector_meta()
+    sched.update_connector_output(None, {"dec-4"})
     request.status = RequestStatus.FINISHED_STOPPED
     assert sched.request_finished(request, [1, 2, 3, 4]) == (False, None)
     meta = sched.build_connector_meta()
     assert meta.loads == [] and meta.holds == []
+    assert sched._transfers == {} and sched._request_transfer == {}  # nothing leaks
 
 
 def test_finished_with_bad_params_releases_nothing() -> None:
@@ -310,3 +387,163 @@ def test_consumer_with_other_prompt_tokens_computes_locally_and_releases() -> No
     request = make_request(params=remote_params(prompt_hash=prompt_hash([7] * 64)))
     assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
     assert scheduler.build_connector_meta().loads == [release_spec()]
+
+
+# -- prefill side: duplicates, the cap, the held-blocks gauge, the bound ports --------------------
+
+
+def finished_prefill(request_id: str, transfer_id: str, num_tokens: int = 64) -> SimpleNamespace:
+    return make_request(request_id, num_prompt_tokens=num_tokens,
+                        status=RequestStatus.FINISHED_LENGTH_CAPPED,
+                        params={"do_remote_decode": True, "transfer_id": transfer_id})
+
+
+def test_a_second_hold_under_a_held_transfer_id_is_refused() -> None:
+    """Two prompts (or n > 1 children) with one set of parameters: the first is held, the
+    second's blocks are freed at once and it gets no parameters (this used to kill the engine
+    in the worker: "transfer ... is already held")."""
+    sched = make_scheduler()
+    delay, params = sched.request_finished(finished_prefill("p-1", "shared"), [1, 2, 3, 4])
+    assert delay is True and params["transfer_id"] == "shared"
+    assert sched.request_finished(finished_prefill("p-2", "shared"), [5, 6, 7, 8]) == (
+        False, None)
+    assert sched.build_connector_meta().holds == [HoldSpec("shared", "p-1", [1, 2, 3, 4])]
+    assert sched.counts["num_duplicate_holds"] == 1
+    assert sched.num_held_blocks == 4
+    # Once the first hold is released (sent or expired), the id may be held again.
+    sched.update_connector_output({"p-1"}, None)
+    assert sched.num_held_blocks == 0
+    assert sched.request_finished(finished_prefill("p-3", "shared"), [9])[0] is True
+
+
+@pytest.mark.parametrize("transfer_id", [7, None, "", "x" * 257, ["a"]], ids=repr)
+def test_a_bad_transfer_id_is_not_held(transfer_id: Any) -> None:
+    sched = make_scheduler()
+    request = finished_prefill("p-1", "unused")
+    request.kv_transfer_params["transfer_id"] = transfer_id
+    assert sched.request_finished(request, [1, 2]) == (False, None)
+    assert sched.build_connector_meta().holds == []
+    assert sched.counts["num_bad_specs"] == 1
+
+
+def test_holds_past_the_cap_are_answered_busy_and_counted() -> None:
+    sched = make_scheduler(max_held_blocks=6)
+    assert sched.request_finished(finished_prefill("p-1", "t-1"), [1, 2, 3, 4])[0] is True
+    assert sched.request_finished(finished_prefill("p-2", "t-2"), [5, 6, 7]) == (
+        False, {"busy": True})
+    assert sched.request_finished(finished_prefill("p-3", "t-3"), [8, 9])[0] is True  # fits
+    assert sched.num_held_blocks == 6
+    assert sched.counts["num_busy_holds"] == 1
+    assert [h.transfer_id for h in sched.build_connector_meta().holds] == ["t-1", "t-3"]
+    sched.update_connector_output({"p-1"}, set())  # the workers released it
+    assert sched.request_finished(finished_prefill("p-4", "t-4"), [5, 6, 7])[0] is True
+    assert sched.num_held_blocks == 5
+
+
+def test_held_blocks_are_a_gauge_reported_when_they_change() -> None:
+    sched = make_scheduler()
+    assert sched.take_stats() is None  # nothing held, nothing counted
+    sched.request_finished(finished_prefill("p-1", "t-1"), [1, 2, 3])
+    sched.request_finished(finished_prefill("p-2", "t-1"), [4])  # duplicate
+    stats = sched.take_stats()
+    assert stats.data["num_held_blocks"] == 3
+    assert stats.data["num_duplicate_holds"] == 1
+    assert sched.take_stats() is None  # unchanged: not reported again
+    sched.update_connector_output({"p-1"}, None)
+    assert sched.take_stats().data == {**stats.data, "num_held_blocks": 0,
+                                       "num_duplicate_holds": 0}
+
+
+def test_ports_come_from_the_workers_handshake() -> None:
+    sched = make_scheduler(tp=2, pp=2, port=0)
+    request = finished_prefill("p-1", "t-1")
+    assert sched.request_finished(request, [1]) == (False, None)  # no port known yet
+    assert sched.counts["num_bad_specs"] == 1
+    sched.set_handshake({(pp, tp): PDHandshake(PREFILL_HOST, 50000 + 10 * pp + tp)
+                         for pp in range(2) for tp in range(2)})
+    assert sched.remote_ports == [50000, 50001, 50010, 50011]  # index pp_rank * tp + tp_rank
+    _, params = sched.request_finished(finished_prefill("p-2", "t-2"), [1])
+    assert params["remote_ports"] == [50000, 50001, 50010, 50011]
+    # The decode side addresses worker i at remote_ports[i].
+    decode = make_scheduler(tp=2, pp=2, port=0)
+    waiting = make_request("dec-2", params=params)
+    assert decode.get_num_new_matched_tokens(waiting, 0) == (64, True)
+    decode.update_state_after_alloc(waiting, make_blocks([4, 5, 6, 7], 0), 64)
+    assert decode.build_connector_meta().loads[0].remote_ports == [50000, 50001, 50010, 50011]
+
+
+def test_an_incomplete_handshake_keeps_the_fixed_ports() -> None:
+    sched = make_scheduler(tp=2)
+    sched.set_handshake({(0, 0): PDHandshake(PREFILL_HOST, 50000)})  # worker 1 missing
+    assert sched.remote_ports == [PREFILL_PORT, PREFILL_PORT + 1]
+
+
+# -- decode side: requests that share a transfer (n > 1) ------------------------------------------
+
+
+def test_siblings_of_one_transfer_load_it_once() -> None:
+    """vLLM fans a request with n > 1 out into n requests with the same parameters: one loads,
+    the others ask again later, then find the loaded blocks in the prefix cache."""
+    sched = make_scheduler()
+    a, b, c = (make_request(f"dec-{x}", params=remote_params()) for x in "abc")
+    for request in (a, b, c):
+        sched.on_new_request(request)
+    assert sched.build_connector_meta().claims == [
+        ClaimSpec("xfer-1", PREFILL_HOST, [PREFILL_PORT])]  # one claim for the three
+    assert sched.get_num_new_matched_tokens(a, 0) == (64, True)
+    assert sched.get_num_new_matched_tokens(b, 0) == (64, True)  # nobody loads yet
+    sched.update_state_after_alloc(a, make_blocks([1, 2, 3, 4], 0), 64)
+    assert sched.get_num_new_matched_tokens(b, 0) == (None, False)  # a is loading
+    assert sched.get_num_new_matched_tokens(c, 0) == (None, False)
+    assert [ld.request_id for ld in sched.build_connector_meta().loads] == ["dec-a"]
+    sched.update_connector_output(None, {"dec-a"})  # loaded (or failed: the same for b, c)
+    # b and c now hit a's blocks in the prefix cache and compute only the rest.
+    assert sched.get_num_new_matched_tokens(b, 48) == (0, False)
+    assert sched.get_num_new_matched_tokens(c, 0) == (0, False)
+    for request in (a, b, c):
+        request.status = RequestStatus.FINISHED_STOPPED
+        assert sched.request_finished(request, [1]) == (False, None)
+    meta = sched.build_connector_meta()
+    assert meta.loads == [] and meta.claims == []  # the load's own DONE released it
+    assert sched.counts["num_duplicate_loads"] == 2
+    assert sched._transfers == {} and sched._request_transfer == {} and sched._loading == {}
+
+
+def test_siblings_wait_for_an_aborted_loader_then_compute() -> None:
+    sched = make_scheduler()
+    a, b = (make_request(f"dec-{x}", params=remote_params()) for x in "ab")
+    assert sched.get_num_new_matched_tokens(a, 0) == (64, True)
+    sched.update_state_after_alloc(a, make_blocks([1, 2, 3, 4], 0), 64)
+    a.status = RequestStatus.FINISHED_ABORTED
+    assert sched.request_finished(a, []) == (False, None)  # still loading: vLLM waits
+    assert sched.get_num_new_matched_tokens(b, 0) == (None, False)
+    sched.update_connector_output(None, {"dec-a"})
+    assert sched.get_num_new_matched_tokens(b, 0) == (0, False)
+    b.status = RequestStatus.FINISHED_STOPPED
+    sched.request_finished(b, [1])
+    assert sched.build_connector_meta().loads[1:] == []
+    assert sched._transfers == {}
+
+
+def test_a_sibling_with_everything_cached_does_not_release_the_others_transfer() -> None:
+    sched = make_scheduler()
+    a, b = (make_request(f"dec-{x}", params=remote_params()) for x in "ab")
+    sched.on_new_request(a)
+    sched.on_new_request(b)
+    sched.update_state_after_alloc(a, make_blocks([1, 2, 3, 4], 4), 0)  # a: all cached
+    assert sched.build_connector_meta().loads == []  # b may still load it
+    assert sched.get_num_new_matched_tokens(b, 0) == (64, True)
+
+
+def test_another_prompt_under_a_transfer_id_in_use_computes_locally_without_release() -> None:
+    """Two prompts sent with one set of parameters: the second must not release the first's
+    transfer (that would free the blocks before the first pulls them)."""
+    sched = make_scheduler()
+    first = make_request("dec-1", params=remote_params())
+    sched.on_new_request(first)
+    second = make_request("dec-2", num_prompt_tokens=64, params=remote_params())
+    second.prompt_token_ids = list(range(500, 564))
+    sched.on_new_request(second)
+    assert sched.get_num_new_matched_tokens(second, 0) == (0, False)
+    assert sched.build_connector_meta().loads == []
+    assert sched.get_num_new_matched_tokens(first, 0) == (64, True)

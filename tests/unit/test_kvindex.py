@@ -98,6 +98,9 @@ def test_match_counts_leading_blocks_per_replica() -> None:
     assert index.match([]) == {}
     assert index.num_blocks == 4
     assert index.num_blocks_of("a") == 4 and index.num_blocks_of("b") == 2
+    assert index.stats().num_blocks_by_replica == {"a": 4, "b": 2}
+    assert index.chains_of("a") == frozenset(chain) and index.chains_of("b") == set(chain[:2])
+    assert index.chains_of("missing") == frozenset()
 
 
 def test_match_stops_at_the_first_missing_block() -> None:
@@ -206,6 +209,7 @@ def test_guesses_expire(caplog: pytest.LogCaptureFixture) -> None:
     assert index.match(chain) == {} and index.num_blocks == 0
     stats = index.stats()
     assert stats.guessed_replicas == ("g",) and stats.event_fed_replicas == ()
+    assert stats.num_blocks_by_replica == {"g": 0} and index.chains_of("g") == frozenset()
 
 
 def test_event_fed_replicas_ignore_guesses_and_guessed_ones_switch_on_events() -> None:

@@ -43,9 +43,9 @@ def test_nccl_link_delivers_identical_bytes(num_bytes: int) -> None:
             torch.cuda.set_device(device)
             link = TorchDistLink(store, group, rank, device, HOST, TIMEOUT_S)
             if rank == PREFILL_RANK:
-                link.send(payload)
+                link.send(payload, 1)
             else:
-                link.recv(received)
+                link.recv(received, 1)
             link.close()
         except BaseException as e:  # noqa: BLE001 - handed to the test thread
             errors.append(e)

@@ -185,3 +185,11 @@ def test_unknown_kind_is_a_programming_error() -> None:
 )
 def test_status_of(body: Any, status: int) -> None:
     assert status_of(body) == status
+
+
+@pytest.mark.parametrize(("kind", "body"), [
+    ("completion", {"prompt": "hi", "structured_outputs": True}),
+    ("chat", {"messages": MESSAGES, "structured_outputs": True}),
+])
+def test_field_that_crashes_vllms_validator_is_a_400(kind: str, body: dict[str, Any]) -> None:
+    assert_error_body(rejection(raw(body), kind), 400, None, "BadRequestError")

@@ -62,3 +62,12 @@ def test_local_resources_merge_shared_custom_resources() -> None:
     })
     # big_node: 2 x 0.25 + 4 x 0.5; the pools' own resources are not asked for.
     assert local_resources(cfg) == {"big_node": 2.5, "pf": 2}
+
+
+def test_env_vars_become_the_replicas_runtime_env() -> None:
+    env = {"PDSERVE_KV_SECRET": "ab" * 32}
+    options = replica_actor_options(PoolConfig(), "prefill", env)
+    assert options["runtime_env"] == {"env_vars": env}
+    options["runtime_env"]["env_vars"]["X"] = "1"
+    assert env == {"PDSERVE_KV_SECRET": "ab" * 32}
+    assert "runtime_env" not in replica_actor_options(PoolConfig(), "prefill", {})

@@ -1,0 +1,163 @@
+"""Is a replica's engine alive, and are its KV transfer threads?
+
+Two halves, in two processes:
+
+- ``TransferHealth`` is a vLLM worker extension (``--worker-extension-cls
+  cluster.worker_health.TransferHealth``): vLLM mixes it into every worker, so the engine can
+  call ``pdserve_transfer_health`` on all of them with ``collective_rpc``. It answers None when
+  the worker's transfer threads are alive, else why not (``PDWorker.health()``).
+- ``EngineHealth`` runs in the replica, next to the ``AsyncLLM``. ``check()`` raises
+  ``UnhealthyError`` when the engine is dead (its EngineCore exited, for example SIGKILLed by the
+  OOM killer: vLLM's monitor thread sees the process sentinel even while idle and sets
+  ``errored``), when a worker reports a dead transfer thread, or when the workers have not
+  answered ``max_probe_failures`` probes in a row. Ray Serve calls the replica's
+  ``check_health``, which calls ``check()``; after three failed checks it replaces the replica.
+
+Each new reason is logged once; ``summary()`` tells what the last check found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+PROBE_METHOD = "pdserve_transfer_health"
+EXTENSION_CLS = "cluster.worker_health.TransferHealth"  # vLLM's dotted qualname form
+
+
+class TransferHealth:
+    """vLLM worker extension. Only the probe method may live here: vLLM refuses an extension
+    with any attribute the worker class already has."""
+
+    def pdserve_transfer_health(self) -> str | None:
+        """None when this worker's KV transfer threads are alive, else the reason."""
+        from vllm.distributed.kv_transfer.kv_transfer_state import (
+            get_kv_transfer_group,
+            has_kv_transfer_group,
+        )
+
+        if not has_kv_transfer_group():
+            return "the KV connector is not initialized on this worker"
+        worker_side = getattr(get_kv_transfer_group(), "worker_side", None)
+        if worker_side is None:
+            return "the KV connector has no worker side on this worker"
+        return worker_side.health()
+
+
+class UnhealthyError(RuntimeError):
+    """The replica cannot serve: Ray Serve should replace it."""
+
+
+DEATH_POLL_S = 0.1  # how often a check waiting for the workers looks whether the engine died
+ENGINE_DEAD = "engine dead: its EngineCore process exited or failed (EngineDeadError)"
+
+
+class EngineHealth:
+    """Health checks of one ``AsyncLLM`` (``errored``, ``check_health``, ``collective_rpc``).
+
+    With ``probe_workers`` (the engine runs our KV connector) every check also asks each
+    worker for its transfer threads; one probe is in flight at a time, and a check waits at
+    most ``probe_timeout_s`` for it.
+    """
+
+    def __init__(self, engine: Any, probe_workers: bool, probe_timeout_s: float = 5.0,
+                 max_probe_failures: int = 2) -> None:
+        if probe_timeout_s <= 0 or max_probe_failures < 1:
+            raise ValueError("probe_timeout_s must be > 0 and max_probe_failures >= 1")
+        self._engine = engine
+        self._probe_workers = probe_workers
+        self._probe_timeout_s = probe_timeout_s
+        self._max_probe_failures = max_probe_failures
+        self._probe: asyncio.Task | None = None
+        self.reason: str | None = None
+        self.num_checks = 0
+        self.num_probe_failures = 0  # consecutive
+        self.num_probe_failures_total = 0
+        self.last_check_time: float | None = None
+        self.last_probe_error: str | None = None
+        self._logged: str | None = None
+
+    @property
+    def is_engine_dead(self) -> bool:
+        return bool(self._engine.errored)
+
+    async def check(self) -> None:
+        """Raise ``UnhealthyError`` when the replica cannot serve; return when it can."""
+        reason = await self._find_problem()
+        self._record(reason)
+        if reason is not None:
+            raise UnhealthyError(reason)
+
+    def summary(self) -> dict[str, Any]:
+        """What the last check found (and whether the engine is dead right now)."""
+        dead = self.is_engine_dead
+        reason = ENGINE_DEAD if dead and self.reason is None else self.reason
+        return {"healthy": reason is None, "reason": reason, "engine_alive": not dead,
+                "num_checks": self.num_checks,
+                "consecutive_probe_failures": self.num_probe_failures,
+                "num_probe_failures": self.num_probe_failures_total,
+                "last_probe_error": self.last_probe_error,
+                "last_check_s_ago": None if self.last_check_time is None
+                else round(time.monotonic() - self.last_check_time, 3)}
+
+    async def _find_problem(self) -> str | None:
+        if self.is_engine_dead:
+            return ENGINE_DEAD
+        try:
+            await self._engine.check_health()
+        except Exception as e:
+            return f"engine dead: {type(e).__name__}: {e}"
+        if not self._probe_workers:
+            return None
+        return await self._probe_once()
+
+    async def _probe_once(self) -> str | None:
+        if self._probe is None:
+            self._probe = asyncio.ensure_future(self._engine.collective_rpc(
+                PROBE_METHOD, timeout=self._probe_timeout_s))
+        probe = self._probe
+        deadline = time.monotonic() + self._probe_timeout_s
+        # A probe sent to an engine that dies never gets an answer: watch for the death.
+        while not probe.done() and not self.is_engine_dead and time.monotonic() < deadline:
+            await asyncio.wait({probe}, timeout=min(DEATH_POLL_S, deadline - time.monotonic()))
+        if not probe.done():
+            if self.is_engine_dead:
+                probe.cancel()
+                self._probe = None
+                return ENGINE_DEAD
+            return self._probe_failed(TimeoutError())  # still in flight: waited on next time
+        self._probe = None
+        if probe.cancelled() or probe.exception() is not None:
+            error = probe.exception() if not probe.cancelled() else RuntimeError("cancelled")
+            return ENGINE_DEAD if self.is_engine_dead else self._probe_failed(error)
+        self.num_probe_failures = 0
+        dead = [f"worker {i}: {answer}" for i, answer in enumerate(probe.result()) if answer]
+        return "KV transfer thread dead: " + "; ".join(dead) if dead else None
+
+    def _probe_failed(self, error: BaseException) -> str | None:
+        self.num_probe_failures += 1
+        self.num_probe_failures_total += 1
+        self.last_probe_error = f"no answer within {self._probe_timeout_s:.1f} s" \
+            if isinstance(error, TimeoutError) else f"{type(error).__name__}: {error}"
+        if self.num_probe_failures == 1:
+            logger.warning("workers did not answer a transfer health probe (%s); unhealthy "
+                           "after %d in a row", self.last_probe_error, self._max_probe_failures)
+        if self.num_probe_failures < self._max_probe_failures:
+            return None
+        return f"workers did not answer {self._max_probe_failures} transfer health probes " \
+            "in a row"
+
+    def _record(self, reason: str | None) -> None:
+        self.num_checks += 1
+        self.last_check_time = time.monotonic()
+        if reason is not None and reason != self._logged:
+            logger.error("replica unhealthy: %s", reason)
+            self._logged = reason
+        elif reason is None and self.reason is not None:
+            logger.warning("replica healthy again (was: %s)", self.reason)
+            self._logged = None
+        self.reason = reason

@@ -1,0 +1,242 @@
+"""One prefill peer of a decode worker: the thread that runs that peer's loads in order.
+
+Used by ``kvtransfer.consumer.ConsumerEndpoint`` (see its docstring for the threads). A
+``PeerChannel`` thread owns the peer's DEALER socket and link. One load:
+
+    HELLO -> WELCOME (first load, or after a drop): join the peer's TCPStore, build the link
+    PULL {transfer_id, first_block, num_blocks, tag}   (tag: fresh per pull)
+      <- ERROR unknown: retried for ``unknown_retry_s``; link: HELLO again, once
+      <- SENDING {transfer_id, num_bytes, tag}: must echo ours, and num_bytes must match
+    link.recv(buffer, tag); scatter into the local blocks; wait for the device
+    DONE (no reply)
+
+Every exception ends in a failed load, never in a dead thread. A failed load sends DONE through
+the endpoint's notifier (the prefill side frees the blocks now rather than at the lease's end).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from kvtransfer.blocks import KVLayout, empty_buffer, scatter_blocks
+from kvtransfer.link import DECODE_RANK, Link, LinkError, wait_for_device
+from kvtransfer.metadata import LoadSpec
+from kvtransfer.protocol import MAX_MESSAGE_BYTES, Codec, ErrorCode, MsgType, ProtocolError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+Address = tuple[str, int]
+UNKNOWN_RETRY_PAUSE_S = 0.02
+
+
+class TransferError(Exception):
+    """A load failed; ``drop`` says whether the socket and link are unusable now."""
+
+    def __init__(self, message: str, drop: bool = True) -> None:
+        super().__init__(message)
+        self.drop = drop
+
+
+@dataclasses.dataclass
+class LoadContext:
+    """What every channel of one endpoint shares (read-only, but for the locked counters)."""
+
+    peer_id: str
+    host: str
+    kv_caches: dict[str, torch.Tensor]
+    layout: KVLayout
+    device: torch.device
+    timeout_s: float
+    control_timeout_s: float
+    unknown_retry_s: float
+    idle_s: float
+    codec: Codec
+    zmq_ctx: zmq.Context
+    link_factory: Callable[..., Link]
+    next_tag: Callable[[], int]
+    on_result: Callable[[LoadSpec, bool, int], None]
+    notify: Callable[[Address, str], None]
+
+
+class PeerChannel:
+    def __init__(self, ctx: LoadContext, address: Address,
+                 forget: Callable[[Address, PeerChannel], bool]) -> None:
+        self._ctx = ctx
+        self.address = address
+        self._forget = forget
+        self._jobs: queue.SimpleQueue[LoadSpec | None] = queue.SimpleQueue()
+        self._sock: zmq.Socket | None = None
+        self._link: Link | None = None
+        self._dead_until = 0.0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"pdserve-kv-pull-{address[1]}")
+        self._thread.start()
+
+    @property
+    def accepts_jobs(self) -> bool:
+        return not self._stopping
+
+    @property
+    def has_jobs(self) -> bool:
+        return not self._jobs.empty()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, spec: LoadSpec) -> None:
+        self._jobs.put(spec)
+
+    def stop(self) -> None:
+        """Run what is queued, then close the socket and link and end the thread."""
+        self._stopping = True
+        self._jobs.put(None)
+
+    def join(self, timeout_s: float) -> bool:
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    # -- the channel's thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                try:
+                    spec = self._jobs.get(timeout=self._ctx.idle_s)
+                except queue.Empty:
+                    if self._forget(self.address, self):
+                        self._stopping = True
+                        return
+                    continue
+                if spec is None:
+                    return
+                self._run_load(spec)
+        finally:
+            self._drop()
+
+    def _run_load(self, spec: LoadSpec) -> None:
+        num_bytes, ok = 0, False
+        try:
+            num_bytes = self._load(spec)
+            ok = True
+        except Exception as e:  # a failed load must never end the thread or hang the request
+            drop = not isinstance(e, TransferError) or e.drop
+            logger.warning("KV load of transfer %s from %s:%d failed: %s", spec.transfer_id,
+                           *self.address, e)
+            if drop:
+                self._drop()
+            self._ctx.notify(self.address, spec.transfer_id)
+        self._ctx.on_result(spec, ok, num_bytes)
+
+    def _load(self, spec: LoadSpec) -> int:
+        ctx = self._ctx
+        if time.monotonic() < self._dead_until:
+            raise TransferError("the peer did not answer recently", drop=False)
+        tag = ctx.next_tag()
+        reply = self._pull(spec, tag)
+        buffer = empty_buffer(ctx.kv_caches, ctx.layout, len(spec.local_block_ids))
+        if reply["num_bytes"] != buffer.numel():
+            raise TransferError(f"peer sends {reply['num_bytes']} bytes, expected "
+                                f"{buffer.numel()}")
+        assert self._link is not None
+        self._link.recv(buffer, tag)
+        scatter_blocks(ctx.kv_caches, ctx.layout, spec.local_block_ids, buffer)
+        wait_for_device(ctx.device, time.monotonic() + ctx.timeout_s)
+        self._send(MsgType.DONE, transfer_id=spec.transfer_id)
+        return buffer.numel()
+
+    def _pull(self, spec: LoadSpec, tag: int) -> dict[str, Any]:
+        """PULL until SENDING; retry while the hold is not registered yet, re-pair once."""
+        ctx = self._ctx
+        give_up_at = time.monotonic() + ctx.unknown_retry_s
+        paired_again = False
+        while True:
+            self._connect()
+            self._send(MsgType.PULL, peer_id=ctx.peer_id, transfer_id=spec.transfer_id,
+                       first_block=spec.first_block, num_blocks=len(spec.local_block_ids),
+                       tag=tag)
+            kind, msg = self._recv()
+            if msg.get("transfer_id", spec.transfer_id) != spec.transfer_id or (
+                    kind is MsgType.SENDING and msg["tag"] != tag):
+                raise TransferError(f"a {kind.value} reply for transfer {msg.get('transfer_id')}"
+                                    f" tag {msg.get('tag')} answered our pull of "
+                                    f"{spec.transfer_id} tag {tag}: refused")
+            if kind is MsgType.SENDING:
+                return msg
+            if kind is not MsgType.ERROR:
+                raise TransferError(f"unexpected {kind.value} reply to a pull")
+            code = msg["code"]
+            if code is ErrorCode.UNKNOWN and time.monotonic() < give_up_at:
+                time.sleep(UNKNOWN_RETRY_PAUSE_S)
+                continue
+            if code is ErrorCode.LINK and not paired_again:
+                paired_again = True
+                self._drop()
+                continue
+            raise TransferError(f"prefill worker refused the pull ({code.value}): "
+                                f"{msg['message']}", drop=code is ErrorCode.LINK)
+
+    def _connect(self) -> None:
+        if self._sock is not None and self._link is not None:
+            return
+        import torch.distributed as dist
+
+        ctx = self._ctx
+        self._drop()
+        self._sock = sock = ctx.zmq_ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        sock.connect(f"tcp://{self.address[0]}:{self.address[1]}")
+        self._send(MsgType.HELLO, peer_id=ctx.peer_id, layout=ctx.layout.to_wire())
+        try:
+            kind, msg = self._recv()
+        except TransferError:
+            self._dead_until = time.monotonic() + ctx.control_timeout_s
+            raise
+        if kind is not MsgType.WELCOME:
+            raise TransferError(f"prefill worker refused the pairing: {msg.get('message')}")
+        store = dist.TCPStore(self.address[0], msg["store_port"], is_master=False,
+                              timeout=datetime.timedelta(seconds=ctx.timeout_s),
+                              wait_for_workers=False)
+        self._link = ctx.link_factory(store, msg["group"], DECODE_RANK, ctx.device, ctx.host,
+                                      ctx.timeout_s)
+
+    def _send(self, kind: MsgType, **fields: Any) -> None:
+        assert self._sock is not None
+        try:
+            self._sock.send(self._ctx.codec.encode(kind, **fields), zmq.NOBLOCK)
+        except zmq.Again as e:
+            raise TransferError(f"cannot send {kind.value}: the peer's queue is full") from e
+
+    def _recv(self) -> tuple[MsgType, dict[str, Any]]:
+        assert self._sock is not None
+        timeout_s = self._ctx.control_timeout_s
+        if not self._sock.poll(int(timeout_s * 1000)):
+            raise TransferError(f"no reply within {timeout_s} s")
+        try:
+            return self._ctx.codec.decode(self._sock.recv(zmq.NOBLOCK))
+        except (ProtocolError, zmq.ZMQError) as e:
+            raise TransferError(f"bad reply: {e}") from e
+
+    def _drop(self) -> None:
+        """Close the link and the socket (after a failure, or on exit)."""
+        link, self._link = self._link, None
+        sock, self._sock = self._sock, None
+        if link is not None:
+            try:
+                link.close()
+            except (LinkError, RuntimeError) as e:
+                logger.debug("closing a KV link failed: %s", e)
+        if sock is not None:
+            sock.close(linger=0)

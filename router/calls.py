@@ -1,0 +1,235 @@
+"""The ingress's calls to the prefill and decode replicas, with deadlines and retries.
+
+``ReplicaCalls.prefill`` runs the prompt on a prefill replica and returns its transfer
+parameters. A replica that fails, times out or answers 5xx is left out (``mark_failed``) and
+another is tried, up to ``prefill_retries`` more; with none left the decode replica prefills
+locally (``None``), counted as ``prefill_failed``, or ``busy`` when every replica tried answered
+503. A 4xx answer is the client's error and goes back as is.
+
+``ReplicaCalls.decode`` runs the request on a decode replica. A streaming call has
+``decode_first_token_timeout_s`` until its first chunk, a non-streaming one ``decode_timeout_s``
+for the whole call. A call that fails or times out before its first token is left out and
+retried on another decode replica (up to ``decode_retries``) with the same transfer parameters:
+if the first replica already took the blocks, the next one recomputes the prompt (vLLM's
+``kv_load_failure_policy="recompute"``). With no replica left the client gets a 503. After the
+first chunk a failure ends the stream with an OpenAI error event and ``data: [DONE]``.
+
+Every call is pinned to the replica the coordinator chose (``pin``, read by
+``router.serve_router``); ``None`` lets Ray Serve choose (no replica known yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from cluster.engine import error_body
+from router.coordinator import RoutingCoordinator
+from router.openai_api import status_of
+from router.policy import RoutingContext
+
+logger = logging.getLogger(__name__)
+DONE_EVENT = "data: [DONE]\n\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class CallLimits:
+    prefill_timeout_s: float = 120.0
+    prefill_retries: int = 1
+    decode_timeout_s: float = 600.0
+    decode_first_token_timeout_s: float = 120.0
+    decode_retries: int = 1
+
+
+class CallFailed(Exception):
+    """A replica call failed in a way another replica may absorb (``is_busy``: a 503)."""
+
+    def __init__(self, reason: str, is_busy: bool = False) -> None:
+        super().__init__(reason)
+        self.is_busy = is_busy
+
+
+def error_event(status: int, message: str, type_: str) -> str:
+    """An OpenAI-style error as a server-sent event, as vLLM's server streams one."""
+    return f"data: {json.dumps(error_body(status, message, type_))}\n\n"
+
+
+def unavailable(role: str) -> JSONResponse:
+    return JSONResponse(error_body(503, f"no {role} replica could serve the request; retry "
+                                   "later", "ServiceUnavailableError"), status_code=503)
+
+
+def _check_answer(result: Any) -> Any:
+    """``result`` unless it is a 5xx error body (an engine that failed, or 503 busy)."""
+    status = status_of(result)
+    if status >= 500:
+        message = result["error"].get("message", "") if isinstance(result, dict) else ""
+        raise CallFailed(f"answered {status}: {str(message)[:200]}", is_busy=status == 503)
+    return result
+
+
+class ReplicaCalls:
+    def __init__(self, prefill: Any, decode: Any, coordinator: RoutingCoordinator,
+                 limits: CallLimits) -> None:
+        self._prefill = prefill
+        self._decode = decode
+        self._coordinator = coordinator
+        self.limits = limits
+
+    # -- prefill ------------------------------------------------------------------------------
+
+    async def prefill(self, kind: str, body: dict[str, Any], ctx: RoutingContext,
+                      pin: str | None, used: list[str]) -> dict[str, Any] | Response | None:
+        """Transfer parameters, a client error to return as is, or None to prefill on decode.
+
+        ``body`` is what the prefill engine runs for one prompt (never several: one transfer
+        id serves one engine request)."""
+        tried: list[str | None] = []
+        is_all_busy = True
+        for _ in range(1 + self.limits.prefill_retries):
+            try:
+                result = await self._prefill_once(kind, body, pin)
+            except CallFailed as e:
+                is_all_busy = is_all_busy and e.is_busy
+                self._failed("prefill", pin, e)
+                tried.append(pin)
+                retry = self._coordinator.choose_prefill(ctx, exclude=tried)
+                if retry is None:
+                    break
+                pin = retry.replica_id
+                continue
+            if pin is not None and not isinstance(result, Response):
+                used.append(pin)
+            return result
+        self._coordinator.count_local_prefill("busy" if is_all_busy else "prefill_failed")
+        return None
+
+    async def _prefill_once(self, kind: str, body: dict[str, Any],
+                            pin: str | None) -> dict[str, Any] | Response:
+        transfer_id = uuid.uuid4().hex
+        response = self._prefill.prefill.remote(kind, body, transfer_id, pin=pin)
+        result = _check_answer(await self._bounded(response, self.limits.prefill_timeout_s))
+        status = status_of(result)
+        if 400 <= status < 500:
+            return JSONResponse(result, status_code=status)
+        if not isinstance(result, dict) or not result.get("kv_transfer_params"):
+            raise CallFailed(f"answered without transfer parameters: {str(result)[:200]}")
+        return result["kv_transfer_params"]
+
+    # -- decode -------------------------------------------------------------------------------
+
+    async def decode(self, kind: str, body: dict[str, Any], kv_params: dict[str, Any] | None,
+                     ctx: RoutingContext, pin: str | None, used: list[str]) -> Response:
+        """The client's response from the first decode replica that starts answering.
+
+        Calls ``coordinator.done(ctx, used)`` once the request is over (for a stream: when it
+        ends or the client leaves)."""
+        try:
+            return await self._decode_attempts(kind, body, kv_params, ctx, pin, used)
+        except asyncio.CancelledError:  # the client went away
+            self._coordinator.done(ctx, used)
+            raise
+
+    async def _decode_attempts(self, kind: str, body: dict[str, Any],
+                               kv_params: dict[str, Any] | None, ctx: RoutingContext,
+                               pin: str | None, used: list[str]) -> Response:
+        tried: list[str | None] = []
+        for attempt in range(1 + self.limits.decode_retries):
+            if attempt:
+                retry = self._coordinator.choose_decode(ctx, exclude=tried)
+                if retry is None:
+                    break
+                pin = retry.replica_id
+                self._coordinator.count_decode_retry()
+            try:
+                if body.get("stream"):
+                    return await self._stream(kind, body, kv_params, ctx, pin, used)
+                result = await self._bounded(
+                    self._decode.generate.remote(kind, body, kv_params, pin=pin),
+                    self.limits.decode_timeout_s)
+                result = _check_answer(result)
+            except CallFailed as e:
+                self._failed("decode", pin, e)
+                tried.append(pin)
+                continue
+            used.extend([pin] if pin else [])
+            self._coordinator.done(ctx, used)
+            return JSONResponse(result, status_code=status_of(result))
+        self._coordinator.done(ctx, used)
+        return unavailable("decode")
+
+    async def _stream(self, kind: str, body: dict[str, Any], kv_params: dict[str, Any] | None,
+                      ctx: RoutingContext, pin: str | None, used: list[str]) -> Response:
+        gen = self._decode.options(stream=True).generate_stream.remote(
+            kind, body, kv_params, pin=pin)
+        try:
+            first = _check_answer(await self._bounded(
+                gen.__anext__(), self.limits.decode_first_token_timeout_s, gen))
+        except BaseException:
+            gen.cancel()
+            raise
+        if isinstance(first, dict):  # the engine refused the request: a client error
+            gen.cancel()
+            self._coordinator.done(ctx, used)
+            return JSONResponse(first, status_code=status_of(first))
+        used.extend([pin] if pin else [])
+        return StreamingResponse(self._relay(first, gen, ctx, pin, used),
+                                 media_type="text/event-stream")
+
+    async def _relay(self, first: str, gen: Any, ctx: RoutingContext, pin: str | None,
+                     used: list[str]) -> AsyncIterator[str]:
+        """The stream after its first chunk; a failure ends it with an error event."""
+        num_chunks = 1
+        try:
+            yield first
+            async for chunk in gen:
+                if isinstance(chunk, dict):  # an error body mid-stream
+                    yield error_event(status_of(chunk), str(chunk["error"].get("message")),
+                                      str(chunk["error"].get("type")))
+                    yield DONE_EVENT
+                    return
+                num_chunks += 1
+                yield chunk
+        except Exception as e:  # the replica died mid-stream: say so, never cut silently
+            self._failed("decode", pin, CallFailed(f"{type(e).__name__}: {e}"))
+            logger.warning("decode stream on %s failed after %d chunks", pin, num_chunks)
+            yield error_event(503, f"the decode replica failed after {num_chunks} chunks",
+                              "ServiceUnavailableError")
+            yield DONE_EVENT
+        finally:
+            gen.cancel()  # a client that went away must not leave the request running
+            self._coordinator.done(ctx, used)
+
+    # -- shared -------------------------------------------------------------------------------
+
+    @staticmethod
+    async def _bounded(awaitable: Any, timeout_s: float, owner: Any = None) -> Any:
+        """Await a replica call for at most ``timeout_s``; any failure becomes ``CallFailed``.
+        The call is cancelled when it fails or the client goes away."""
+        owner = awaitable if owner is None else owner
+        try:
+            return await asyncio.wait_for(awaitable, timeout_s)
+        except asyncio.CancelledError:
+            owner.cancel()  # the client went away: abort the call too
+            raise
+        except asyncio.TimeoutError:
+            owner.cancel()
+            raise CallFailed(f"no answer within {timeout_s:g} s") from None
+        except StopAsyncIteration:
+            raise CallFailed("the stream ended before its first chunk") from None
+        except Exception as e:  # replica died, actor unavailable, backpressure...
+            owner.cancel()
+            raise CallFailed(f"{type(e).__name__}: {e}",
+                             is_busy=type(e).__name__ == "BackPressureError") from None
+
+    def _failed(self, role: str, pin: str | None, error: CallFailed) -> None:
+        logger.debug("%s call on %s failed: %s", role, pin, error)
+        if pin is not None:
+            self._coordinator.mark_failed(role, pin, str(error), is_busy=error.is_busy)

@@ -1,0 +1,70 @@
+"""The vLLM worker extension that answers transfer health probes, and the flags that load it."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.worker_health import EXTENSION_CLS, PROBE_METHOD, TransferHealth
+
+
+class FakeWorkerSide:
+    def __init__(self, reason: str | None) -> None:
+        self.reason = reason
+
+    def health(self) -> str | None:
+        return self.reason
+
+
+class FakeConnector:
+    def __init__(self, worker_side) -> None:
+        self.worker_side = worker_side
+
+
+@pytest.fixture
+def connector_slot(monkeypatch):
+    from vllm.distributed.kv_transfer import kv_transfer_state
+
+    def install(connector) -> None:
+        monkeypatch.setattr(kv_transfer_state, "_KV_CONNECTOR_AGENT", connector)
+
+    return install
+
+
+@pytest.mark.parametrize("reason", [None, "producer thread died"])
+def test_probe_returns_the_worker_sides_health(connector_slot, reason) -> None:
+    connector_slot(FakeConnector(FakeWorkerSide(reason)))
+    assert getattr(TransferHealth(), PROBE_METHOD)() == reason
+
+
+def test_probe_without_a_connector_is_a_reason(connector_slot) -> None:
+    connector_slot(None)
+    assert "not initialized" in TransferHealth().pdserve_transfer_health()
+    connector_slot(FakeConnector(None))
+    assert "no worker side" in TransferHealth().pdserve_transfer_health()
+
+
+def test_extension_fits_vllms_worker_classes() -> None:
+    """vLLM refuses an extension with an attribute its worker class already has, and resolves
+    the dotted name with importlib."""
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    assert resolve_obj_by_qualname(EXTENSION_CLS) is TransferHealth
+    own = [a for a in dir(TransferHealth) if not a.startswith("__")]
+    assert own == [PROBE_METHOD]
+    assert not hasattr(CPUWorker, PROBE_METHOD)
+
+
+def test_engine_flags_load_the_extension_and_bind_first_kv_events() -> None:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from cluster.engine import engine_flags, kv_transfer_config, parse_flags
+    from deploy.config import EngineConfig
+
+    flags = engine_flags(EngineConfig(), kv_transfer_config("kv_producer", {}), kv_events=True)
+    args = AsyncEngineArgs.from_cli_args(parse_flags(flags))
+    assert args.worker_extension_cls == EXTENSION_CLS
+    events = args.kv_events_config
+    assert (events.endpoint, events.replay_endpoint) == ("tcp://*:0", "tcp://*:0")
+    plain = engine_flags(EngineConfig(), None)
+    assert "--worker-extension-cls" not in plain and "--kv-events-config" not in plain

@@ -1,0 +1,545 @@
+"""The ingress (router/app.py) behind a real FastAPI app, with fake prefill and decode handles.
+
+The fakes mimic Ray Serve's ``DeploymentHandle``: ``handle.prefill.remote(...)`` returns an
+awaitable with ``.cancel()``; ``handle.options(stream=True).generate_stream.remote(...)`` an
+async iterator with ``.cancel()``. Like ``router.serve_router`` they report their replicas to
+the coordinator and honour the ``pin`` keyword, and they record every call, so the tests assert
+the route each request took (which replica every call was pinned to), not only the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import router.coordinator
+from deploy.config import API_KEY_ENV, RouterConfig
+from router.app import ROUTES, PDRouter
+from router.openai_api import install_openapi
+
+MODEL = "tiny"
+VOCAB_SIZE = 64
+WORDS = ["hello", "world", "the", "cat", "sat", "on", "mat", "user", "assistant", ":"]
+TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }} : {{ m['content'] }}{% endfor %}"
+            "{% if add_generation_prompt %}<s>assistant :{% endif %}")
+KEY = "sk-test-key"
+
+
+def build_model_dir(path: Path) -> Path:
+    """A tokenizer (word level, with a chat template) and a config.json with vocab_size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>", chat_template=TEMPLATE).save_pretrained(path)
+    (path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": VOCAB_SIZE, "hidden_size": 64,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 128}))
+    return path
+
+
+# -- fake Ray Serve handles -------------------------------------------------------------------
+
+def chunk(text: str) -> str:
+    return "data: " + json.dumps({"choices": [{"index": 0, "text": text}]}) + "\n\n"
+
+
+def error(status: int) -> dict[str, Any]:
+    return {"error": {"message": f"engine says {status}", "type": "X", "param": None,
+                      "code": status}}
+
+
+class FakeResponse:
+    """An awaitable with ``cancel()``, like ``DeploymentResponse``."""
+
+    def __init__(self, coro: Any) -> None:
+        self._task = asyncio.ensure_future(coro)
+        self.is_cancelled = False
+
+    def __await__(self):
+        return self._task.__await__()
+
+    def cancel(self) -> None:
+        self.is_cancelled = True
+        self._task.cancel()
+
+
+class FakeStream:
+    """An async iterator with ``cancel()``, like ``DeploymentResponseGenerator``."""
+
+    def __init__(self, agen: AsyncIterator[Any]) -> None:
+        self._agen = agen
+        self.is_cancelled = False
+
+    def __aiter__(self) -> FakeStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self._agen.__anext__()
+
+    def cancel(self) -> None:
+        self.is_cancelled = True
+
+
+class FakePool:
+    """A deployment handle over fake replicas; ``behaviour[replica_id]`` says what each does:
+    ok, raise, hang, busy (503), error500, client_error (400); for streams also midfail
+    (one chunk, then the replica dies) and empty."""
+
+    def __init__(self, role: str, loads: dict[str, int], stream: bool = False,
+                 shared: FakePool | None = None) -> None:
+        self.role = role
+        self.loads = loads
+        self.stream = stream
+        self.behaviour: dict[str, str] = shared.behaviour if shared else dict.fromkeys(loads, "ok")
+        self.calls: list[dict[str, Any]] = shared.calls if shared else []
+        self._shared = shared
+
+    def options(self, stream: bool = False) -> FakePool:
+        return FakePool(self.role, self.loads, stream, shared=self)
+
+    def __getattr__(self, method: str) -> Any:
+        if method.startswith("_"):
+            raise AttributeError(method)
+        return _Method(self, method)
+
+    def observe(self) -> None:
+        coordinator = router.coordinator.get_coordinator()
+        coordinator.observe(self.role, {rid: {"num_running": n} for rid, n in self.loads.items()})
+
+    @property
+    def pins(self) -> list[str | None]:
+        return [c["pin"] for c in self.calls]
+
+
+class _Method:
+    def __init__(self, pool: FakePool, name: str) -> None:
+        self._pool, self._name = pool, name
+
+    def remote(self, *args: Any, pin: str | None = None) -> Any:
+        pool = self._pool
+        pool.observe()
+        replica = pin if pin in pool.loads else min(pool.loads, key=pool.loads.get)
+        if self._name == "record_routing_stats":  # the ingress's refresher: not recorded
+            return FakeResponse(_value({}))
+        call = {"method": self._name, "pin": pin, "replica": replica, "args": args}
+        pool.calls.append(call)
+        mode = pool.behaviour[replica]
+        if pool.stream:
+            stream = FakeStream(_stream(mode, replica))
+            call["stream"] = stream
+            return stream
+        response = FakeResponse(_answer(mode, replica, self._name, args))
+        call["response"] = response
+        return response
+
+
+async def _value(value: Any) -> Any:
+    return value
+
+
+async def _answer(mode: str, replica: str, method: str, args: tuple) -> Any:
+    await asyncio.sleep(0)
+    if mode == "raise":
+        raise RuntimeError(f"replica {replica} died")
+    if mode == "hang":
+        await asyncio.sleep(3600)
+    if mode in ("busy", "error500", "client_error"):
+        return error({"busy": 503, "error500": 500, "client_error": 400}[mode])
+    if method == "prefill":
+        return {"kv_transfer_params": {"transfer_id": args[2], "from": replica}}
+    return {"choices": [{"index": 0, "text": f"by {replica}"}], "kv": args[2]}
+
+
+async def _stream(mode: str, replica: str) -> AsyncIterator[Any]:
+    await asyncio.sleep(0)
+    if mode == "raise":
+        raise RuntimeError(f"replica {replica} died")
+    if mode == "hang":
+        await asyncio.sleep(3600)
+    if mode in ("busy", "error500", "client_error"):
+        yield error({"busy": 503, "error500": 500, "client_error": 400}[mode])
+        return
+    if mode == "empty":
+        return
+    yield chunk(f"by {replica} ")
+    if mode == "midfail":
+        raise RuntimeError(f"replica {replica} died mid-stream")
+    yield chunk("more")
+    yield "data: [DONE]\n\n"
+
+
+# -- the app ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return build_model_dir(tmp_path_factory.mktemp("model"))
+
+
+def make_app(model_dir: Path, monkeypatch, **ingress: Any):
+    """A FastAPI app over a fresh ``PDRouter`` with prefill p0, p1 and decode d0, d1 (the
+    *0 replicas less loaded, so chosen first); every cold request goes through prefill."""
+    from fastapi import FastAPI
+
+    monkeypatch.setattr(router.coordinator, "_coordinator", None)
+    prefill = FakePool("prefill", {"p0": 0, "p1": 5})
+    decode = FakePool("decode", {"d0": 0, "d1": 5})
+    coordinator = {"block_size": 4, "prefill_policy": "least_loaded",
+                   "decode_policy": "least_loaded", "failed_replica_s": 30.0,
+                   "busy_replica_s": 0.5,
+                   "pairing": {"local_prefill_max_uncached_tokens": 0,
+                               "local_prefill_cost_factor": 0}}
+    coordinator.update(ingress.pop("coordinator", {}))
+    ingress = {"decode_first_token_timeout_s": 0.3, "decode_timeout_s": 0.3, **ingress}
+    pd = PDRouter(prefill, decode, MODEL, str(model_dir), 1024, 0.3, 1, coordinator, ingress)
+    prefill.observe()
+    decode.observe()
+    app = FastAPI(title="pdserve")
+    for method, path, name in ROUTES:
+        app.add_api_route(path, getattr(pd, name), methods=[method])
+    install_openapi(app)
+    return app, pd, prefill, decode
+
+
+class Harness:
+    def __init__(self, app, pd: PDRouter, prefill: FakePool, decode: FakePool) -> None:
+        self.app, self.pd, self.prefill, self.decode = app, pd, prefill, decode
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                        base_url="http://router")
+
+    async def routing(self, **kw: Any) -> dict[str, Any]:
+        return (await self.client.get("/routing", **kw)).json()
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        if self.pd._refresher is not None:
+            self.pd._refresher.cancel()
+        self.pd.coordinator.events.close()
+
+
+@pytest.fixture
+async def make(model_dir, monkeypatch):
+    harnesses: list[Harness] = []
+
+    def factory(**ingress: Any) -> Harness:
+        harnesses.append(Harness(*make_app(model_dir, monkeypatch, **ingress)))
+        return harnesses[-1]
+
+    yield factory
+    for h in harnesses:
+        await h.close()
+
+
+@pytest.fixture
+async def h(make) -> Harness:
+    return make()
+
+
+def completion(prompt: Any = "hello world the cat", **kw: Any) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": prompt, "max_tokens": 4, **kw}
+
+
+def sse_events(text: str) -> list[Any]:
+    return [line[len("data: "):] if line == "data: [DONE]" else json.loads(line[len("data: "):])
+            for line in text.split("\n\n") if line.startswith("data: ")]
+
+
+# -- the route --------------------------------------------------------------------------------
+
+async def test_transfer_path_pins_both_calls(h) -> None:
+    r = await h.client.post("/v1/completions", json=completion())
+    assert r.status_code == 200, r.text
+    assert (h.prefill.pins, h.decode.pins) == (["p0"], ["d0"])
+    (_, body, transfer_id), kv = h.prefill.calls[0]["args"], h.decode.calls[0]["args"][2]
+    assert body == {"model": MODEL, "prompt": [3, 4, 5, 6]}  # tokenized once, at the router
+    assert kv == {"transfer_id": transfer_id, "from": "p0"}
+    assert r.json()["choices"][0]["text"] == "by d0"
+    assert (await h.routing())["local_prefills"] == {}
+
+
+async def test_prefill_failure_is_retried_on_the_other_replica(h) -> None:
+    h.prefill.behaviour["p0"] = "raise"
+    r = await h.client.post("/v1/completions", json=completion())
+    assert r.status_code == 200, r.text
+    assert h.prefill.pins == ["p0", "p1"] and h.prefill.calls[0]["response"].is_cancelled
+    assert h.decode.calls[0]["args"][2]["from"] == "p1"
+    state = await h.routing()
+    assert set(state["failed_replicas"]["prefill"]) == {"p0"}
+    assert 29 < state["failed_replicas"]["prefill"]["p0"] <= 30
+    assert state["replica_failures"] == {"prefill": 1} and state["local_prefills"] == {}
+    assert set(state["replicas"]["prefill"]) == {"p0", "p1"}  # still listed by Ray Serve
+    # The failed replica is left out: the next request goes straight to p1.
+    r = await h.client.post("/v1/completions", json=completion("the mat"))
+    assert r.status_code == 200 and h.prefill.pins == ["p0", "p1", "p1"]
+
+
+async def test_prefill_timeout_is_retried(h) -> None:
+    h.prefill.behaviour["p0"] = "hang"
+    r = await h.client.post("/v1/completions", json=completion())
+    assert r.status_code == 200, r.text
+    assert h.prefill.pins == ["p0", "p1"] and h.prefill.calls[0]["response"].is_cancelled
+
+
+@pytest.mark.parametrize(("modes", "reason", "failures"), [
+    (("raise", "error500"), "prefill_failed", {"prefill": 2}),
+    (("busy", "busy"), "busy", {}),
+    (("busy", "raise"), "prefill_failed", {"prefill": 1}),
+])
+async def test_every_prefill_failing_prefills_on_decode(h, modes, reason, failures) -> None:
+    h.prefill.behaviour.update(zip(("p0", "p1"), modes, strict=True))
+    r = await h.client.post("/v1/completions", json=completion())
+    assert r.status_code == 200, r.text
+    assert h.prefill.pins == ["p0", "p1"]
+    assert h.decode.pins == ["d0"] and h.decode.calls[0]["args"][2] is None  # no transfer
+    state = await h.routing()
+    assert state["local_prefills"] == {reason: 1}
+    assert state["replica_failures"] == failures
+
+
+async def test_busy_prefill_replicas_are_left_out_only_briefly(h) -> None:
+    h.prefill.behaviour.update(p0="busy", p1="busy")
+    await h.client.post("/v1/completions", json=completion())
+    left = (await h.routing())["failed_replicas"]["prefill"]
+    assert set(left) == {"p0", "p1"} and max(left.values()) <= 0.5
+    h.prefill.behaviour.update(p0="ok", p1="ok")
+    await h.client.post("/v1/completions", json=completion())  # both still out: local
+    await asyncio.sleep(0.55)
+    await h.client.post("/v1/completions", json=completion("the mat"))  # not on d0 yet
+    assert h.prefill.pins == ["p0", "p1", "p0"]
+    assert (await h.routing())["local_prefills"] == {"busy": 1, "no_prefill_replica": 1}
+
+
+async def test_no_prefill_replica_is_counted(h) -> None:
+    h.prefill.loads.clear()
+    h.prefill.observe()
+    r = await h.client.post("/v1/completions", json=completion())
+    assert r.status_code == 200 and h.prefill.pins == [] and h.decode.pins == ["d0"]
+    assert (await h.routing())["local_prefills"] == {"no_prefill_replica": 1}
+
+
+async def test_prefill_client_error_is_returned_as_is(h) -> None:
+    h.prefill.behaviour["p0"] = "client_error"
+    r = await h.client.post("/v1/completions", json=completion())
+    assert r.status_code == 400 and r.json()["error"]["code"] == 400
+    assert (h.prefill.pins, h.decode.pins) == (["p0"], [])
+
+
+# -- decode failures --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["raise", "hang", "error500", "busy"])
+async def test_decode_failure_is_retried_with_the_same_transfer(h, mode) -> None:
+    h.decode.behaviour["d0"] = mode
+    r = await h.client.post("/v1/completions", json=completion())
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == "by d1"
+    assert h.prefill.pins == ["p0"] and h.decode.pins == ["d0", "d1"]
+    kv = [c["args"][2] for c in h.decode.calls]
+    assert kv[0] == kv[1] and kv[0]["from"] == "p0"
+    state = await h.routing()
+    assert state["decode_retries"] == 1
+    assert state["replica_failures"] == ({} if mode == "busy" else {"decode": 1})
+    assert "d0" in state["failed_replicas"]["decode"]
+
+
+@pytest.mark.parametrize("mode", ["raise", "hang", "error500", "empty"])
+async def test_stream_failing_before_its_first_chunk_is_retried(h, mode) -> None:
+    h.decode.behaviour["d0"] = mode
+    r = await h.client.post("/v1/completions", json=completion(stream=True))
+    assert r.status_code == 200, r.text
+    events = sse_events(r.text)
+    assert [e["choices"][0]["text"] for e in events[:-1]] == ["by d1 ", "more"]
+    assert events[-1] == "[DONE]"
+    assert h.decode.pins == ["d0", "d1"]
+    assert h.decode.calls[0]["args"][2] == h.decode.calls[1]["args"][2]
+    assert h.decode.calls[0]["stream"].is_cancelled or mode == "empty"
+    assert (await h.routing())["decode_retries"] == 1
+
+
+async def test_stream_failing_after_its_first_chunk_ends_with_an_error_event(h) -> None:
+    h.decode.behaviour["d0"] = "midfail"
+    r = await h.client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hello"}], "stream": True})
+    assert r.status_code == 200
+    events = sse_events(r.text)
+    assert events[0]["choices"][0]["text"] == "by d0 "
+    assert events[1]["error"]["code"] == 503 and "decode replica failed" in \
+        events[1]["error"]["message"]
+    assert events[2] == "[DONE]" and len(events) == 3
+    assert h.decode.pins == ["d0"]  # no retry after the first token
+    assert h.decode.calls[0]["stream"].is_cancelled
+    assert "d0" in (await h.routing())["failed_replicas"]["decode"]
+
+
+async def test_decode_client_error_in_a_stream_is_returned_as_is(h) -> None:
+    h.decode.behaviour["d0"] = "client_error"
+    r = await h.client.post("/v1/completions", json=completion(stream=True))
+    assert r.status_code == 400 and h.decode.pins == ["d0"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_no_decode_replica_left_is_a_503(h, stream) -> None:
+    h.decode.behaviour.update(d0="raise", d1="raise")
+    r = await h.client.post("/v1/completions", json=completion(stream=stream))
+    assert r.status_code == 503
+    assert r.json()["error"]["type"] == "ServiceUnavailableError"
+    assert h.decode.pins == ["d0", "d1"]
+
+
+async def test_failed_decode_replica_is_left_out_then_taken_back(make) -> None:
+    h = make(coordinator={"failed_replica_s": 0.4})
+    h.decode.behaviour["d0"] = "raise"
+    await h.client.post("/v1/completions", json=completion())
+    h.decode.behaviour["d0"] = "ok"
+    await h.client.post("/v1/completions", json=completion())
+    assert h.decode.pins == ["d0", "d1", "d1"]  # left out
+    await asyncio.sleep(0.45)
+    await h.client.post("/v1/completions", json=completion())
+    assert h.decode.pins[-1] == "d0"  # taken back after its failed period
+    # A replacement (new id) is chosen at once; the replica it replaced is forgotten.
+    h.decode.behaviour["d0"] = "raise"
+    await h.client.post("/v1/completions", json=completion())
+    assert h.decode.pins[-2:] == ["d0", "d1"]
+    del h.decode.loads["d0"]
+    h.decode.loads["d2"] = 0
+    h.decode.behaviour["d2"] = "ok"
+    h.decode.observe()
+    assert (await h.routing())["failed_replicas"]["decode"] == {}
+    await h.client.post("/v1/completions", json=completion())
+    assert h.decode.pins[-1] == "d2"
+
+
+# -- several engine requests ------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra", [
+    {"prompt": ["hello world", "the cat"]},
+    {"prompt": [[3, 4], [5, 6, 7]]},
+    {"n": 2},
+    {"best_of": 2},
+    {"use_beam_search": True, "n": 2},
+])
+async def test_batch_requests_prefill_on_decode(h, extra) -> None:
+    body = {**completion(), **extra}
+    r = await h.client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert h.prefill.pins == []  # never one transfer id for several engine requests
+    (call,) = h.decode.calls
+    assert call["pin"] == "d0" and call["args"][2] is None
+    assert call["args"][1]["prompt"] == body["prompt"]
+    assert (await h.routing())["local_prefills"] == {"batch": 1}
+
+
+async def test_chat_with_n2_prefills_on_decode(h) -> None:
+    r = await h.client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hello"}], "n": 2})
+    assert r.status_code == 200 and h.prefill.pins == [] and h.decode.pins == ["d0"]
+    assert (await h.routing())["local_prefills"] == {"batch": 1}
+
+
+async def test_a_list_of_one_prompt_is_one_prompt(h) -> None:
+    r = await h.client.post("/v1/completions", json=completion(["hello world"]))
+    assert r.status_code == 200 and h.prefill.pins == ["p0"]
+    assert h.prefill.calls[0]["args"][1]["prompt"] == [3, 4]
+
+
+# -- security and input -----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
+    ("GET", "/routing")])
+@pytest.mark.parametrize("header", [None, "Bearer wrong", "sk-test-key", "Basic sk-test-key"])
+async def test_api_key_is_required(make, method, path, header) -> None:
+    h = make(api_key=KEY)
+    headers = {"Authorization": header} if header else {}
+    r = await h.client.request(method, path, json=completion(), headers=headers)
+    assert r.status_code == 401
+    assert r.json()["error"]["type"] == "AuthenticationError"
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert KEY not in r.text
+    assert h.prefill.pins == [] and h.decode.pins == []
+
+
+async def test_right_api_key_passes_and_health_stays_open(make) -> None:
+    h = make(api_key=KEY)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = await h.client.post("/v1/completions", json=completion(), headers=auth)
+    assert r.status_code == 200 and h.decode.pins == ["d0"]
+    assert (await h.client.get("/v1/models", headers=auth)).status_code == 200
+    assert (await h.client.get("/routing", headers=auth)).status_code == 200
+    assert (await h.client.get("/health")).status_code == 200
+    assert KEY not in repr(h.pd.settings)
+
+
+def test_api_key_comes_from_config_or_environment(monkeypatch) -> None:
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert RouterConfig().ingress_settings()["api_key"] is None
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert RouterConfig().ingress_settings()["api_key"] == "from-env"
+    config = RouterConfig(api_key="from-config")
+    assert config.ingress_settings()["api_key"] == "from-config"
+    assert "from-config" not in repr(config) and "from-config" not in str(config.model_dump())
+
+
+async def test_body_over_the_limit_is_a_413(make) -> None:
+    h = make(max_request_bytes=200)
+    big = completion("hello " * 100)
+    r = await h.client.post("/v1/completions", json=big)  # Content-Length says it
+    assert r.status_code == 413 and r.json()["error"]["code"] == 413
+
+    async def chunks():  # no Content-Length: counted while read
+        data = json.dumps(big).encode()
+        for i in range(0, len(data), 50):
+            yield data[i:i + 50]
+
+    r = await h.client.post("/v1/completions", content=chunks(),
+                            headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+    r = await h.client.post("/v1/completions", content=b"{}",
+                            headers={"Content-Length": "lots"})
+    assert r.status_code == 400
+    assert (await h.client.post("/v1/completions", json=completion())).status_code == 200
+    assert h.prefill.pins == ["p0"]
+
+
+@pytest.mark.parametrize("template", [{"chat_template": "{{ 'pwned' }}"},
+                                      {"chat_template_kwargs": {"chat_template": "{{ 1 }}"}}])
+async def test_request_chat_template_is_refused(make, template) -> None:
+    h = make()
+    body = {"messages": [{"role": "user", "content": "hello"}], **template}
+    r = await h.client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template"
+    assert h.decode.pins == []
+    allowed = make(allow_request_chat_template=True)
+    r = await allowed.client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200 and allowed.decode.pins == ["d0"]
+
+
+@pytest.mark.parametrize("prompt", [[3, VOCAB_SIZE], [[3, 4], [5, 1000]]])
+async def test_token_ids_outside_the_vocabulary_are_a_400(h, prompt) -> None:
+    r = await h.client.post("/v1/completions", json=completion(prompt))
+    assert r.status_code == 400
+    bad = prompt[-1] if isinstance(prompt[-1], int) else prompt[-1][-1]
+    assert f"token id {bad}" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "prompt"
+    assert h.prefill.pins == [] and h.decode.pins == []
+
+
+async def test_openapi_describes_both_request_bodies(h) -> None:
+    schema = (await h.client.get("/openapi.json")).json()
+    components = schema["components"]["schemas"]
+    for path, model in (("/v1/completions", "CompletionRequest"),
+                        ("/v1/chat/completions", "ChatCompletionRequest")):
+        body = schema["paths"][path]["post"]["requestBody"]
+        assert body["content"]["application/json"]["schema"] == {
+            "$ref": f"#/components/schemas/{model}"}
+        assert "max_tokens" in components[model]["properties"]
+    assert "messages" in components["ChatCompletionRequest"]["required"]
+    assert "requestBody" not in schema["paths"]["/v1/models"]["get"]

@@ -1,0 +1,213 @@
+"""DecodeServer: streams never end silently, failures before the first token raise, and a
+transfer nobody will pull is released (fake engine, no vLLM engine)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+import decode.server as decode_server
+from cluster.engine import EngineServer, StatsSnapshot, error_body
+from cluster.worker_health import EngineHealth, UnhealthyError
+from decode.server import DONE_EVENT, DecodeServer, EngineStreamError, sse_error
+
+PARAMS = {"do_remote_prefill": True, "transfer_id": "t1", "remote_host": "127.0.0.1",
+          "remote_ports": [5555], "remote_block_ids": [1, 2]}
+CHUNK = 'data: {"id": "c", "choices": [{"text": "a"}]}\n\n'
+VLLM_ERROR_EVENT = "data: " + json.dumps(error_body(500, "engine boom",
+                                                    "InternalServerError")) + "\n\n"
+
+
+class DeadEngineError(RuntimeError):
+    pass
+
+
+class FakeEngine:
+    """An OpenAIEngine whose ``call`` returns a scripted body or stream."""
+
+    def __init__(self, result: Any = None, call_error: Exception | None = None) -> None:
+        self.result = result
+        self.call_error = call_error
+        self.errored = False
+        self.stats = StatsSnapshot()
+        self.health = EngineHealth(self, probe_workers=False)
+        self.kv_events_endpoint = self.kv_events_replay_endpoint = None
+        self.bodies: list[dict] = []
+        self.streams: list[Stream] = []
+
+    @property
+    def is_dead(self) -> bool:
+        return self.errored
+
+    async def check_health(self) -> None:
+        pass
+
+    async def call(self, kind: str, body: dict) -> Any:
+        self.bodies.append(body)
+        if self.call_error is not None:
+            raise self.call_error
+        if callable(self.result):
+            stream = Stream(self.result(self))
+            self.streams.append(stream)
+            return stream
+        return self.result
+
+
+class Stream:
+    """An async generator's surface (``__aiter__``, ``__anext__``, ``aclose``), recording
+    whether it was closed."""
+
+    def __init__(self, gen) -> None:
+        self._gen = gen
+        self.closed = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await self._gen.aclose()
+
+
+def chunks(*items, die_after: int | None = None, error: Exception | None = None):
+    """A stream factory: yields ``items``; raises ``error`` after ``die_after`` of them (the
+    engine dies first when ``error`` is a DeadEngineError)."""
+    async def gen(engine):
+        for i, item in enumerate(items):
+            if die_after is not None and i == die_after:
+                if isinstance(error, DeadEngineError):
+                    engine.errored = True
+                raise error
+            yield item
+        if die_after is not None and die_after >= len(items):
+            if isinstance(error, DeadEngineError):
+                engine.errored = True
+            raise error
+    return gen
+
+
+@pytest.fixture
+def released(monkeypatch) -> list[dict]:
+    calls: list[dict] = []
+    monkeypatch.setattr(decode_server, "release_transfer", lambda params: calls.append(params))
+    return calls
+
+
+async def collect(server: DecodeServer, params=PARAMS) -> list:
+    return [c async for c in server.generate_stream("completion", {"prompt": [1]}, params)]
+
+
+async def test_a_normal_stream_passes_through(released) -> None:
+    server = DecodeServer(FakeEngine(chunks(CHUNK, CHUNK, DONE_EVENT)))
+    assert await collect(server) == [CHUNK, CHUNK, DONE_EVENT]
+    assert released == [] and server.num_in_flight == 0
+    assert server.engine.bodies[0]["kv_transfer_params"] == PARAMS
+
+
+@pytest.mark.parametrize("error", [DeadEngineError("EngineCore died"), ValueError("bad")])
+async def test_failure_after_the_first_chunk_ends_with_an_error_event(released, error) -> None:
+    server = DecodeServer(FakeEngine(chunks(CHUNK, CHUNK, DONE_EVENT, die_after=2, error=error)))
+    out = await collect(server)
+    assert out[:2] == [CHUNK, CHUNK] and out[-1] == DONE_EVENT and len(out) == 4
+    body = sse_error(out[2])
+    assert body is not None
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == 500 and body["error"]["type"] == "InternalServerError"
+    assert type(error).__name__ in body["error"]["message"]
+    assert released == []  # the blocks were loaded before the first token
+    assert server.health()["failures"]["stream_failed"] == 1
+
+
+async def test_engines_own_error_event_mid_stream_passes_through_and_is_counted(released):
+    server = DecodeServer(FakeEngine(chunks(CHUNK, VLLM_ERROR_EVENT, DONE_EVENT)))
+    assert await collect(server) == [CHUNK, VLLM_ERROR_EVENT, DONE_EVENT]
+    assert server.failures["stream_error_event"] == 1
+
+
+async def test_a_stream_cut_without_done_gets_an_error_event(released) -> None:
+    server = DecodeServer(FakeEngine(chunks(CHUNK, CHUNK)))
+    out = await collect(server)
+    assert out[:2] == [CHUNK, CHUNK] and sse_error(out[2]) and out[3] == DONE_EVENT
+
+
+async def test_engine_death_before_the_first_chunk_raises_and_releases(released) -> None:
+    engine = FakeEngine(chunks(CHUNK, die_after=0, error=DeadEngineError("EngineCore died")))
+    server = DecodeServer(engine)
+    with pytest.raises(EngineStreamError, match="EngineCore died"):
+        await collect(server)
+    assert released == [PARAMS]
+    assert engine.streams[0].closed and server.num_in_flight == 0
+
+
+async def test_error_event_as_first_chunk_raises(released) -> None:
+    engine = FakeEngine(chunks(VLLM_ERROR_EVENT, DONE_EVENT))
+    server = DecodeServer(engine)
+    with pytest.raises(EngineStreamError, match="engine boom"):
+        await collect(server)
+    assert released == []  # the engine is alive and took the request: it frees its own
+    assert engine.streams[0].closed
+
+
+async def test_empty_stream_raises(released) -> None:
+    with pytest.raises(EngineStreamError, match="ended before its first chunk"):
+        await collect(DecodeServer(FakeEngine(chunks())))
+
+
+async def test_refused_request_is_yielded_as_a_body_and_released(released) -> None:
+    refused = error_body(400, "max_tokens too large", "BadRequestError", "max_tokens")
+    server = DecodeServer(FakeEngine(refused))
+    assert await collect(server) == [refused]
+    assert released == [PARAMS]
+    assert await server.generate("completion", {"prompt": [1]}, PARAMS) == refused
+    assert released == [PARAMS, PARAMS]
+
+
+async def test_dead_engine_call_raises_and_releases(released) -> None:
+    engine = FakeEngine(call_error=DeadEngineError("EngineCore encountered an issue"))
+    engine.errored = True
+    server = DecodeServer(engine)
+    with pytest.raises(DeadEngineError):
+        await server.generate("completion", {"prompt": [1]}, PARAMS)
+    with pytest.raises(DeadEngineError):
+        await collect(server)
+    assert released == [PARAMS, PARAMS]
+    with pytest.raises(UnhealthyError):
+        await server.check_health()
+    assert server.health()["healthy"] is False
+
+
+async def test_no_release_without_transfer_parameters(released) -> None:
+    server = DecodeServer(FakeEngine(error_body(400, "bad", "BadRequestError")))
+    await collect(server, params=None)
+    assert released == []
+    assert "kv_transfer_params" not in server.engine.bodies[0]
+
+
+async def test_client_gone_mid_stream_closes_the_engine_stream(released) -> None:
+    engine = FakeEngine(chunks(CHUNK, CHUNK, CHUNK, DONE_EVENT))
+    server = DecodeServer(engine)
+    gen = server.generate_stream("completion", {"prompt": [1]}, PARAMS)
+    assert await gen.__anext__() == CHUNK
+    assert await gen.__anext__() == CHUNK
+    await gen.aclose()
+    assert engine.streams[0].closed and server.num_in_flight == 0
+
+
+def test_sse_error_only_matches_error_events() -> None:
+    assert sse_error(VLLM_ERROR_EVENT)["error"]["message"] == "engine boom"
+    for chunk in (CHUNK, DONE_EVENT, "data: {not json", 'data: {"error": 1}\n\n', None, {}):
+        assert sse_error(chunk) is None
+
+
+def test_record_routing_stats_reports_both_event_endpoints() -> None:
+    engine = FakeEngine()
+    engine.kv_events_endpoint = "tcp://10.0.0.1:4000"
+    engine.kv_events_replay_endpoint = "tcp://10.0.0.1:4001"
+    stats = EngineServer(engine).record_routing_stats()
+    assert stats["kv_events_endpoint"] == "tcp://10.0.0.1:4000"
+    assert stats["kv_events_replay_endpoint"] == "tcp://10.0.0.1:4001"
