@@ -222,6 +222,15 @@ class OpenAIEngine:
             result = await handler(request, raw_request=None)
         except (VLLMClientError, ValueError) as e:  # pydantic's ValidationError is a ValueError
             return error_body(400, str(e), "BadRequestError", getattr(e, "parameter", None))
+        except MALFORMED_INPUT_ERRORS as e:
+            if self.is_dead:
+                raise
+            # vLLM's request preprocessing crashes on some content its validators let through
+            # (a message object where a map is expected): this request's fault, not the
+            # engine's, so it must not count against the replica.
+            logger.info("request refused: %s: %s", type(e).__name__, e)
+            return error_body(400, f"the request could not be processed ({type(e).__name__}: "
+                              f"{str(e)[:200]})", "BadRequestError")
         if isinstance(result, ErrorResponse):
             return result.model_dump()
         if hasattr(result, "__aiter__"):
@@ -230,6 +239,10 @@ class OpenAIEngine:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+# Raised by vLLM's request preprocessing for malformed content that passed validation.
+MALFORMED_INPUT_ERRORS = (TypeError, KeyError, IndexError, AttributeError, UnicodeError)
 
 
 def request_model(kind: str) -> type:

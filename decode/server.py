@@ -8,7 +8,8 @@ generates. Without transfer parameters it prefills locally, like a plain vLLM se
 
 Failures:
 
-- an error body (the request was refused before the engine took it) is returned as is;
+- an error body (the request was refused before the engine took it, or its stream opened
+  with a 4xx error event) is returned as is;
 - an exception before the first streamed chunk (or an error event as the first chunk) is
   raised, so the router can send the request to another replica;
 - a failure after the first chunk ends the stream with an OpenAI error event and
@@ -93,6 +94,8 @@ class DecodeServer(EngineServer):
             stream = result
             first = await self._first_chunk(stream, kv_transfer_params)
             yield first
+            if isinstance(first, dict):  # the engine refused the request: a client error
+                return
             async with contextlib.aclosing(self._rest(stream, first == DONE_EVENT)) as rest:
                 async for chunk in rest:
                     yield chunk
@@ -115,8 +118,10 @@ class DecodeServer(EngineServer):
             self._release(kv_transfer_params, "the decode engine refused the request")
         return result
 
-    async def _first_chunk(self, stream: Any, kv_transfer_params: dict[str, Any] | None) -> str:
-        """The stream's first chunk; raises ``EngineStreamError`` when the engine failed first."""
+    async def _first_chunk(self, stream: Any, kv_transfer_params: dict[str, Any] | None
+                           ) -> str | dict[str, Any]:
+        """The stream's first chunk, or the error body of a 4xx error event (the request's
+        fault); raises ``EngineStreamError`` when the engine failed first."""
         try:
             first = await anext(stream)
         except StopAsyncIteration:
@@ -129,6 +134,11 @@ class DecodeServer(EngineServer):
             error = sse_error(first)
             if error is None:
                 return first
+            code = error["error"].get("code")
+            if isinstance(code, int) and 400 <= code < 500:
+                await stream.aclose()
+                self._release(kv_transfer_params, "the decode engine refused the request")
+                return error
             failure = EngineStreamError(f"the engine failed before the first token: "
                                         f"{error['error'].get('message')}")
         await stream.aclose()

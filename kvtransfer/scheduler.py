@@ -73,6 +73,7 @@ class PDScheduler:
         parallel = vllm_config.parallel_config
         self._tp_size = parallel.tensor_parallel_size
         self._pp_size = parallel.pipeline_parallel_size
+        self._is_producer = vllm_config.kv_transfer_config.is_kv_producer
         self._ports: list[int] | None = None
         if settings.port:  # fixed ports: worker i listens on port + i
             self._ports = [settings.port + i for i in range(self._tp_size * self._pp_size)]
@@ -100,6 +101,8 @@ class PDScheduler:
 
     def set_handshake(self, metadata: dict[tuple[int, int], Any]) -> None:
         """The workers' bound ports, keyed by (pp_rank, tp_rank) as vLLM collects them."""
+        if not self._is_producer:
+            return  # only a prefill engine's workers listen
         num_workers = self._tp_size * self._pp_size
         ports: dict[int, int] = {}
         for (pp_rank, tp_rank), meta in metadata.items():

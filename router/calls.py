@@ -51,9 +51,29 @@ class CallLimits:
 class CallFailed(Exception):
     """A replica call failed in a way another replica may absorb (``is_busy``: a 503)."""
 
-    def __init__(self, reason: str, is_busy: bool = False) -> None:
+    def __init__(self, reason: str, is_busy: bool = False,
+                 is_replica_fault: bool = True) -> None:
         super().__init__(reason)
         self.is_busy = is_busy
+        self.is_replica_fault = is_replica_fault
+
+
+# What a replica raises when it, not the request, is at fault (its engine died or failed
+# before the first token); any other exception raised inside a live replica is the request's.
+REPLICA_FAULTS = ("EngineDeadError", "EngineGenerateError", "EngineStreamError")
+
+
+def is_replica_fault(error: BaseException) -> bool:
+    """Whether ``error`` (from a replica call) says the replica is unhealthy: its actor is gone
+    or unreachable, or its engine failed. A request-specific exception raised inside a live
+    replica, or one raised here before the call left (a body Ray cannot serialize), is not."""
+    from ray import exceptions
+
+    if isinstance(error, exceptions.RayTaskError):
+        cause = getattr(error, "cause", None)
+        return type(cause).__name__ in REPLICA_FAULTS or isinstance(
+            cause, exceptions.RayActorError)
+    return isinstance(error, exceptions.RayError)
 
 
 def error_event(status: int, message: str, type_: str) -> str:
@@ -227,9 +247,14 @@ class ReplicaCalls:
         except Exception as e:  # replica died, actor unavailable, backpressure...
             owner.cancel()
             raise CallFailed(f"{type(e).__name__}: {e}",
-                             is_busy=type(e).__name__ == "BackPressureError") from None
+                             is_busy=type(e).__name__ == "BackPressureError",
+                             is_replica_fault=is_replica_fault(e)) from None
 
     def _failed(self, role: str, pin: str | None, error: CallFailed) -> None:
         logger.debug("%s call on %s failed: %s", role, pin, error)
+        if not error.is_replica_fault and not error.is_busy:
+            logger.warning("a %s call failed because of the request, not %s: %s", role, pin,
+                           error)
+            return
         if pin is not None:
             self._coordinator.mark_failed(role, pin, str(error), is_busy=error.is_busy)

@@ -76,6 +76,7 @@ def _too_large(max_bytes: int) -> str:
 def parse_body(raw: bytes, kind: str, model_name: str) -> dict[str, Any]:
     """Check an OpenAI request body; return it as a dict or raise ``APIError``."""
     import pydantic
+    import pydantic_core
     from vllm.exceptions import VLLMClientError
 
     try:
@@ -86,8 +87,11 @@ def parse_body(raw: bytes, kind: str, model_name: str) -> dict[str, Any]:
         raise APIError(400, "request body must be a JSON object")
     try:
         # vLLM's own model parses the body; what it parsed (not the raw JSON) goes on, so the
-        # router and the engines read every field alike ("5" is 5, "false" is False).
-        body = request_model(kind).model_validate(body).model_dump(exclude_unset=True)
+        # router and the engines read every field alike ("5" is 5, "false" is False). It goes
+        # on as plain JSON data: lazily validated iterables and typed objects inside messages
+        # become lists and maps, which every replica can receive and parse again.
+        body = request_model(kind).model_validate(body).model_dump(mode="json",
+                                                                   exclude_unset=True)
     except pydantic.ValidationError as e:
         err = e.errors()[0]
         param = str(err["loc"][0]) if err["loc"] else None
@@ -95,7 +99,8 @@ def parse_body(raw: bytes, kind: str, model_name: str) -> dict[str, Any]:
                        param=param) from None
     except VLLMClientError as e:
         raise APIError(400, str(e), param=getattr(e, "parameter", None)) from None
-    except (TypeError, AttributeError, KeyError, IndexError) as e:
+    except (TypeError, AttributeError, KeyError, IndexError,
+            pydantic_core.PydanticSerializationError) as e:
         # vLLM's own validators crash on some wrongly typed fields (``structured_outputs:
         # true``): still the client's error, never a 500.
         raise APIError(400, f"request body could not be validated ({type(e).__name__}: "

@@ -274,3 +274,45 @@ async def test_engine_listeners_bind_the_node_address(app):
         assert listeners, f"{role}: no listener found"
         wide = [a for a in listeners if a.ip not in (host, "127.0.0.1")]
         assert not wide, f"{role} engine listens on every interface: {wide}"
+
+
+def test_generated_requests_never_get_a_5xx_on_the_real_stack(app, engine_config):
+    """Schemathesis over the OpenAPI schema the ingress serves, against the real engines:
+    valid and invalid bodies for both POST routes; no 5xx, and the app still answers a valid
+    request correctly afterwards."""
+    from collections import Counter
+
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode, openapi
+
+    from tests.unit.test_router_schema import to_httpx
+
+    statuses: Counter[int] = Counter()
+    server_errors: list[str] = []
+    with httpx.Client(base_url=app[0], timeout=120) as http:
+        schema = openapi.from_dict(http.get("/openapi.json").json())
+
+        def check(case) -> None:
+            kwargs = to_httpx(case.as_transport_kwargs(base_url=app[0]))
+            response = http.request(**kwargs)
+            statuses[response.status_code] += 1
+            if response.status_code >= 500:
+                server_errors.append(f"{response.status_code} {response.text[:300]} for "
+                                     f"{kwargs.get('content', b'')[:300]!r}")
+
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+                run = settings(max_examples=FUZZ_CASES, deadline=None, database=None,
+                               derandomize=True, suppress_health_check=list(HealthCheck))(
+                    given(case=schema[path]["POST"].as_strategy(mode))(check))
+                run()
+        print(f"\nschemathesis on the real stack: {dict(sorted(statuses.items()))}")
+        assert not server_errors, server_errors[:5]
+        assert sum(statuses.values()) >= 1000, statuses
+        assert statuses[200] > 0, statuses
+        body = completion_body(engine_config, "def still_serving():")
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+
+
+FUZZ_CASES = 250

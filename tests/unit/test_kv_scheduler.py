@@ -23,6 +23,8 @@ def make_vllm_config(tp: int = 1, pp: int = 1) -> SimpleNamespace:
     return SimpleNamespace(
         cache_config=SimpleNamespace(block_size=BLOCK_SIZE),
         parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp),
+        # One scheduler plays both roles in these tests (vLLM's kv_both).
+        kv_transfer_config=SimpleNamespace(is_kv_producer=True, is_kv_consumer=True),
     )
 
 

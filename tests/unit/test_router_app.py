@@ -147,10 +147,26 @@ async def _value(value: Any) -> Any:
     return value
 
 
+def replica_died() -> Exception:
+    """What a handle call raises when the replica's actor is gone."""
+    from ray.exceptions import ActorDiedError
+
+    return ActorDiedError()
+
+
+def request_bug() -> Exception:
+    """What a handle call raises when a live replica raised for this request alone."""
+    from ray.exceptions import RayTaskError
+
+    return RayTaskError("generate", "traceback", TypeError("bad content")).as_instanceof_cause()
+
+
 async def _answer(mode: str, replica: str, method: str, args: tuple) -> Any:
     await asyncio.sleep(0)
     if mode == "raise":
-        raise RuntimeError(f"replica {replica} died")
+        raise replica_died()
+    if mode == "bug":
+        raise request_bug()
     if mode == "hang":
         await asyncio.sleep(3600)
     if mode in ("busy", "error500", "client_error"):
@@ -163,7 +179,7 @@ async def _answer(mode: str, replica: str, method: str, args: tuple) -> Any:
 async def _stream(mode: str, replica: str) -> AsyncIterator[Any]:
     await asyncio.sleep(0)
     if mode == "raise":
-        raise RuntimeError(f"replica {replica} died")
+        raise replica_died()
     if mode == "hang":
         await asyncio.sleep(3600)
     if mode in ("busy", "error500", "client_error"):
@@ -173,7 +189,7 @@ async def _stream(mode: str, replica: str) -> AsyncIterator[Any]:
         return
     yield chunk(f"by {replica} ")
     if mode == "midfail":
-        raise RuntimeError(f"replica {replica} died mid-stream")
+        raise replica_died()
     yield chunk("more")
     yield "data: [DONE]\n\n"
 
@@ -392,6 +408,18 @@ async def test_no_decode_replica_left_is_a_503(h, stream) -> None:
     assert r.status_code == 503
     assert r.json()["error"]["type"] == "ServiceUnavailableError"
     assert h.decode.pins == ["d0", "d1"]
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+async def test_a_request_that_breaks_a_live_replica_leaves_it_in(h, role) -> None:
+    """An exception raised inside a live replica for one request is that request's fault: the
+    replica is not left out (else a few bad requests could empty a pool)."""
+    pool = h.prefill if role == "prefill" else h.decode
+    pool.behaviour[f"{role[0]}0"] = "bug"
+    await h.client.post("/v1/completions", json=completion())
+    routing = await h.routing()
+    assert routing["failed_replicas"][role] == {}, routing
+    assert routing["replica_failures"].get(role, 0) == 0, routing
 
 
 async def test_failed_decode_replica_is_left_out_then_taken_back(make) -> None:

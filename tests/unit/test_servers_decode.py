@@ -153,6 +153,15 @@ async def test_error_event_as_first_chunk_raises(released) -> None:
     assert engine.streams[0].closed
 
 
+async def test_client_error_event_as_first_chunk_is_returned_as_a_body(released) -> None:
+    """A 4xx error event first is the request's fault: returned as a body (no retry
+    elsewhere), the stream closed and the transfer released."""
+    refused = error_body(400, "bad logits processor", "BadRequestError")
+    engine = FakeEngine(chunks("data: " + json.dumps(refused) + "\n\n", DONE_EVENT))
+    assert await collect(DecodeServer(engine)) == [refused]
+    assert engine.streams[0].closed and released == [PARAMS]
+
+
 async def test_empty_stream_raises(released) -> None:
     with pytest.raises(EngineStreamError, match="ended before its first chunk"):
         await collect(DecodeServer(FakeEngine(chunks())))

@@ -88,8 +88,10 @@ def test_the_bound_port_reaches_the_scheduler_side(producer_worker: PDWorker) ->
     handshake = producer_worker.handshake()
     assert isinstance(handshake, PDHandshake)
     assert handshake.port == producer_worker.producer.address[1] > 0
-    scheduler = PDScheduler(SimpleNamespace(parallel_config=SimpleNamespace(
-        tensor_parallel_size=1, pipeline_parallel_size=1)), ConnectorSettings(port=0))
+    scheduler = PDScheduler(SimpleNamespace(
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+        kv_transfer_config=SimpleNamespace(is_kv_producer=True, is_kv_consumer=False)),
+        ConnectorSettings(port=0))
     scheduler.set_handshake({(0, 0): handshake})
     assert scheduler.remote_ports == [handshake.port]
 
