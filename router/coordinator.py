@@ -10,18 +10,21 @@ pair per request (``choose``), another replica after a failure (``choose_prefill
 both choices (``router.health``) for ``failed_replica_s`` (``busy_replica_s`` after a 503), or
 until Ray Serve stops listing it.
 
-Everything here runs on the ingress event loop, except the event subscriber's thread, which
-touches the index only under ``lock``.
+Three threads use it: the ingress event loop (``choose``, ``mark_failed``, ``done``...), Ray
+Serve's request routers, which run on a loop of their own in Ray 2.60 (``observe``), and the KV
+event subscriber's thread (the index). Every public method that reads or changes the replicas,
+their health or the policies runs under ``lock`` (re-entrant), as does every index access.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from router.health import Degradations, ReplicaHealth
 from router.kvindex import KVIndex, hash_token_blocks
@@ -31,6 +34,7 @@ from router.policies import make_policy
 from router.policy import Candidate, ReplicaLoad, RoutingContext, RoutingPolicy
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 ROLES = ("prefill", "decode")
 
 
@@ -47,12 +51,23 @@ class CoordinatorSettings:
     busy_replica_s: float = 1.0
 
 
+def _locked(method: Callable[..., T]) -> Callable[..., T]:
+    """Run ``method`` under the coordinator's lock: Ray Serve's request routers call
+    ``observe`` from their own thread while the ingress routes on its event loop."""
+    @functools.wraps(method)
+    def wrapper(self: RoutingCoordinator, *args: Any, **kwargs: Any) -> T:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class RoutingCoordinator:
     def __init__(self, settings: CoordinatorSettings) -> None:
         from router.kv_events import KVEventSubscriber
 
         self.settings = settings
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.index = KVIndex()
         self.events = KVEventSubscriber(self.index, self.lock)
         self.pairs = PairSelector(
@@ -70,6 +85,7 @@ class RoutingCoordinator:
 
     # -- what the request routers report ------------------------------------------------------
 
+    @_locked
     def observe(self, role: str, replicas: dict[str, dict[str, Any] | None]) -> None:
         """The live replicas of ``role`` and their routing stats, as Ray Serve sees them."""
         from router.serve_router import load_of
@@ -116,12 +132,14 @@ class RoutingCoordinator:
             ctx.cached_tokens = {rid: n * block_size for rid, n in matched.items()}
         return ctx
 
+    @_locked
     def candidates(self, role: str, exclude: Sequence[str | None] = ()) -> list[Candidate]:
         """The live, healthy replicas of ``role``, but ``exclude``."""
         now = time.monotonic()
         return [Candidate(rid, load) for rid, load in self._loads[role].items()
                 if rid not in exclude and self.health.is_healthy(rid, now)]
 
+    @_locked
     def replicas(self, role: str) -> dict[str, ReplicaLoad]:
         """Every replica of ``role`` Ray Serve lists, failed or not, with its load."""
         return dict(self._loads[role])
@@ -129,6 +147,7 @@ class RoutingCoordinator:
     def is_healthy(self, replica_id: str) -> bool:
         return self.health.is_healthy(replica_id)
 
+    @_locked
     def choose(self, ctx: RoutingContext) -> PairChoice | None:
         """The pair for this request; None while no healthy decode replica is known."""
         decode = self.candidates("decode")
@@ -155,18 +174,21 @@ class RoutingCoordinator:
     def num_local_prefills(self) -> int:
         return sum(self.degradations.local_prefills.values())
 
+    @_locked
     def choose_prefill(self, ctx: RoutingContext,
                        exclude: Sequence[str | None] = ()) -> Candidate | None:
         """Another prefill replica for a retry (failed ones and ``exclude`` are left out)."""
         prefill = self.candidates("prefill", exclude)
         return self.pairs.prefill_policy.select(prefill, ctx) if prefill else None
 
+    @_locked
     def choose_decode(self, ctx: RoutingContext,
                       exclude: Sequence[str | None] = ()) -> Candidate | None:
         """A decode replica (for a request that skips the pairing, or a retry)."""
         decode = self.candidates("decode", exclude)
         return self.pairs.decode_policy.select(decode, ctx) if decode else None
 
+    @_locked
     def mark_failed(self, role: str, replica_id: str, reason: str, is_busy: bool = False) -> None:
         """A call to ``replica_id`` failed (``is_busy``: it answered 503, which leaves it out
         only for ``busy_replica_s``)."""
@@ -181,6 +203,7 @@ class RoutingCoordinator:
             logger.warning("%s replica %s failed (%s): left out for %.0f s", role, replica_id,
                            reason, period_s)
 
+    @_locked
     def fallbacks(self) -> dict[str, Any]:
         """What ``GET /routing`` shows of the router's fallbacks and left-out replicas."""
         d = self.degradations
@@ -190,6 +213,7 @@ class RoutingCoordinator:
                 "replica_failures": dict(d.replica_failures),
                 "failed_replicas": self.health.left_out()}
 
+    @_locked
     def done(self, ctx: RoutingContext, replica_ids: Sequence[str]) -> None:
         """The request finished on ``replica_ids``: record guesses for replicas without events."""
         if ctx.block_hashes:

@@ -9,7 +9,7 @@ their decode replica, by reason (``LOCAL_PREFILL_REASONS``), decode retries, and
 failures by pool. Each reason is logged at WARNING the first time it happens, then only counted
 (``GET /routing`` and the Ray metrics show the counts).
 
-Both live on the ingress event loop (no locking).
+Both are used only under the coordinator's lock.
 """
 
 from __future__ import annotations
