@@ -25,7 +25,6 @@ inherit it, and ``kvtransfer.env.kv_secret()`` reads it. It is in no config and 
 
 from __future__ import annotations
 
-import os
 import secrets
 from typing import Any
 
@@ -33,7 +32,7 @@ from cluster.engine import OpenAIEngine, kv_transfer_config
 from cluster.pools import replica_actor_options
 from decode.server import DecodeServer
 from deploy.config import PDConfig, PoolConfig
-from kvtransfer.env import KV_SECRET_ENV
+from kvtransfer.env import KV_SECRET_ENV, kv_secret_text
 from prefill.server import PrefillServer
 from router.app import ROUTES, PDRouter
 
@@ -58,7 +57,7 @@ def connector_extra(cfg: PDConfig, host: str) -> dict[str, Any]:
 
 def kv_secret_env() -> dict[str, str]:
     """The replicas' environment carrying the deployment's KV transport secret."""
-    return {KV_SECRET_ENV: os.environ.get(KV_SECRET_ENV) or secrets.token_hex(32)}
+    return {KV_SECRET_ENV: kv_secret_text() or secrets.token_hex(32)}
 
 
 class _Replica:

@@ -41,6 +41,13 @@ def warn_unauthenticated() -> None:
                "authenticated; anyone who reaches the KV ports can pull or free held blocks")
 
 
+def kv_secret_text() -> str | None:
+    """``PDSERVE_KV_SECRET`` as set here (where an app is built), or None when unset or
+    blank."""
+    text = os.environ.get(KV_SECRET_ENV, "").strip()
+    return text or None
+
+
 def kv_secret() -> bytes | None:
     """The deployment's KV transport secret from ``PDSERVE_KV_SECRET``, or None when unset."""
     secret = parse_secret(os.environ.get(KV_SECRET_ENV, ""))

@@ -4,11 +4,12 @@
 decode side rejects a request before its engine sees the transfer (for example a prompt plus
 ``max_tokens`` longer than the model allows): without it the prefill replica would hold the
 blocks until the lease runs out.
-``claim_transfer``: a decode scheduler took the request; the pull may wait for KV space, so
-extend the hold's lease (to the prefill's ``claim_lease_s``).
+``claim_transfer``: extend the hold's lease (to the prefill's ``claim_lease_s``) from a process
+outside the decode engine; the engine's own workers claim through ``ConsumerEndpoint.claim``
+when its scheduler receives the request.
 
-Both send one signed message (DONE or CLAIM) to worker i at ``remote_ports[i]`` and return
-without waiting (neither has a reply).
+Both send one signed message (DONE or CLAIM) to every worker ``remote_ports`` lists, and
+return without waiting (neither has a reply).
 """
 
 from __future__ import annotations

@@ -4,15 +4,21 @@ and a worker-side function that corrupts held KV blocks."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from deploy.config import EngineConfig
 
+if TYPE_CHECKING:
+    from deploy.config import PDConfig
+
 MAX_TOKENS = 8
+# Pairing settings that send every request through a prefill replica while one is healthy.
+ALWAYS_TRANSFER = {"local_prefill_max_uncached_tokens": 0, "local_prefill_cost_factor": 0}
 FIRST_TOKEN_ID = 3  # 0-2 are <unk>, <s>, </s>
 
 
@@ -80,3 +86,28 @@ def corrupt_held_blocks(worker: Any, transfer_id: str) -> int:
         noise = torch.randn_like(tensor.index_select(layout.block_dim, index)) * 10
         tensor.index_copy_(layout.block_dim, index, noise)
     return len(hold.block_ids)
+
+
+@contextlib.contextmanager
+def deployed(cfg: PDConfig) -> Iterator[str]:
+    """Deploy ``cfg`` on a local Ray cluster started for it (with the pool resources it needs),
+    yield the HTTP base URL, and shut Serve and Ray down afterwards."""
+    import ray
+    from ray import serve
+
+    from cluster.local import connect_or_start
+    from cluster.ports import free_port_block
+    from deploy.app import build_app_from_config
+
+    if ray.is_initialized():  # another module's cluster may lack this one's resources
+        serve.shutdown()
+        ray.shutdown()
+    connect_or_start(cfg)
+    try:
+        port = free_port_block("127.0.0.1", 1)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app_from_config(cfg), name=cfg.app_name, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()

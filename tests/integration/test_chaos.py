@@ -22,8 +22,14 @@ import httpx
 import psutil
 import pytest
 
-from cluster.ports import free_port_block
-from tests.integration.support import completion_body, make_prompts, wait_until
+from deploy.config import PDConfig, PoolConfig
+from tests.integration.support import (
+    ALWAYS_TRANSFER,
+    completion_body,
+    deployed,
+    make_prompts,
+    wait_until,
+)
 
 APP = "pdserve-chaos"
 LEASE_S = 10.0
@@ -32,34 +38,15 @@ NUM_REQUESTS = 200
 
 @pytest.fixture(scope="module")
 def app(engine_config):
-    import ray
-    from ray import serve
-
-    from cluster.local import connect_or_start
-    from deploy.app import build_app_from_config
-    from deploy.config import PDConfig, PoolConfig
-
     cfg = PDConfig(
         prefill=PoolConfig(engine=engine_config, num_replicas=2, cpu_cores="0"),
         decode=PoolConfig(engine=engine_config, num_replicas=2, cpu_cores="1"),
         kv_transfer={"lease_s": LEASE_S, "claim_lease_s": LEASE_S, "timeout_s": 10},
-        # Every cold request goes through a prefill replica while one is healthy.
-        router={"pairing": {"local_prefill_max_uncached_tokens": 0,
-                            "local_prefill_cost_factor": 0},
-                "prefill_timeout_s": 20, "failed_replica_s": 5},
+        router={"pairing": ALWAYS_TRANSFER, "prefill_timeout_s": 20, "failed_replica_s": 5},
         app_name=APP,
     )
-    if ray.is_initialized():  # another module's cluster lacks the second replicas' resources
-        serve.shutdown()
-        ray.shutdown()
-    connect_or_start(cfg)
-    port = free_port_block("127.0.0.1", 1)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app_from_config(cfg), name=APP, route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
-
+    with deployed(cfg) as url:
+        yield url
 
 @pytest.fixture
 async def client(app):

@@ -8,8 +8,13 @@ import signal
 import httpx
 import pytest
 
-from cluster.ports import free_port_block
-from tests.integration.support import completion_body, make_prompts, wait_until
+from deploy.config import PDConfig, PoolConfig
+from tests.integration.support import (
+    completion_body,
+    deployed,
+    make_prompts,
+    wait_until,
+)
 
 APP = "pdserve-routing"
 PREFILL_TIMEOUT_S = 4.0
@@ -21,13 +26,6 @@ assert EVENT_WAIT_S < LEASE_S
 
 @pytest.fixture(scope="module")
 def app(engine_config):
-    import ray
-    from ray import serve
-
-    from cluster.local import connect_or_start
-    from deploy.app import build_app_from_config
-    from deploy.config import PDConfig, PoolConfig
-
     cfg = PDConfig(
         prefill=PoolConfig(engine=engine_config, num_replicas=2, cpu_cores="0"),
         decode=PoolConfig(engine=engine_config, cpu_cores="1"),
@@ -35,17 +33,8 @@ def app(engine_config):
         kv_transfer={"lease_s": LEASE_S, "timeout_s": 10},
         app_name=APP,
     )
-    if ray.is_initialized():  # another module's cluster lacks the second prefill resource
-        serve.shutdown()
-        ray.shutdown()
-    connect_or_start(cfg)
-    port = free_port_block("127.0.0.1", 1)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app_from_config(cfg), name=APP, route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
-
+    with deployed(cfg) as url:
+        yield url
 
 @pytest.fixture
 async def client(app):

@@ -8,8 +8,14 @@ import json
 import httpx
 import pytest
 
-from cluster.ports import free_port_block
-from tests.integration.support import completion_body, make_prompts, wait_until
+from deploy.config import PDConfig, PoolConfig
+from tests.integration.support import (
+    ALWAYS_TRANSFER,
+    completion_body,
+    deployed,
+    make_prompts,
+    wait_until,
+)
 
 APP = "pdserve-test"
 
@@ -17,30 +23,16 @@ APP = "pdserve-test"
 @pytest.fixture(scope="module")
 def app(engine_config):
     """Deploy the app once for the module; yield (base_url, config)."""
-    import ray
-    from ray import serve
-
-    from cluster.local import connect_or_start
-    from deploy.app import build_app_from_config
-    from deploy.config import PDConfig, PoolConfig
-
     cfg = PDConfig(
         prefill=PoolConfig(engine=engine_config, cpu_cores="0"),
         decode=PoolConfig(engine=engine_config, cpu_cores="1"),
         kv_transfer={"lease_s": 20, "timeout_s": 10},
         # Every request goes through a prefill replica here: these tests check the transfer.
-        router={"pairing": {"local_prefill_max_uncached_tokens": 0,
-                            "local_prefill_cost_factor": 0}},
+        router={"pairing": ALWAYS_TRANSFER},
         app_name=APP,
     )
-    connect_or_start(cfg)
-    port = free_port_block("127.0.0.1", 1)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app_from_config(cfg), name=APP, route_prefix="/")
-    yield f"http://127.0.0.1:{port}", cfg
-    serve.shutdown()
-    ray.shutdown()
-
+    with deployed(cfg) as url:
+        yield url, cfg
 
 async def replica_stats(role: str) -> dict:
     from ray import serve
