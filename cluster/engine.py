@@ -4,7 +4,9 @@
 takes, then vLLM's ``OpenAIServingCompletion`` / ``OpenAIServingChat`` over it (no HTTP server:
 the router is the only front door). Responses are exactly what vLLM's OpenAI server answers.
 ``EngineStats`` listens to the engine's own per-step statistics (load, KV usage, where prompt
-tokens came from, KV blocks held for decode); the router and the tests read them.
+tokens came from, KV blocks held for decode); the router and the tests read them. Inside a Ray
+Serve replica the engine also exports vLLM's metrics and the transfer's through Ray, tagged with
+its role (``stat_loggers``, cluster/metrics.py).
 ``EngineHealth`` (cluster/worker_health.py) tells whether the engine and its KV transfer
 threads are alive; ``EngineServer.check_health`` is what Ray Serve calls.
 """
@@ -20,10 +22,12 @@ import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from cluster.metrics import engine_role
 from cluster.ports import KV_EVENTS_CONFIG, kv_event_endpoints
 from cluster.worker_health import EXTENSION_CLS, EngineHealth
 
 if TYPE_CHECKING:
+    from cluster.metrics import TransferMetrics
     from deploy.config import EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -74,8 +78,10 @@ def apply_connector_stats(snapshot: StatsSnapshot, stats: dict[str, Any]) -> Non
             setattr(snapshot, name, getattr(snapshot, name) + value)
 
 
-def make_stats_logger_class(snapshot: StatsSnapshot) -> type:
-    """A vLLM stat logger class that accumulates into ``snapshot`` (one per engine)."""
+def make_stats_logger_class(snapshot: StatsSnapshot, transfer: TransferMetrics | None = None,
+                            ) -> type:
+    """A vLLM stat logger class that accumulates into ``snapshot`` (one per engine), and hands
+    the connector's counters to ``transfer`` (Ray metrics) when given."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class EngineStats(StatLoggerBase):
@@ -92,6 +98,8 @@ def make_stats_logger_class(snapshot: StatsSnapshot) -> type:
                 snapshot.prefix_cache_queries += pcs.queries
                 snapshot.prefix_cache_hits += pcs.hits
                 apply_connector_stats(snapshot, scheduler_stats.kv_connector_stats or {})
+                if transfer is not None:
+                    transfer.record(scheduler_stats.kv_connector_stats or {})
             if iteration_stats is not None:
                 snapshot.generation_tokens_total += iteration_stats.num_generation_tokens
                 pts = iteration_stats.prompt_token_stats
@@ -104,6 +112,18 @@ def make_stats_logger_class(snapshot: StatsSnapshot) -> type:
             pass
 
     return EngineStats
+
+
+def stat_loggers(snapshot: StatsSnapshot, role: str) -> list[type]:
+    """What the engine reports its statistics to: ``EngineStats`` (into ``snapshot``), and,
+    inside a Ray actor, vLLM's Ray Prometheus logger plus our transfer metrics, tagged with
+    ``role`` (cluster/metrics.py)."""
+    from cluster.metrics import TransferMetrics, in_ray_actor, role_prometheus_logger
+
+    if not in_ray_actor():
+        return [make_stats_logger_class(snapshot)]
+    return [make_stats_logger_class(snapshot, TransferMetrics.create(role)),
+            role_prometheus_logger(role)]
 
 
 def engine_flags(cfg: EngineConfig, kv_transfer: dict[str, Any] | None,
@@ -184,7 +204,8 @@ class OpenAIEngine:
         args = parse_flags(engine_flags(cfg, kv_transfer, kv_events_host is not None))
         stats = StatsSnapshot()
         engine = AsyncLLM.from_engine_args(
-            AsyncEngineArgs.from_cli_args(args), stat_loggers=[make_stats_logger_class(stats)]
+            AsyncEngineArgs.from_cli_args(args),
+            stat_loggers=stat_loggers(stats, engine_role(kv_transfer)),
         )
         try:
             state = State()

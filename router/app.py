@@ -119,6 +119,7 @@ class PDRouter:
             **c.fallbacks()})
 
     async def _serve(self, kind: str, request: Request) -> Response:
+        arrival_s = time.monotonic()  # client-side latencies count from here
         self._start_refreshing()
         try:
             body = await self._checked_body(kind, request)
@@ -137,7 +138,8 @@ class PDRouter:
             decode = self.coordinator.choose_decode(ctx)
             self.coordinator.count_local_prefill("batch")
             return await self.calls.decode(kind, body, None, ctx,
-                                           decode.replica_id if decode else None, [])
+                                           decode.replica_id if decode else None, [],
+                                           arrival_s=arrival_s)
         choice = self.coordinator.choose(ctx)
         kv_params = None
         used: list[str] = []
@@ -146,12 +148,13 @@ class PDRouter:
                 {"model": body.get("model"), "prompt": token_ids}  # prefill needs only tokens
             kv_params = await self.calls.prefill(
                 "completion" if token_ids is not None else kind, prefill_body, ctx,
-                choice.prefill.replica_id if choice else None, used)
+                choice.prefill.replica_id if choice else None, used, arrival_s=arrival_s)
             if isinstance(kv_params, Response):
                 self.coordinator.done(ctx, used)
                 return kv_params
         return await self.calls.decode(kind, body, kv_params, ctx,
-                                       choice.decode.replica_id if choice else None, used)
+                                       choice.decode.replica_id if choice else None, used,
+                                       arrival_s=arrival_s)
 
     async def _checked_body(self, kind: str, request: Request) -> dict[str, Any]:
         """The request's body, checked; raises ``APIError`` (401, 413, 400, 404)."""

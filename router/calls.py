@@ -16,6 +16,12 @@ first chunk a failure ends the stream with an OpenAI error event and ``data: [DO
 
 Every call is pinned to the replica the coordinator chose (``pin``, read by
 ``router.serve_router``); ``None`` lets Ray Serve choose (no replica known yet).
+
+Each answered request's client-side latencies go to the router's metrics
+(``router.metrics.RequestTimer``), labelled with the path it took: ``disaggregated`` (decode
+got transfer parameters), ``fallback`` (its prefill failed or was busy everywhere), or
+``prefilled_on_decode``. Times run from ``arrival_s`` when the ingress gives it, else from the
+request's first replica call.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ import asyncio
 import dataclasses
 import json
 import logging
+import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,6 +40,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cluster.engine import error_body
 from router.coordinator import RoutingCoordinator
+from router.metrics import RequestTimer
 from router.openai_api import status_of
 from router.policy import RoutingContext
 
@@ -102,15 +111,20 @@ class ReplicaCalls:
         self._decode = decode
         self._coordinator = coordinator
         self.limits = limits
+        # id(ctx) -> [arrival time, whether its prefill fell back]; an entry goes with its ctx.
+        self._requests: dict[int, list[Any]] = {}
 
     # -- prefill ------------------------------------------------------------------------------
 
     async def prefill(self, kind: str, body: dict[str, Any], ctx: RoutingContext,
-                      pin: str | None, used: list[str]) -> dict[str, Any] | Response | None:
+                      pin: str | None, used: list[str],
+                      arrival_s: float | None = None) -> dict[str, Any] | Response | None:
         """Transfer parameters, a client error to return as is, or None to prefill on decode.
 
         ``body`` is what the prefill engine runs for one prompt (never several: one transfer
-        id serves one engine request)."""
+        id serves one engine request). ``arrival_s``: when the request arrived
+        (``time.monotonic``)."""
+        request = self._track(ctx, arrival_s)
         tried: list[str | None] = []
         is_all_busy = True
         for _ in range(1 + self.limits.prefill_retries):
@@ -129,6 +143,7 @@ class ReplicaCalls:
                 used.append(pin)
             return result
         self._coordinator.count_local_prefill("busy" if is_all_busy else "prefill_failed")
+        request[1] = True
         return None
 
     async def _prefill_once(self, kind: str, body: dict[str, Any],
@@ -146,20 +161,25 @@ class ReplicaCalls:
     # -- decode -------------------------------------------------------------------------------
 
     async def decode(self, kind: str, body: dict[str, Any], kv_params: dict[str, Any] | None,
-                     ctx: RoutingContext, pin: str | None, used: list[str]) -> Response:
+                     ctx: RoutingContext, pin: str | None, used: list[str],
+                     arrival_s: float | None = None) -> Response:
         """The client's response from the first decode replica that starts answering.
 
         Calls ``coordinator.done(ctx, used)`` once the request is over (for a stream: when it
         ends or the client leaves)."""
+        arrival_s, fell_back = self._track(ctx, arrival_s)
+        path = "disaggregated" if kv_params is not None else \
+            "fallback" if fell_back else "prefilled_on_decode"
+        timer = RequestTimer(self._coordinator.metrics, path, arrival_s)
         try:
-            return await self._decode_attempts(kind, body, kv_params, ctx, pin, used)
+            return await self._decode_attempts(kind, body, kv_params, ctx, pin, used, timer)
         except asyncio.CancelledError:  # the client went away
             self._coordinator.done(ctx, used)
             raise
 
     async def _decode_attempts(self, kind: str, body: dict[str, Any],
                                kv_params: dict[str, Any] | None, ctx: RoutingContext,
-                               pin: str | None, used: list[str]) -> Response:
+                               pin: str | None, used: list[str], timer: RequestTimer) -> Response:
         tried: list[str | None] = []
         for attempt in range(1 + self.limits.decode_retries):
             if attempt:
@@ -170,7 +190,7 @@ class ReplicaCalls:
                 self._coordinator.count_decode_retry()
             try:
                 if body.get("stream"):
-                    return await self._stream(kind, body, kv_params, ctx, pin, used)
+                    return await self._stream(kind, body, kv_params, ctx, pin, used, timer)
                 result = await self._bounded(
                     self._decode.generate.remote(kind, body, kv_params, pin=pin),
                     self.limits.decode_timeout_s)
@@ -181,12 +201,15 @@ class ReplicaCalls:
                 continue
             used.extend([pin] if pin else [])
             self._coordinator.done(ctx, used)
+            if status_of(result) < 400:
+                timer.end()
             return JSONResponse(result, status_code=status_of(result))
         self._coordinator.done(ctx, used)
         return unavailable("decode")
 
     async def _stream(self, kind: str, body: dict[str, Any], kv_params: dict[str, Any] | None,
-                      ctx: RoutingContext, pin: str | None, used: list[str]) -> Response:
+                      ctx: RoutingContext, pin: str | None, used: list[str],
+                      timer: RequestTimer) -> Response:
         gen = self._decode.options(stream=True).generate_stream.remote(
             kind, body, kv_params, pin=pin)
         try:
@@ -200,14 +223,16 @@ class ReplicaCalls:
             self._coordinator.done(ctx, used)
             return JSONResponse(first, status_code=status_of(first))
         used.extend([pin] if pin else [])
-        return StreamingResponse(self._relay(first, gen, ctx, pin, used),
+        return StreamingResponse(self._relay(first, gen, ctx, pin, used, timer),
                                  media_type="text/event-stream")
 
     async def _relay(self, first: str, gen: Any, ctx: RoutingContext, pin: str | None,
-                     used: list[str]) -> AsyncIterator[str]:
-        """The stream after its first chunk; a failure ends it with an error event."""
+                     used: list[str], timer: RequestTimer) -> AsyncIterator[str]:
+        """The stream after its first chunk; a failure ends it with an error event. Each
+        chunk but ``[DONE]`` is timed as it goes out; a stream that ends well, as a whole."""
         num_chunks = 1
         try:
+            timer.chunk()
             yield first
             async for chunk in gen:
                 if isinstance(chunk, dict):  # an error body mid-stream
@@ -216,7 +241,10 @@ class ReplicaCalls:
                     yield DONE_EVENT
                     return
                 num_chunks += 1
+                if not chunk.startswith(DONE_EVENT.strip()):
+                    timer.chunk()
                 yield chunk
+            timer.end()
         except Exception as e:  # the replica died mid-stream: say so, never cut silently
             self._failed("decode", pin, CallFailed(f"{type(e).__name__}: {e}"))
             logger.warning("decode stream on %s failed after %d chunks", pin, num_chunks)
@@ -228,6 +256,22 @@ class ReplicaCalls:
             self._coordinator.done(ctx, used)
 
     # -- shared -------------------------------------------------------------------------------
+
+    def _track(self, ctx: RoutingContext, arrival_s: float | None) -> list[Any]:
+        """``[arrival time, whether its prefill fell back]`` of ``ctx``'s request, kept from
+        its first call until the ctx is gone."""
+        key = id(ctx)
+        request = self._requests.get(key)
+        if request is None:
+            request = [time.monotonic() if arrival_s is None else arrival_s, False]
+            try:
+                weakref.finalize(ctx, self._requests.pop, key, None)
+            except TypeError:  # not weakly referenceable: time this call alone
+                return request
+            self._requests[key] = request
+        elif arrival_s is not None:
+            request[0] = arrival_s
+        return request
 
     @staticmethod
     async def _bounded(awaitable: Any, timeout_s: float, owner: Any = None) -> Any:

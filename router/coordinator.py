@@ -150,11 +150,13 @@ class RoutingCoordinator:
     @_locked
     def choose(self, ctx: RoutingContext) -> PairChoice | None:
         """The pair for this request; None while no healthy decode replica is known."""
+        started_s = time.perf_counter()
         decode = self.candidates("decode")
         if not decode:
             return None
         prefill = self.candidates("prefill")
         choice = self.pairs.select(prefill, decode, ctx)
+        self.metrics.decision_latency(time.perf_counter() - started_s)
         if choice.is_local_prefill:
             self.count_local_prefill("policy" if prefill else "no_prefill_replica")
         else:
