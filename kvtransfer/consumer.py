@@ -40,6 +40,7 @@ from kvtransfer.consumer_peer import LoadContext, PeerChannel
 from kvtransfer.link import Link, TorchDistLink
 from kvtransfer.metadata import ClaimSpec, LoadSpec
 from kvtransfer.protocol import MAX_TAG, Codec, MsgType
+from kvtransfer.stats import SAMPLES
 
 if TYPE_CHECKING:
     import torch
@@ -88,6 +89,7 @@ class ConsumerEndpoint:
         )
         self._lock = threading.Lock()
         self._results = LoadResults()
+        self._samples: dict[str, list[float]] = {name: [] for name in SAMPLES}
         self.counts = {"num_bytes_received": 0, "num_loads": 0, "num_failed_loads": 0,
                        "num_claims_sent": 0}
         self._channels: dict[Address, PeerChannel] = {}
@@ -128,6 +130,13 @@ class ConsumerEndpoint:
             results, self._results = self._results, LoadResults()
         return results
 
+
+    def take_samples(self) -> dict[str, list[float]]:
+        """Per-load samples since the last call (``kvtransfer.stats.SAMPLES``): each
+        successful load's duration and number of blocks."""
+        with self._lock:
+            samples, self._samples = self._samples, {name: [] for name in SAMPLES}
+        return samples
     def health(self) -> str | None:
         """None while every thread that should run does; else what is wrong."""
         if self._closed:
@@ -162,8 +171,11 @@ class ConsumerEndpoint:
 
     # -- callbacks from the channels ------------------------------------------------------------
 
-    def _on_result(self, spec: LoadSpec, ok: bool, num_bytes: int) -> None:
+    def _on_result(self, spec: LoadSpec, ok: bool, num_bytes: int, duration_s: float) -> None:
         with self._lock:
+            if ok:
+                self._samples["xfer_time_seconds"].append(duration_s)
+                self._samples["num_blocks_per_transfer"].append(len(spec.local_block_ids))
             self.counts["num_loads"] += 1
             self.counts["num_failed_loads"] += 0 if ok else 1
             self.counts["num_bytes_received"] += num_bytes

@@ -65,7 +65,7 @@ class LoadContext:
     zmq_ctx: zmq.Context
     link_factory: Callable[..., Link]
     next_tag: Callable[[], int]
-    on_result: Callable[[LoadSpec, bool, int], None]
+    on_result: Callable[[LoadSpec, bool, int, float], None]  # spec, ok, bytes, seconds
     notify: Callable[[Address, str], None]
 
 
@@ -127,6 +127,7 @@ class PeerChannel:
 
     def _run_load(self, spec: LoadSpec) -> None:
         num_bytes, ok = 0, False
+        started_s = time.monotonic()
         try:
             num_bytes = self._load(spec)
             ok = True
@@ -137,7 +138,7 @@ class PeerChannel:
             if drop:
                 self._drop()
             self._ctx.notify(self.address, spec.transfer_id)
-        self._ctx.on_result(spec, ok, num_bytes)
+        self._ctx.on_result(spec, ok, num_bytes, time.monotonic() - started_s)
 
     def _load(self, spec: LoadSpec) -> int:
         ctx = self._ctx

@@ -70,6 +70,7 @@ class HoldTable:
         self._released: set[str] = set()
         # transfer id -> (why it is gone: "expired" or "released", when)
         self._gone: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()
+        self.num_expired = 0  # holds whose lease ran out (never confirmed), since start
 
     def __len__(self) -> int:
         with self._lock:
@@ -158,6 +159,7 @@ class HoldTable:
             for transfer_id, hold in list(self._holds.items()):
                 if hold.state is not HoldState.SENDING and hold.deadline_s <= now:
                     self._release(transfer_id, "expired")
+                    self.num_expired += 1
             self._forget_old(now)
             released, self._released = self._released, set()
             return released

@@ -30,12 +30,16 @@ COUNTERS = (
     "num_busy_holds",  # prefill scheduler: holds refused at max_held_blocks (answered busy)
     "num_duplicate_loads",  # decode scheduler: requests that shared a transfer id with another
     "num_hook_errors",  # either side: unexpected errors a connector hook swallowed
+    "num_expired_holds",  # prefill workers: holds whose lease ran out, never confirmed
     # prefill workers (kvtransfer/producer_peer.py):
     "num_pulls", "num_failed_sends", "num_protocol_errors", "num_auth_failures", "num_busy",
     "num_layout_mismatches",
     "num_links_opened", "num_link_failures", "num_links_closed", "num_internal_errors",
 )
 GAUGES = ("num_held_blocks",)  # prefill scheduler: KV blocks held for decode right now
+# Per-transfer samples (lists, concatenated when stats merge), from decode workers:
+SAMPLES = ("xfer_time_seconds",  # one successful load's duration, PULL to scattered blocks
+           "num_blocks_per_transfer")  # one successful load's blocks
 
 
 def is_gauge(name: str) -> bool:
@@ -53,17 +57,21 @@ class TransferStats(KVConnectorStats):
 
     def aggregate(self, other: KVConnectorStats) -> TransferStats:
         for name, value in other.data.items():
-            if is_gauge(name):
+            if isinstance(value, list):
+                self.data[name] = [*self.data.get(name, []), *value]
+            elif is_gauge(name):
                 self.data[name] = value  # newest wins
             else:
                 self.data[name] = self.data.get(name, 0) + value
         return self
 
     def reduce(self) -> dict[str, int | float]:
-        return dict(self.data)
+        """For vLLM's log line: samples as their mean."""
+        return {name: (sum(value) / len(value) if value else 0) if isinstance(value, list)
+                else value for name, value in self.data.items()}
 
     def is_empty(self) -> bool:
-        return not any(self.data.get(name) for name in COUNTERS) and not any(
+        return not any(self.data.get(name) for name in (*COUNTERS, *SAMPLES)) and not any(
             name in self.data for name in GAUGES)
 
     @classmethod
@@ -71,6 +79,7 @@ class TransferStats(KVConnectorStats):
         """Counters (missing ones are 0), other int counters, and the gauges present."""
         data = {name: int(counts.get(name, 0)) for name in COUNTERS}
         for name, value in counts.items():
-            if name not in data and type(value) is int:
-                data[name] = value
+            if name not in data and (type(value) is int or
+                                     (name in SAMPLES and isinstance(value, list))):
+                data[name] = list(value) if isinstance(value, list) else value
         return cls(data=data)

@@ -16,7 +16,7 @@ failed (vLLM recomputes). Each is counted (``num_bad_specs``) and the first of e
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvtransfer.blocks import KVLayout
 from kvtransfer.consumer import ConsumerEndpoint, LoadResults
@@ -161,12 +161,18 @@ class PDWorker:
     def take_stats(self) -> TransferStats | None:
         """Counter deltas since the last call, or None when nothing moved."""
         totals = dict(self.counts)
+        if self._is_producer:
+            totals["num_expired_holds"] = self.holds.num_expired
         for endpoint in (self.producer, self.consumer):
             if endpoint is not None:
                 for name, value in dict(endpoint.counts).items():
                     totals[name] = totals.get(name, 0) + value
-        delta = {name: value - self._reported.get(name, 0) for name, value in totals.items()}
+        delta: dict[str, Any] = {name: value - self._reported.get(name, 0)
+                                 for name, value in totals.items()}
         self._reported = totals
+        if self.consumer is not None:
+            delta.update({name: samples for name, samples in
+                          self.consumer.take_samples().items() if samples})
         stats = TransferStats.from_counts(delta)
         return None if stats.is_empty() else stats
 

@@ -25,11 +25,10 @@ from tests.integration.support import (
 
 APP = "pdserve-metrics"
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "pdserve.json"
-# Dashboard families this traffic does not make: failures, refusals, expiries, retries,
-# per-transfer samples (not reported by the connector yet).
+# Dashboard families this traffic does not make: failures, refusals, expiries, retries.
 NOT_PROVOKED = {"ray_pdserve_kv_num_failed_transfers_total",
                 "ray_pdserve_kv_num_refused_holds_total",
-                "ray_pdserve_kv_num_expired_holds_total", "ray_pdserve_kv_xfer_time_seconds_bucket",
+                "ray_pdserve_kv_num_expired_holds_total",
                 "ray_pdserve_router_decode_retries_total",
                 "ray_pdserve_router_replica_failures_total"}
 
@@ -117,6 +116,9 @@ def expected_values(received: dict[str, int], prefill: dict, decode: dict) -> di
         ("ray_pdserve_kv_bytes_transferred_total", "decode"): decode["num_bytes_received"],
         ("ray_pdserve_kv_bytes_transferred_total", "prefill"): prefill["num_bytes_sent"],
         ("ray_pdserve_kv_num_transfers_total", "decode"): decode["num_loads"],
+        # one duration and one block count per successful load
+        ("ray_pdserve_kv_xfer_time_seconds_count", "decode"): decode["num_loads"],
+        ("ray_pdserve_kv_num_blocks_per_transfer_count", "decode"): decode["num_loads"],
         ("ray_pdserve_kv_num_held_blocks", "prefill"): prefill["num_held_blocks"],
     }
 

@@ -100,9 +100,10 @@ def test_held_expires_after_lease(table: HoldTable, clock: FakeClock) -> None:
     clock.advance(LEASE_S - 0.001)
     assert table.take_released() == set()
     assert len(table) == 1
+    assert table.num_expired == 0
     clock.advance(0.001)
     assert table.take_released() == {"req-1"}
-    assert len(table) == 0
+    assert len(table) == 0 and table.num_expired == 1
     with pytest.raises(HoldError, match="expired") as info:
         table.start_send("t1", 0, 1)
     assert info.value.code is ErrorCode.EXPIRED
@@ -114,7 +115,7 @@ def test_sent_expires_after_lease(table: HoldTable, clock: FakeClock) -> None:
     clock.advance(LEASE_S + 1)
     assert table.take_released() == {"req-1"}
     assert table.confirm("t1") is False  # already gone; a late DONE is harmless
-    assert table.take_released() == set()
+    assert table.take_released() == set() and table.num_expired == 1
 
 
 def test_sending_never_expires(table: HoldTable, clock: FakeClock) -> None:

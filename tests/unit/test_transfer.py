@@ -248,6 +248,12 @@ def test_two_loads_over_one_pair(
     assert_blocks_copied(producer, consumer, [(1, 4), (2, 5), (8, 0)])
     assert wait_for_release(producer.holds, "engine-a", "engine-b") == {"engine-a", "engine-b"}
     assert consumer.endpoint.counts["num_bytes_received"] == 3 * producer.layout.bytes_per_block
+    samples = consumer.endpoint.take_samples()
+    assert sorted(samples["num_blocks_per_transfer"]) == [1, 2]
+    assert len(samples["xfer_time_seconds"]) == 2
+    assert all(0 < s < 10 for s in samples["xfer_time_seconds"])
+    assert consumer.endpoint.take_samples() == {"xfer_time_seconds": [],
+                                                "num_blocks_per_transfer": []}
 
 
 def test_unknown_transfer_fails_after_retrying(
@@ -261,6 +267,7 @@ def test_unknown_transfer_fails_after_retrying(
     assert results.failed_block_ids == {2, 6}
     assert consumer.endpoint.counts["num_failed_loads"] == 1
     assert consumer.endpoint.counts["num_bytes_received"] == 0
+    assert consumer.endpoint.take_samples()["xfer_time_seconds"] == []  # failures: no sample
     for tensor in consumer.caches.values():
         assert not torch.any(tensor)
 

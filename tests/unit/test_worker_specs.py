@@ -142,3 +142,18 @@ def test_stats_sum_counters_but_keep_the_newest_gauge() -> None:
     assert is_gauge("num_held_blocks") and not is_gauge("num_loads")
     assert TransferStats.from_counts({}).is_empty()
     assert not TransferStats.from_counts({"num_held_blocks": 0}).is_empty()
+
+
+def test_samples_concatenate_and_log_as_their_mean() -> None:
+    from kvtransfer.stats import TransferStats
+
+    step1 = TransferStats.from_counts({"num_loads": 1, "xfer_time_seconds": [0.25],
+                                       "num_blocks_per_transfer": [4]})
+    step2 = TransferStats.from_counts({"num_loads": 2, "xfer_time_seconds": [0.5, 0.75],
+                                       "num_blocks_per_transfer": [1, 1]})
+    total = step1.aggregate(step2)
+    assert total.data["xfer_time_seconds"] == [0.25, 0.5, 0.75]
+    assert total.data["num_blocks_per_transfer"] == [4, 1, 1]
+    assert total.reduce()["xfer_time_seconds"] == 0.5 and total.reduce()["num_loads"] == 3
+    assert not TransferStats.from_counts({"xfer_time_seconds": [0.1]}).is_empty()
+    assert TransferStats.from_counts({"xfer_time_seconds": []}).is_empty()
