@@ -88,6 +88,20 @@ def corrupt_held_blocks(worker: Any, transfer_id: str) -> int:
     return len(hold.block_ids)
 
 
+def one_pair_config(engine: EngineConfig, app_name: str) -> PDConfig:
+    """One prefill and one decode replica on cores 0 and 1, every single-prompt request
+    transferred (these tests check the transfer), a 20 s lease."""
+    from deploy.config import PDConfig, PoolConfig
+
+    return PDConfig(
+        prefill=PoolConfig(engine=engine, cpu_cores="0"),
+        decode=PoolConfig(engine=engine, cpu_cores="1"),
+        kv_transfer={"lease_s": 20, "timeout_s": 10},
+        router={"pairing": ALWAYS_TRANSFER},
+        app_name=app_name,
+    )
+
+
 @contextlib.contextmanager
 def deployed(cfg: PDConfig) -> Iterator[str]:
     """Deploy ``cfg`` on a local Ray cluster started for it (with the pool resources it needs),

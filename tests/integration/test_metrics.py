@@ -14,12 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy.config import PDConfig, PoolConfig
 from tests.integration.support import (
-    ALWAYS_TRANSFER,
     MAX_TOKENS,
     completion_body,
     deployed,
+    one_pair_config,
     wait_until,
 )
 
@@ -36,14 +35,7 @@ NOT_PROVOKED = {"ray_pdserve_kv_num_failed_transfers_total",
 @pytest.fixture(scope="module")
 def app(engine_config):
     """Deploy the app once for the module; yield (base_url, config)."""
-    cfg = PDConfig(
-        prefill=PoolConfig(engine=engine_config, cpu_cores="0"),
-        decode=PoolConfig(engine=engine_config, cpu_cores="1"),
-        kv_transfer={"lease_s": 20, "timeout_s": 10},
-        # Every single-prompt request goes through a prefill replica.
-        router={"pairing": ALWAYS_TRANSFER},
-        app_name=APP,
-    )
+    cfg = one_pair_config(engine_config, APP)
     with deployed(cfg) as url:
         yield url, cfg
 

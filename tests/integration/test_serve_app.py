@@ -8,12 +8,11 @@ import json
 import httpx
 import pytest
 
-from deploy.config import PDConfig, PoolConfig
 from tests.integration.support import (
-    ALWAYS_TRANSFER,
     completion_body,
     deployed,
     make_prompts,
+    one_pair_config,
     wait_until,
 )
 
@@ -23,14 +22,7 @@ APP = "pdserve-test"
 @pytest.fixture(scope="module")
 def app(engine_config):
     """Deploy the app once for the module; yield (base_url, config)."""
-    cfg = PDConfig(
-        prefill=PoolConfig(engine=engine_config, cpu_cores="0"),
-        decode=PoolConfig(engine=engine_config, cpu_cores="1"),
-        kv_transfer={"lease_s": 20, "timeout_s": 10},
-        # Every request goes through a prefill replica here: these tests check the transfer.
-        router={"pairing": ALWAYS_TRANSFER},
-        app_name=APP,
-    )
+    cfg = one_pair_config(engine_config, APP)
     with deployed(cfg) as url:
         yield url, cfg
 

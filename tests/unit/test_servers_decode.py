@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 
 import decode.server as decode_server
-from cluster.engine import EngineServer, StatsSnapshot, error_body
-from cluster.worker_health import EngineHealth, UnhealthyError
+from cluster.engine import EngineServer, error_body
+from cluster.worker_health import UnhealthyError
 from decode.server import DONE_EVENT, DecodeServer, EngineStreamError, sse_error
+from tests.unit import fakes
+from tests.unit.fakes import PARAMS
 
-PARAMS = {"do_remote_prefill": True, "transfer_id": "t1", "remote_host": "127.0.0.1",
-          "remote_ports": [5555], "remote_block_ids": [1, 2]}
 CHUNK = 'data: {"id": "c", "choices": [{"text": "a"}]}\n\n'
 VLLM_ERROR_EVENT = "data: " + json.dumps(error_body(500, "engine boom",
                                                     "InternalServerError")) + "\n\n"
@@ -24,25 +24,14 @@ class DeadEngineError(RuntimeError):
     pass
 
 
-class FakeEngine:
-    """An OpenAIEngine whose ``call`` returns a scripted body or stream."""
+class FakeEngine(fakes.FakeEngine):
+    """``call`` returns a scripted body, or a stream made by ``result(engine)``, or raises
+    ``call_error``."""
 
     def __init__(self, result: Any = None, call_error: Exception | None = None) -> None:
-        self.result = result
+        super().__init__(result)
         self.call_error = call_error
-        self.errored = False
-        self.stats = StatsSnapshot()
-        self.health = EngineHealth(self, probe_workers=False)
-        self.kv_events_endpoint = self.kv_events_replay_endpoint = None
-        self.bodies: list[dict] = []
         self.streams: list[Stream] = []
-
-    @property
-    def is_dead(self) -> bool:
-        return self.errored
-
-    async def check_health(self) -> None:
-        pass
 
     async def call(self, kind: str, body: dict) -> Any:
         self.bodies.append(body)

@@ -8,33 +8,15 @@ from typing import Any
 import pytest
 
 from cluster.engine import StatsSnapshot, apply_connector_stats, error_body
-from cluster.worker_health import EngineHealth
 from prefill.server import PrefillServer, is_single_prompt
+from tests.unit import fakes
+from tests.unit.fakes import PARAMS
 
-PARAMS = {"do_remote_prefill": True, "transfer_id": "t1", "remote_host": "127.0.0.1",
-          "remote_ports": [5555], "remote_block_ids": [1, 2]}
 
-
-class FakeEngine:
+class FakeEngine(fakes.FakeEngine):
     def __init__(self, result: Any = None) -> None:
-        self.result = {"choices": [{"text": "x"}], "kv_transfer_params": PARAMS} \
-            if result is None else result
-        self.errored = False
-        self.stats = StatsSnapshot()
-        self.health = EngineHealth(self, probe_workers=False)
-        self.kv_events_endpoint = self.kv_events_replay_endpoint = None
-        self.bodies: list[dict] = []
-
-    @property
-    def is_dead(self) -> bool:
-        return self.errored
-
-    async def check_health(self) -> None:
-        pass
-
-    async def call(self, kind: str, body: dict) -> Any:
-        self.bodies.append(body)
-        return self.result
+        super().__init__({"choices": [{"text": "x"}], "kv_transfer_params": PARAMS}
+                         if result is None else result)
 
 
 async def prefill(server: PrefillServer, body: dict, kind: str = "completion") -> dict:
