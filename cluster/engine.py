@@ -284,6 +284,15 @@ def error_body(status: int, message: str, type_: str, param: str | None = None) 
     return {"error": {"message": message, "type": type_, "param": param, "code": status}}
 
 
+# The last server-sent event of an OpenAI stream.
+DONE_EVENT = "data: [DONE]\n\n"
+
+
+def error_event(status: int, message: str, type_: str) -> str:
+    """An OpenAI-style error as a server-sent event, as vLLM's server streams one."""
+    return f"data: {json.dumps(error_body(status, message, type_))}\n\n"
+
+
 def is_error(body: Any) -> bool:
     return isinstance(body, dict) and "error" in body and "choices" not in body
 

@@ -26,10 +26,8 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cluster.engine import EngineServer, error_body, is_error
+from cluster.engine import DONE_EVENT, EngineServer, error_event, is_error
 from kvtransfer.release import release_transfer
-
-DONE_EVENT = "data: [DONE]\n\n"
 
 
 class EngineStreamError(RuntimeError):
@@ -58,9 +56,9 @@ def sse_error(chunk: Any) -> dict[str, Any] | None:
     return body if is_error(body) and isinstance(body["error"], dict) else None
 
 
-def error_event(message: str) -> str:
+def server_error_event(message: str) -> str:
     """An OpenAI-style SSE error event (a 500: the server failed, not the request)."""
-    return f"data: {json.dumps(error_body(500, message, 'InternalServerError'))}\n\n"
+    return error_event(500, message, "InternalServerError")
 
 
 class DecodeServer(EngineServer):
@@ -161,13 +159,14 @@ class DecodeServer(EngineServer):
         except Exception as e:
             why = "the decode engine died" if self.engine.is_dead else "the decode stream failed"
             self.count_failure("stream_failed", f"{why} mid-stream: {type(e).__name__}: {e}")
-            yield error_event(f"{why} mid-stream ({type(e).__name__}: {e}); the response is "
-                              "incomplete")
+            yield server_error_event(f"{why} mid-stream ({type(e).__name__}: {e}); the "
+                                     "response is incomplete")
             yield DONE_EVENT
             return
         if not ended:
             self.count_failure("stream_cut", "a decode stream ended without [DONE]")
-            yield error_event("the decode stream ended early; the response is incomplete")
+            yield server_error_event("the decode stream ended early; the response is "
+                                     "incomplete")
             yield DONE_EVENT
 
     def _release(self, params: dict[str, Any] | None, why: str) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import time
 import uuid
@@ -38,14 +37,13 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from cluster.engine import error_body
+from cluster.engine import DONE_EVENT, error_body, error_event
 from router.coordinator import RoutingCoordinator
 from router.metrics import RequestTimer
 from router.openai_api import status_of
 from router.policy import RoutingContext
 
 logger = logging.getLogger(__name__)
-DONE_EVENT = "data: [DONE]\n\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +81,6 @@ def is_replica_fault(error: BaseException) -> bool:
         return type(cause).__name__ in REPLICA_FAULTS or isinstance(
             cause, exceptions.RayActorError)
     return isinstance(error, exceptions.RayError)
-
-
-def error_event(status: int, message: str, type_: str) -> str:
-    """An OpenAI-style error as a server-sent event, as vLLM's server streams one."""
-    return f"data: {json.dumps(error_body(status, message, type_))}\n\n"
 
 
 def unavailable(role: str) -> JSONResponse:
