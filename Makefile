@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pdserve-installed
 
-.PHONY: setup model serve test lint unit bench
+.PHONY: setup model serve test lint unit bench proto
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,11 @@ serve: model
 
 lint: setup
 	$(PY) -m ruff check .
+
+# Regenerate router/grpc_api's Python code after editing router/grpc_api/pdserve.proto.
+proto: setup
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		router/grpc_api/pdserve.proto
 
 unit: setup
 	$(PY) -m pytest tests/unit -q

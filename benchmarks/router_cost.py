@@ -6,8 +6,10 @@ Builds a ``KVIndex`` of about ``--blocks`` distinct 16-token blocks spread over 
 replicas by applying ``StoredBlocks`` events as vLLM publishes them (one event per 2048-token
 prefill chunk, 128 blocks), then times 8192-token prompts (512 blocks): hashing, ``match``, and
 the whole routing decision (hash, match, context, ``PairSelector`` over 8 prefill and 8 decode
-candidates with the ``cache_cost`` policies). Memory is measured with tracemalloc in a second
-build. Prints one table; garbage collection stays on, as in a real router.
+candidates with the router's shipped policies and settings, ``cluster.config.RouterConfig``; each
+request is reported done 64 decisions later, so the policies track as many in flight). Memory is
+measured with tracemalloc in a second build. Prints one table; garbage collection stays on, as in
+a real router.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import random
 import time
 import tracemalloc
 from array import array
+from collections import deque
 from collections.abc import Callable, Sequence
 
+from cluster.config import RouterConfig
 from router.kvindex import KVIndex, RemovedBlocks, StoredBlocks, hash_token_blocks
-from router.pairing import PairSelector
+from router.pairing import PairChoice, PairingSettings, PairSelector
 from router.policies import make_policy
 from router.policy import Candidate, ReplicaLoad, RoutingContext
 
@@ -88,12 +92,38 @@ def time_each(fn: Callable[[array], object], prompts: Sequence[array]) -> Timing
     return (*percentiles(wall), *percentiles(cpu))
 
 
-def decision(index: KVIndex, selector: PairSelector, loads: list[Candidate], prompt: array) -> None:
-    """One routing decision as the router makes it."""
-    hashes = hash_token_blocks(prompt, BLOCK_SIZE)
-    cached = {rid: n * BLOCK_SIZE for rid, n in index.match(hashes).items()}
-    ctx = RoutingContext("q", len(prompt), BLOCK_SIZE, prompt, cached, hashes)
-    selector.select(loads[:8], loads[8:], ctx)
+class Decisions:
+    """Routing decisions as the router makes them, each request done ``IN_FLIGHT`` later."""
+
+    IN_FLIGHT = 64
+
+    def __init__(self, index: KVIndex, loads: list[Candidate]) -> None:
+        config = RouterConfig()
+        self.index = index
+        self.loads = loads
+        self.selector = PairSelector(
+            make_policy(config.prefill_policy, **config.prefill_policy_kwargs),
+            make_policy(config.decode_policy, **config.decode_policy_kwargs),
+            PairingSettings(**config.pairing),
+        )
+        self.in_flight: deque[tuple[RoutingContext, PairChoice]] = deque()
+        self.num_decisions = 0
+
+    def decide(self, prompt: array) -> None:
+        hashes = hash_token_blocks(prompt, BLOCK_SIZE)
+        cached = {rid: n * BLOCK_SIZE for rid, n in self.index.match(hashes).items()}
+        self.num_decisions += 1
+        ctx = RoutingContext(str(self.num_decisions), len(prompt), BLOCK_SIZE, prompt, cached,
+                             hashes)
+        choice = self.selector.select(self.loads[:8], self.loads[8:], ctx)
+        self.in_flight.append((ctx, choice))
+        if len(self.in_flight) > self.IN_FLIGHT:
+            self.done(*self.in_flight.popleft())
+
+    def done(self, ctx: RoutingContext, choice: PairChoice) -> None:
+        if choice.prefill is not None:
+            self.selector.prefill_policy.on_request_done(choice.prefill.replica_id, ctx)
+        self.selector.decode_policy.on_request_done(choice.decode.replica_id, ctx)
 
 
 def make_queries(rng: random.Random, docs: Sequence[array], n: int) -> list[array]:
@@ -143,9 +173,7 @@ def decision_rows(
         Candidate(f"replica-{i}", ReplicaLoad(rng.randrange(8), 0, rng.randrange(50_000), 0.5))
         for i in range(num_replicas)
     ]
-    selector = PairSelector(
-        make_policy("cache_cost", seed=0), make_policy("cache_cost", running_seq_tokens=256)
-    )
+    decisions = Decisions(index, loads)
     hashed = {id(p): hash_token_blocks(p, BLOCK_SIZE) for p in prompts}
     return [
         (
@@ -155,7 +183,7 @@ def decision_rows(
         ("match in the index", time_each(lambda p: index.match(hashed[id(p)]), prompts)),
         (
             "whole decision: hash + match + pair",
-            time_each(lambda p: decision(index, selector, loads, p), prompts),
+            time_each(decisions.decide, prompts),
         ),
     ]
 

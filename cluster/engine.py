@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 from cluster.metrics import engine_role
 from cluster.ports import KV_EVENTS_CONFIG, kv_event_endpoints
+from cluster.speeds import EngineSpeeds
 from cluster.worker_health import EXTENSION_CLS, EngineHealth
 
 if TYPE_CHECKING:
+    from cluster.config import EngineConfig
     from cluster.metrics import TransferMetrics
-    from deploy.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class StatsSnapshot:
     # Every other connector counter (kvtransfer.stats.COUNTERS: refusals, protocol errors,
     # links, claims...), by name.
     transfer: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Decode step time and prefill speed measured on the engine's own steps (for the router).
+    speeds: EngineSpeeds = dataclasses.field(default_factory=EngineSpeeds)
 
 
 def apply_connector_stats(snapshot: StatsSnapshot, stats: dict[str, Any]) -> None:
@@ -101,6 +104,7 @@ def make_stats_logger_class(snapshot: StatsSnapshot, transfer: TransferMetrics |
                 if transfer is not None:
                     transfer.record(scheduler_stats.kv_connector_stats or {})
             if iteration_stats is not None:
+                snapshot.speeds.record(iteration_stats)
                 snapshot.generation_tokens_total += iteration_stats.num_generation_tokens
                 pts = iteration_stats.prompt_token_stats
                 snapshot.prompt_tokens_total += pts.total
@@ -114,13 +118,13 @@ def make_stats_logger_class(snapshot: StatsSnapshot, transfer: TransferMetrics |
     return EngineStats
 
 
-def stat_loggers(snapshot: StatsSnapshot, role: str) -> list[type]:
+def stat_loggers(snapshot: StatsSnapshot, role: str, export: bool = True) -> list[type]:
     """What the engine reports its statistics to: ``EngineStats`` (into ``snapshot``), and,
-    inside a Ray actor, vLLM's Ray Prometheus logger plus our transfer metrics, tagged with
-    ``role`` (cluster/metrics.py)."""
+    inside a Ray actor when ``export``, vLLM's Ray Prometheus logger plus our transfer metrics,
+    tagged with ``role`` (cluster/metrics.py)."""
     from cluster.metrics import TransferMetrics, in_ray_actor, role_prometheus_logger
 
-    if not in_ray_actor():
+    if not export or not in_ray_actor():
         return [make_stats_logger_class(snapshot)]
     return [make_stats_logger_class(snapshot, TransferMetrics.create(role)),
             role_prometheus_logger(role)]
@@ -145,6 +149,8 @@ def engine_flags(cfg: EngineConfig, kv_transfer: dict[str, Any] | None,
     ]
     if cfg.enforce_eager:
         flags.append("--enforce-eager")
+    if cfg.distributed_executor_backend is not None:
+        flags += ["--distributed-executor-backend", cfg.distributed_executor_backend]
     if kv_transfer is not None:
         flags += ["--kv-transfer-config", json.dumps(kv_transfer),
                   "--worker-extension-cls", EXTENSION_CLS]
@@ -157,6 +163,19 @@ def kv_transfer_config(role: str, extra: dict[str, Any]) -> dict[str, Any]:
     """vLLM's kv_transfer_config that loads our connector in ``role``."""
     return {**CONNECTOR, "kv_role": role, "kv_load_failure_policy": "recompute",
             "kv_connector_extra_config": extra}
+
+
+def use_replica_placement_group(vllm_config: Any) -> None:
+    """With vLLM's Ray executor, run the workers in the placement group Ray Serve made for
+    this replica (bundles from cluster/pools.py). The engine-core process is no Ray worker and
+    cannot see the group itself; without it vLLM would make a group of its own, outside the
+    pool."""
+    parallel = vllm_config.parallel_config
+    if parallel.distributed_executor_backend != "ray" or parallel.placement_group is not None:
+        return
+    import ray
+
+    parallel.placement_group = ray.util.get_current_placement_group()
 
 
 def parse_flags(flags: list[str]) -> argparse.Namespace:
@@ -186,13 +205,15 @@ class OpenAIEngine:
     async def start(
         cls, cfg: EngineConfig, kv_transfer: dict[str, Any] | None = None,
         cpu_cores: str | None = None, kv_events_host: str | None = None,
+        export_metrics: bool = True,
     ) -> OpenAIEngine:
         """Start the engine; with ``kv_events_host``, it publishes KV cache events, and serves
         replays of them, on two ports it binds on that host (``kv_events_endpoint``,
-        ``kv_events_replay_endpoint``)."""
+        ``kv_events_replay_endpoint``). ``export_metrics``: export its metrics through Ray."""
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         # The engine-core process inherits these when it is spawned.
@@ -203,9 +224,14 @@ class OpenAIEngine:
             os.environ["VLLM_HOST_IP"] = kv_events_host  # where "tcp://*:0" binds
         args = parse_flags(engine_flags(cfg, kv_transfer, kv_events_host is not None))
         stats = StatsSnapshot()
-        engine = AsyncLLM.from_engine_args(
-            AsyncEngineArgs.from_cli_args(args),
-            stat_loggers=stat_loggers(stats, engine_role(kv_transfer)),
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        vllm_config = engine_args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+        use_replica_placement_group(vllm_config)
+        engine = AsyncLLM.from_vllm_config(
+            vllm_config,
+            stat_loggers=stat_loggers(stats, engine_role(kv_transfer), export_metrics),
+            enable_log_requests=engine_args.enable_log_requests,
+            disable_log_stats=engine_args.disable_log_stats,
         )
         try:
             state = State()
@@ -324,6 +350,8 @@ class EngineServer:
         return {"num_running": max(s.num_running, self.num_in_flight),
                 "num_waiting": s.num_waiting, "kv_usage": s.kv_usage,
                 "queued_prefill_tokens": self.queued_prefill_tokens,
+                "prefill_tokens_per_s": s.speeds.prefill_tokens_per_s,
+                "decode_step_s": s.speeds.decode_step_s,
                 "kv_events_endpoint": self.engine.kv_events_endpoint,
                 "kv_events_replay_endpoint": self.engine.kv_events_replay_endpoint}
 

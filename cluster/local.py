@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import TYPE_CHECKING
 
-from cluster.pools import local_resources
+from cluster.pools import local_num_cpus, local_resources
 
 if TYPE_CHECKING:
-    from deploy.config import PDConfig
+    from cluster.config import PDConfig
 
 logger = logging.getLogger(__name__)
+
+
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+
+
+def cluster_address(address: str | None = None) -> str | None:
+    """The running cluster to join: ``address``, else ``RAY_ADDRESS`` (which ``ray job
+    submit`` sets for its entrypoint); None means start one here."""
+    return address or os.environ.get(RAY_ADDRESS_ENV) or None
 
 
 def connect_or_start(cfg: PDConfig, address: str | None = None) -> None:
@@ -21,10 +31,12 @@ def connect_or_start(cfg: PDConfig, address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(address)
     if address:
         ray.init(address=address)
         return
     resources = local_resources(cfg)
-    logger.info("starting a local Ray cluster with resources %s", resources)
-    ray.init(resources=resources, include_dashboard=True)
+    # Logical CPUs: at least what the replicas' workers reserve, even past the cores there are.
+    num_cpus = max(os.cpu_count() or 1, math.ceil(local_num_cpus(cfg)))
+    logger.info("starting a local Ray cluster with %d CPUs and resources %s", num_cpus, resources)
+    ray.init(num_cpus=num_cpus, resources=resources, include_dashboard=True)

@@ -5,7 +5,8 @@
     serve run deploy/local.yaml                         # a Serve config file
 
 Three deployments: ``prefill`` and ``decode`` (each on its own resource pool, each scaled on its
-own) and ``router`` (the HTTP ingress, holding a handle to each).
+own) and ``router`` (the HTTP and gRPC ingress, holding a handle to each). Ray Serve's proxies
+carry both protocols; ``grpc_options`` is what its gRPC proxy needs to serve pdserve's service.
 
 Health: Ray Serve calls each prefill and decode replica's ``check_health`` every
 ``HEALTH_CHECK_PERIOD_S``; it raises when the engine is dead, a KV transfer thread died, or the
@@ -28,19 +29,27 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from cluster.config import PDConfig, PoolConfig
 from cluster.engine import OpenAIEngine, kv_transfer_config
-from cluster.pools import replica_actor_options
+from cluster.pools import deployment_options
 from decode.server import DecodeServer
-from deploy.config import PDConfig, PoolConfig
 from kvtransfer.env import KV_SECRET_ENV, kv_secret_text
 from prefill.server import PrefillServer
 from router.app import ROUTES, PDRouter
 
 ROUTER_CLASS = "router.serve_router:PolicyRequestRouter"
+# What Ray Serve's gRPC proxy adds to its server: pdserve's service (router/grpc_api).
+GRPC_SERVICER_FUNCTIONS = ["router.grpc_api.pdserve_pb2_grpc.add_PDServeServicer_to_server"]
+DEFAULT_GRPC_PORT = 9000
 HEALTH_CHECK_PERIOD_S = 2.0
 # Longer than the slowest healthy check: EngineHealth waits up to 5 s for the workers' answer.
 HEALTH_CHECK_TIMEOUT_S = 15.0
 GRACEFUL_SHUTDOWN_TIMEOUT_S = 10.0
+
+
+def grpc_options(port: int = DEFAULT_GRPC_PORT) -> dict[str, Any]:
+    """``serve.start``'s ``grpc_options`` serving pdserve's gRPC API on ``port``."""
+    return {"port": port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS}
 
 
 def _node_ip() -> str:
@@ -75,7 +84,8 @@ class PrefillReplica(_Replica, PrefillServer):
         host = _node_ip()
         engine = await OpenAIEngine.start(
             cfg.prefill.engine, kv_transfer_config("kv_producer", connector_extra(cfg, host)),
-            cfg.prefill.cpu_cores, kv_events_host=host)
+            cfg.prefill.cpu_cores, kv_events_host=host,
+            export_metrics=cfg.enable_metrics)
         super().__init__(engine, max_held_blocks=cfg.kv_transfer.max_held_blocks)
 
 
@@ -87,7 +97,8 @@ class DecodeReplica(_Replica, DecodeServer):
         host = _node_ip()
         engine = await OpenAIEngine.start(
             cfg.decode.engine, kv_transfer_config("kv_consumer", connector_extra(cfg, host)),
-            cfg.decode.cpu_cores, kv_events_host=host)
+            cfg.decode.cpu_cores, kv_events_host=host,
+            export_metrics=cfg.enable_metrics)
         super().__init__(engine)
 
 
@@ -106,6 +117,8 @@ def _ingress_class() -> type:
 
 def _pool_deployment(cls: type, name: str, pool: PoolConfig, policy: str,
                      env_vars: dict[str, str]) -> Any:
+    """One pool's deployment: its replicas placed as cluster/pools.py says (a placement
+    group per replica of several workers), routed by the pool's policy."""
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
@@ -113,7 +126,7 @@ def _pool_deployment(cls: type, name: str, pool: PoolConfig, policy: str,
         cls,
         name=name,
         num_replicas=pool.num_replicas,
-        ray_actor_options=replica_actor_options(pool, name, env_vars),
+        **deployment_options(pool, name, env_vars),
         max_ongoing_requests=max(8, pool.engine.max_num_seqs * 2),
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
         health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
@@ -142,7 +155,8 @@ def build_app_from_config(cfg: PDConfig) -> Any:
     return router.bind(
         prefill.bind(config), decode.bind(config), cfg.model_name, engine.model,
         engine.max_model_len, cfg.router.prefill_timeout_s, cfg.router.prefill_retries,
-        cfg.router.coordinator_settings(engine.block_size), cfg.router.ingress_settings())
+        {**cfg.router.coordinator_settings(engine.block_size),
+         "enable_metrics": cfg.enable_metrics}, cfg.router.ingress_settings())
 
 
 def build_app(args: dict[str, Any] | None = None) -> Any:

@@ -15,9 +15,10 @@ import json
 import logging
 from pathlib import Path
 
+from cluster.config import DEMO_MODEL_DIR
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "models" / "demo-llama"
 SEED = 1234
 VOCAB_SIZE = 2048
 MAX_POSITIONS = 1024
@@ -92,7 +93,7 @@ def is_built(out_dir: Path) -> bool:
     return (out_dir / "config.json").exists() and (out_dir / "tokenizer.json").exists()
 
 
-def ensure_demo_model(out_dir: Path = DEFAULT_DIR) -> Path:
+def ensure_demo_model(out_dir: Path = DEMO_MODEL_DIR) -> Path:
     """Build the demo model into ``out_dir`` unless it is already there; return the path."""
     if is_built(out_dir):
         return out_dir
@@ -106,7 +107,7 @@ def ensure_demo_model(out_dir: Path = DEFAULT_DIR) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help="output directory")
+    parser.add_argument("--out", type=Path, default=DEMO_MODEL_DIR, help="output directory")
     args = parser.parse_args()
     print(ensure_demo_model(args.out))
 

@@ -1,6 +1,6 @@
 """The connector's settings, read from vLLM's ``kv_connector_extra_config``.
 
-Every field of ``deploy.config.KVTransferConfig`` has a field of the same name here: deploy/
+Every field of ``cluster.config.KVTransferConfig`` has a field of the same name here: deploy/
 passes them through (plus ``host`` and ``port``, which are per replica).
 """
 

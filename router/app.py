@@ -1,4 +1,4 @@
-"""The ingress: pdserve's OpenAI-compatible HTTP front door.
+"""The ingress: pdserve's OpenAI-compatible front door, over HTTP and gRPC.
 
 For each request it checks the API key, the body size and the body, tokenizes the prompt once,
 and asks the ``RoutingCoordinator`` for a prefill/decode pair chosen together from what every
@@ -17,7 +17,8 @@ that load balancers can probe it without a key.
 
 ``PDRouter`` is a plain class taking its two handles; ``deploy/`` mounts its methods on a
 FastAPI app (``ROUTES``, then ``router.openai_api.install_openapi``) and makes it a Ray Serve
-deployment.
+deployment. Its gRPC methods (``router.grpc_api.service.GrpcIngress``), which Ray Serve's gRPC
+proxy calls, turn each message into the same OpenAI body and go through ``route_body`` too.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from fastapi.responses import JSONResponse, Response
 
 from router.calls import CallLimits, ReplicaCalls
 from router.coordinator import CoordinatorSettings, get_coordinator
+from router.grpc_api.service import GrpcIngress
 from router.openai_api import (
     APIError,
     check_api_key,
@@ -52,7 +54,7 @@ REFRESH_S = 2.0
 
 @dataclasses.dataclass(frozen=True)
 class IngressSettings:
-    """The ingress's own settings (``deploy.config.RouterConfig.ingress_settings()``)."""
+    """The ingress's own settings (``cluster.config.RouterConfig.ingress_settings()``)."""
 
     api_key: str | None = dataclasses.field(default=None, repr=False)
     max_request_bytes: int = 8 * 1024 * 1024
@@ -62,14 +64,14 @@ class IngressSettings:
     decode_retries: int = 1
 
 
-class PDRouter:
+class PDRouter(GrpcIngress):
     def __init__(self, prefill: Any, decode: Any, model_name: str, model_path: str,
                  max_model_len: int, prefill_timeout_s: float, prefill_retries: int,
                  coordinator: dict[str, Any], ingress: dict[str, Any] | None = None) -> None:
         self.settings = IngressSettings(**(ingress or {}))
         self._prefill = prefill
         self._decode = decode
-        self._model_name = model_name
+        self.model_name = model_name
         self._max_model_len = max_model_len
         self._tokenizer = PromptTokenizer(model_path)
         self.coordinator = get_coordinator(CoordinatorSettings(**coordinator))
@@ -91,10 +93,14 @@ class PDRouter:
             check_api_key(request.headers, self.settings.api_key)
         except APIError as e:
             return e.response()
-        return JSONResponse({"object": "list", "data": [{
-            "id": self._model_name, "object": "model", "created": self._created,
-            "owned_by": "pdserve", "root": self._model_name,
-            "max_model_len": self._max_model_len}]})
+        return JSONResponse(self.model_list())
+
+    def model_list(self) -> dict[str, Any]:
+        """The OpenAI model list: the one model this app serves."""
+        return {"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": self._created,
+            "owned_by": "pdserve", "root": self.model_name,
+            "max_model_len": self._max_model_len}]}
 
     async def health(self) -> Response:
         """Open to everyone (no API key): load balancers probe it."""
@@ -120,9 +126,22 @@ class PDRouter:
 
     async def _serve(self, kind: str, request: Request) -> Response:
         arrival_s = time.monotonic()  # client-side latencies count from here
+        s = self.settings
+        try:
+            check_api_key(request.headers, s.api_key)
+            body = parse_body(await read_body(request, s.max_request_bytes), kind,
+                              self.model_name)
+        except APIError as e:
+            return e.response()
+        return await self.route_body(kind, body, arrival_s)
+
+    async def route_body(self, kind: str, body: dict[str, Any], arrival_s: float) -> Response:
+        """Answer a request whose body vLLM's request model parsed (``validate_body``), from
+        HTTP or gRPC (``router.grpc_api``): content checks, tokenizing, the pair, the calls.
+        ``arrival_s``: when it arrived (``time.monotonic``)."""
         self._start_refreshing()
         try:
-            body = await self._checked_body(kind, request)
+            self._check_content(kind, body)
         except APIError as e:
             return e.response()
         batch = is_batch(kind, body)
@@ -156,16 +175,12 @@ class PDRouter:
                                        choice.decode.replica_id if choice else None, used,
                                        arrival_s=arrival_s)
 
-    async def _checked_body(self, kind: str, request: Request) -> dict[str, Any]:
-        """The request's body, checked; raises ``APIError`` (401, 413, 400, 404)."""
-        s = self.settings
-        check_api_key(request.headers, s.api_key)
-        body = parse_body(await read_body(request, s.max_request_bytes), kind, self._model_name)
+    def _check_content(self, kind: str, body: dict[str, Any]) -> None:
+        """What vLLM's request model lets through but this server refuses (400)."""
         if kind == "chat":
-            check_chat_template(body, s.allow_request_chat_template)
+            check_chat_template(body, self.settings.allow_request_chat_template)
         else:
             check_token_ids(body, self._tokenizer.vocab_size)
-        return body
 
     def _start_refreshing(self) -> None:
         """Keep the coordinator's replica view fresh while idle: a cheap call through each

@@ -49,6 +49,7 @@ class CoordinatorSettings:
     guess_ttl_s: float = 120.0
     failed_replica_s: float = 30.0
     busy_replica_s: float = 1.0
+    enable_metrics: bool = True  # export the router's metrics through Ray
 
 
 def _locked(method: Callable[..., T]) -> Callable[..., T]:
@@ -79,7 +80,7 @@ class RoutingCoordinator:
         self._endpoints: dict[str, dict[str, str]] = {role: {} for role in ROLES}
         self._replay_endpoints: dict[str, dict[str, str]] = {role: {} for role in ROLES}
         self.health = ReplicaHealth()
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(settings.enable_metrics)
         self.degradations = Degradations(self.metrics)
         self._events_reported: dict[str, int] = {}
 

@@ -88,8 +88,12 @@ def _make(key: str) -> Any:
 
 
 class RouterMetrics:
-    def __init__(self) -> None:
+    """The router's metric families; a no-op when not ``enabled`` or outside Ray."""
+
+    def __init__(self, enabled: bool = True) -> None:
         self._m: dict[str, Any] = {}
+        if not enabled:
+            return
         try:
             import ray
 

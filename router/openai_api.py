@@ -3,9 +3,10 @@
 Every rejection is an OpenAI-style error body with a 4xx status (vLLM's own shape:
 ``{"error": {"message", "type", "param", "code"}}``), never a 500. In the order the ingress
 applies them: the API key (``check_api_key``), the body size (``read_body``), the body itself
-(``parse_body``), a request-supplied chat template (``check_chat_template``), token ids outside
-the vocabulary (``check_token_ids``). ``install_openapi`` makes the app's OpenAPI schema
-describe the request bodies with vLLM's own models.
+(``parse_body``; ``validate_body`` for a body that came by gRPC), a request-supplied chat
+template (``check_chat_template``), token ids outside the vocabulary (``check_token_ids``).
+``install_openapi`` makes the app's OpenAPI schema describe the request bodies with vLLM's own
+models.
 """
 
 from __future__ import annotations
@@ -58,33 +59,39 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     if length is not None:
         if not length.strip().isdigit():
             raise APIError(400, f"invalid Content-Length header {length[:32]!r}")
-        if int(length) > max_bytes:
-            raise APIError(413, _too_large(max_bytes), "RequestTooLargeError")
+        check_size(int(length), max_bytes)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > max_bytes:
-            raise APIError(413, _too_large(max_bytes), "RequestTooLargeError")
+        check_size(size, max_bytes)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _too_large(max_bytes: int) -> str:
-    return f"request body larger than {max_bytes} bytes"
+def check_size(size: int, max_bytes: int) -> None:
+    """A 413 when a request of ``size`` bytes exceeds ``max_bytes``."""
+    if size > max_bytes:
+        raise APIError(413, f"request body larger than {max_bytes} bytes", "RequestTooLargeError")
 
 
 def parse_body(raw: bytes, kind: str, model_name: str) -> dict[str, Any]:
     """Check an OpenAI request body; return it as a dict or raise ``APIError``."""
-    import pydantic
-    import pydantic_core
-    from vllm.exceptions import VLLMClientError
-
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
+    return validate_body(body, kind, model_name)
+
+
+def validate_body(body: dict[str, Any], kind: str, model_name: str) -> dict[str, Any]:
+    """Check a decoded OpenAI request body (from JSON or from gRPC); return what vLLM's request
+    model parsed, or raise ``APIError``."""
+    import pydantic
+    import pydantic_core
+    from vllm.exceptions import VLLMClientError
+
     try:
         # vLLM's own model parses the body; what it parsed (not the raw JSON) goes on, so the
         # router and the engines read every field alike ("5" is 5, "false" is False). It goes

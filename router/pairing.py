@@ -3,35 +3,43 @@
 ``PairSelector.select(prefill_candidates, decode_candidates, ctx) -> PairChoice`` is called by the
 router once per request, on its event loop, with the live replicas of both pools and one
 ``RoutingContext`` whose ``cached_tokens`` covers prefill and decode replicas alike (the KV index
-knows both). It mutates nothing it is given; the two policies keep their own bookkeeping.
+knows both). It mutates nothing it is given; the two policies keep their own bookkeeping, and the
+selector keeps each decode replica's stall budget (``router.stall_budget``).
 
 1. The decode policy picks the decode replica. Given a cache-aware decode policy, that is where
    the prompt is already cached, weighed against decode load.
 2. Local prefill (``PairChoice.prefill is None``: the decode replica computes the rest of the
-   prompt itself and no KV transfer happens) when the decode replica is not itself backed up
-   with local prefills (at most ``local_prefill_max_queued_tokens`` queued) and
+   prompt itself and no KV transfer happens) when the decode replica has a reason to, and its
+   running sequences can absorb the stall. The reasons:
 
-   - it holds most of the prompt: the uncached remainder is at most
-     ``local_prefill_max_uncached_tokens`` and at most ``local_prefill_max_uncached_fraction``
-     of the prompt; or
-   - it holds much more of the prompt than any prefill replica: the remainder is at most
-     ``local_prefill_max_advantage_tokens`` and every prefill replica would compute at least
-     ``local_prefill_cost_factor`` times as much (the case of a conversation whose last turns
-     were prefilled locally); or
-   - every prefill replica is saturated (more than ``prefill_saturation_tokens`` queued);
+   - it holds the prompt: at most ``local_prefill_max_uncached_tokens`` are not cached there
+     (and some are);
+   - it holds most of it (at most ``local_prefill_max_uncached_fraction`` is not cached there)
+     and much more than any prefill replica: each would compute at least
+     ``local_prefill_cost_factor`` times its remainder (a conversation whose history the prefill
+     pool has evicted but its decode replica still holds); a cold prompt never passes this;
+   - the prefill pool is saturated: every prefill replica has more than
+     ``prefill_saturation_s`` of work queued.
 
-   and always when there is no prefill replica.
+   The stall: the remainder at the decode replica's measured prefill speed. A replica with no
+   running sequence takes it; otherwise it must fit the replica's stall budget, which keeps the
+   mean inter-token latency of its sequences within ``itl_target_ms`` (or ``itl_target_factor``
+   times its measured step time) over windows of ``itl_window_s``.
+
+   Always local when there is no prefill replica.
 3. Otherwise the prefill policy picks the prefill replica.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from router.policy import Candidate, RoutingContext, RoutingPolicy
+from router.policy import NOMINAL_PREFILL_TOKENS_PER_S, Candidate, RoutingContext, RoutingPolicy
+from router.stall_budget import StallBudget
 
 
 class PairingSettings(BaseModel):
@@ -43,42 +51,41 @@ class PairingSettings(BaseModel):
         "through a prefill replica while there is one.",
     )
     local_prefill_max_uncached_tokens: int = Field(
-        2048,
-        ge=0,
-        description="Prefill locally when at most this many prompt tokens are not cached on the "
-        "chosen decode replica: about one conversation turn, so that a conversation's history "
-        "is kept on its decode replica only instead of on both replicas of a pair.",
-    )
-    local_prefill_max_uncached_fraction: float = Field(
-        0.5,
-        ge=0,
-        le=1,
-        description="...and at most this fraction of the prompt is not cached there (the decode "
-        "replica holds most of the prompt; 1.0 also sends short cold prompts to decode).",
+        16, ge=0, description="A decode replica holds a prompt when at most this many of its "
+        "tokens are not cached there; it then prefills the rest itself (within its stall budget)."
     )
     local_prefill_cost_factor: float = Field(
-        2.0,
-        ge=0,
-        description="Prefill locally when every prefill replica would compute at least this many "
-        "times the decode replica's uncached remainder (0 disables this test). The factor prices "
-        "the stall a local prefill causes to the decode replica's running sequences.",
+        2.0, ge=0, description="Prefill locally (within the stall budget) when every prefill "
+        "replica would compute at least this many times the decode replica's uncached remainder "
+        "and local_prefill_max_uncached_fraction holds (0 disables this test)."
     )
-    local_prefill_max_advantage_tokens: int = Field(
-        8192,
-        ge=0,
-        description="Largest remainder the cost-factor test sends to a decode replica.",
+    local_prefill_max_uncached_fraction: float = Field(
+        0.5, ge=0, le=1, description="...and at most this fraction of the prompt is not cached "
+        "on the decode replica: it holds most of the prompt, so a cold prompt never passes."
     )
-    local_prefill_max_queued_tokens: int = Field(
-        4096,
-        ge=0,
-        description="A decode replica with more prefill tokens than this already queued takes no "
-        "further local prefill (saturation of the prefill pool aside).",
+    prefill_saturation_s: float | None = Field(
+        30.0, ge=0, description="The prefill pool is saturated when every prefill replica has "
+        "more than this many seconds of prefill queued; decode replicas then take cold prompts "
+        "too, within their stall budget. None disables this test."
     )
-    prefill_saturation_tokens: int | None = Field(
-        None,
-        ge=0,
-        description="The prefill pool is saturated when every prefill replica has more than this "
-        "many prefill tokens queued; decode then prefills locally. None disables this test.",
+    itl_target_factor: float = Field(
+        1.2, ge=1.0, description="Local prefills may raise the mean inter-token latency of a "
+        "decode replica's running sequences to this multiple of its measured decode step time "
+        "(1: no local prefill while sequences run)."
+    )
+    itl_target_ms: float | None = Field(
+        None, gt=0, description="An absolute inter-token latency target instead of the factor "
+        "(the replica must report its decode step time; while it has not, it takes no local "
+        "prefill while sequences run)."
+    )
+    itl_window_s: float = Field(
+        1.0, gt=0, description="Window over which the target holds: a decode replica saves up "
+        "at most this window's allowance of stall, so one local prefill stalls its sequences "
+        "for at most about (1 - 1 / itl_target_factor) * itl_window_s."
+    )
+    nominal_tokens_per_s: float = Field(
+        NOMINAL_PREFILL_TOKENS_PER_S, gt=0,
+        description="Prefill speed assumed for a replica that reports none (tokens/s).",
     )
 
 
@@ -95,11 +102,11 @@ class PairChoice:
 
 
 def is_small_remainder(settings: PairingSettings, decode: Candidate, ctx: RoutingContext) -> bool:
-    """Whether the decode replica caches all of the prompt but a small remainder."""
-    uncached = ctx.uncached_tokens(decode.replica_id)
-    return (
-        uncached <= settings.local_prefill_max_uncached_tokens
-        and uncached <= settings.local_prefill_max_uncached_fraction * ctx.num_prompt_tokens
+    """Whether the decode replica caches all of the prompt but a small remainder (and some of
+    it: a short cold prompt is no exception to cold prompts going to the prefill pool)."""
+    remainder = ctx.uncached_tokens(decode.replica_id)
+    return remainder <= settings.local_prefill_max_uncached_tokens and (
+        remainder < ctx.num_prompt_tokens
     )
 
 
@@ -112,34 +119,50 @@ def has_cache_advantage(
     """Whether every prefill replica would compute ``factor`` times the decode remainder."""
     factor = settings.local_prefill_cost_factor
     remainder = ctx.uncached_tokens(decode.replica_id)
-    if factor <= 0 or remainder > settings.local_prefill_max_advantage_tokens:
+    most_cached = remainder <= settings.local_prefill_max_uncached_fraction * ctx.num_prompt_tokens
+    if factor <= 0 or not most_cached:
         return False
     return all(factor * remainder <= ctx.uncached_tokens(c.replica_id) for c in prefill)
 
 
 def is_prefill_saturated(settings: PairingSettings, prefill: Sequence[Candidate]) -> bool:
-    """Whether every prefill replica has more queued prefill work than the saturation limit."""
-    limit = settings.prefill_saturation_tokens
+    """Whether every prefill replica has more queued prefill time than the saturation limit."""
+    limit = settings.prefill_saturation_s
     if limit is None:
         return False
-    return all(c.load.queued_prefill_tokens > limit for c in prefill)
+    nominal = settings.nominal_tokens_per_s
+    return all(
+        c.load.queued_prefill_tokens / c.load.prefill_speed(nominal) > limit for c in prefill
+    )
 
 
-def prefills_locally(
+def stall_fraction(settings: PairingSettings, decode: Candidate) -> float:
+    """The share of its time a decode replica may spend on local prefills (ITL target)."""
+    if settings.itl_target_ms is None:
+        return 1.0 - 1.0 / settings.itl_target_factor
+    step_s = decode.load.decode_step_s
+    if step_s <= 0:
+        return 0.0
+    return max(0.0, 1.0 - step_s / (settings.itl_target_ms / 1000.0))
+
+
+def predicted_stall_s(settings: PairingSettings, decode: Candidate, ctx: RoutingContext) -> float:
+    """How long a local prefill of this request would stall the decode replica's sequences."""
+    speed = decode.load.prefill_speed(settings.nominal_tokens_per_s)
+    return ctx.uncached_tokens(decode.replica_id) / speed
+
+
+def wants_local_prefill(
     settings: PairingSettings,
     decode: Candidate,
     prefill: Sequence[Candidate],
     ctx: RoutingContext,
 ) -> bool:
-    """The local-prefill rule of the module docstring (given at least one prefill replica)."""
-    if not settings.enable_local_prefill:
-        return False
-    if is_prefill_saturated(settings, prefill):
-        return True
-    if decode.load.queued_prefill_tokens > settings.local_prefill_max_queued_tokens:
-        return False
-    return is_small_remainder(settings, decode, ctx) or has_cache_advantage(
-        settings, decode, prefill, ctx
+    """The reasons of the module docstring (given at least one prefill replica)."""
+    return (
+        is_small_remainder(settings, decode, ctx)
+        or has_cache_advantage(settings, decode, prefill, ctx)
+        or is_prefill_saturated(settings, prefill)
     )
 
 
@@ -155,6 +178,7 @@ class PairSelector:
         self.prefill_policy = prefill_policy
         self.decode_policy = decode_policy
         self.settings = settings or PairingSettings()
+        self.stall_budget = StallBudget(self.settings.itl_window_s)
 
     def select(
         self,
@@ -165,8 +189,24 @@ class PairSelector:
         if not decode_candidates:
             raise ValueError("no live decode replica")
         decode = self.decode_policy.select(decode_candidates, ctx)
-        if not prefill_candidates or prefills_locally(
-            self.settings, decode, prefill_candidates, ctx
-        ):
+        if not prefill_candidates or self.prefills_locally(decode, prefill_candidates, ctx):
             return PairChoice(None, decode)
         return PairChoice(self.prefill_policy.select(prefill_candidates, ctx), decode)
+
+    def prefills_locally(
+        self, decode: Candidate, prefill: Sequence[Candidate], ctx: RoutingContext
+    ) -> bool:
+        """Whether ``decode`` prefills this request itself; if so, its stall is spent."""
+        s = self.settings
+        if not s.enable_local_prefill or not wants_local_prefill(s, decode, prefill, ctx):
+            return False
+        now_s = time.monotonic() if ctx.now_s is None else ctx.now_s
+        stall_s = predicted_stall_s(s, decode, ctx)
+        fraction = stall_fraction(s, decode)
+        rid = decode.replica_id
+        if decode.load.num_running > 0 and not self.stall_budget.can_take(
+            rid, stall_s, fraction, now_s
+        ):
+            return False
+        self.stall_budget.take(rid, stall_s, fraction, now_s)
+        return True

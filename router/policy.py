@@ -28,6 +28,9 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
+# Prefill speed assumed for a replica that has not measured its own (prompt tokens per second).
+NOMINAL_PREFILL_TOKENS_PER_S = 10000.0
+
 
 @dataclasses.dataclass(frozen=True)
 class ReplicaLoad:
@@ -37,6 +40,13 @@ class ReplicaLoad:
     num_waiting: int = 0
     queued_prefill_tokens: int = 0
     kv_usage: float = 0.0
+    # Speeds the replica measured on its own engine steps (0 until it has measured them).
+    prefill_tokens_per_s: float = 0.0  # prompt tokens computed per second of prefill
+    decode_step_s: float = 0.0  # duration of an engine step that only decodes
+
+    def prefill_speed(self, nominal_tokens_per_s: float) -> float:
+        """Prompt tokens per second: measured, else ``nominal_tokens_per_s``."""
+        return self.prefill_tokens_per_s or nominal_tokens_per_s
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,8 @@ def load_of(routing_stats: dict[str, Any] | None) -> ReplicaLoad:
         num_waiting=int(stats.get("num_waiting", 0)),
         queued_prefill_tokens=int(stats.get("queued_prefill_tokens", 0)),
         kv_usage=float(stats.get("kv_usage", 0.0)),
+        prefill_tokens_per_s=float(stats.get("prefill_tokens_per_s", 0.0)),
+        decode_step_s=float(stats.get("decode_step_s", 0.0)),
     )
 
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from benchmarks.sim.cluster import CostModel
+from benchmarks.sim.generators import KINDS, generate
 from benchmarks.sim.report import LEGEND, format_table
 from benchmarks.sim.runner import SimReport, SimSettings, simulate
 from benchmarks.sim.setups import SETUPS
-from benchmarks.sim.synthetic import KINDS, generate
-from benchmarks.sim.trace import TRACE_BLOCK_TOKENS, load_trace, save_trace
+from benchmarks.sim.trace import TRACE_BLOCK_TOKENS, TraceRequest, load_trace, save_trace
 
-DEFAULT_SETUPS = ["cache_cost", "sglang_cache_aware", "ray_prefix_affinity", "least_loaded"]
+DEFAULT_SETUPS = [
+    "cache_cost", "sglang_cache_aware", "ray_prefix_affinity", "least_loaded", "round_robin"
+]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -22,9 +24,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--trace", help="Mooncake-format JSONL trace file")
     source.add_argument(
-        "--synthetic", nargs="+", choices=sorted(KINDS), help="synthetic trace kind(s)"
+        "--synthetic", nargs="+", choices=sorted(KINDS), help="generated trace kind(s)"
     )
-    p.add_argument("--seed", type=int, default=0, help="synthetic trace seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="generated trace seeds")
+    p.add_argument("--scale", type=float, default=1.0, help="generated trace size factor")
     p.add_argument("--save-trace", help="write the (first) synthetic trace to this file")
     p.add_argument("--prefill", type=int, default=8, help="prefill replicas")
     p.add_argument("--decode", type=int, default=8, help="decode replicas")
@@ -58,6 +61,16 @@ def describe(name: str, report: SimReport, elapsed_s: float) -> str:
     )
 
 
+def traces(args: argparse.Namespace) -> Iterator[tuple[str, list[TraceRequest]]]:
+    """The trace file, or each generated kind and seed, one at a time."""
+    if args.trace:
+        yield args.trace, load_trace(args.trace)
+        return
+    for kind in args.synthetic or list(KINDS):
+        for seed in args.seeds:
+            yield f"{kind} (seed {seed})", generate(kind, seed, args.scale)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     costs = CostModel(prefill_s_per_token=1.0 / args.prefill_tokens_per_s)
@@ -68,15 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         utilization=args.utilization or None,
         costs=costs,
     )
-    if args.trace:
-        traces = {args.trace: load_trace(args.trace)}
-    else:
-        kinds = args.synthetic or sorted(KINDS)
-        traces = {kind: generate(kind, args.seed) for kind in kinds}
-        if args.save_trace:
-            save_trace(traces[kinds[0]], args.save_trace)
+    if args.save_trace and not args.trace:
+        kind = (args.synthetic or list(KINDS))[0]
+        save_trace(generate(kind, args.seeds[0], args.scale), args.save_trace)
     print(LEGEND + "\n")
-    for name, requests in traces.items():
+    for name, requests in traces(args):
         start = time.perf_counter()
         report = simulate(requests, args.policies, settings)
         print(describe(name, report, time.perf_counter() - start))

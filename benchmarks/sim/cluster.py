@@ -73,7 +73,8 @@ class ClusterSim:
 
     def _replica(self, replica_id: str, capacity: int) -> SimReplica:
         cache = LRUBlockCache(capacity, partial(self.index.apply, replica_id))
-        return SimReplica(replica_id, cache)
+        c = self.costs
+        return SimReplica(replica_id, cache, 1.0 / c.prefill_s_per_token, c.decode_s_per_token)
 
     def run(self, requests: Sequence[TraceRequest], chains: Sequence[list[int]]) -> SimOutcome:
         t0 = requests[0].timestamp_ms / 1000.0 if requests else 0.0
@@ -106,7 +107,8 @@ class ClusterSim:
         server = decode if choice.prefill is None else by_id[choice.prefill.replica_id]
         job = Job(
             index, request, chains, self.now, decode, choice.is_local_prefill,
-            estimated_tokens=ctx.uncached_tokens(server.replica_id),
+            estimated_tokens=ctx.uncached_tokens(server.replica_id), ctx=ctx,
+            prefill_id=None if choice.prefill is None else choice.prefill.replica_id,
         )
         self._jobs.append(job)
         if not job.is_local:
@@ -157,3 +159,7 @@ class ClusterSim:
         delay = job.decode.finish_decode(job, self.now)
         if delay > 0:
             self._at(self.now + delay, partial(self._decode_done, job))
+            return
+        if job.prefill_id is not None:  # the router's coordinator.done, as in production
+            self.selector.prefill_policy.on_request_done(job.prefill_id, job.ctx)
+        self.selector.decode_policy.on_request_done(job.decode.replica_id, job.ctx)

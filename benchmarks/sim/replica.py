@@ -12,7 +12,7 @@ from collections import deque
 
 from benchmarks.sim.cache import LRUBlockCache
 from benchmarks.sim.trace import TRACE_BLOCK_TOKENS, TraceRequest
-from router.policy import ReplicaLoad
+from router.policy import ReplicaLoad, RoutingContext
 
 
 @dataclasses.dataclass(eq=False)
@@ -26,6 +26,8 @@ class Job:
     decode: SimReplica
     is_local: bool
     estimated_tokens: int  # uncached prompt tokens on its prefill replica, as routed
+    ctx: RoutingContext  # what the router decided on, handed back to the policies when done
+    prefill_id: str | None  # the prefill replica; None when prefilled on its decode replica
     prefill_tokens: int = 0  # uncached prompt tokens actually computed
     hit_tokens: int = 0
     stall_seen_s: float = 0.0  # the decode replica's stall already applied to this sequence
@@ -34,9 +36,15 @@ class Job:
 
 
 class SimReplica:
-    def __init__(self, replica_id: str, cache: LRUBlockCache) -> None:
+    def __init__(
+        self, replica_id: str, cache: LRUBlockCache, prefill_tokens_per_s: float,
+        decode_step_s: float,
+    ) -> None:
         self.replica_id = replica_id
         self.cache = cache
+        # What a real replica measures on its own steps and reports (``ReplicaLoad``).
+        self.prefill_tokens_per_s = prefill_tokens_per_s
+        self.decode_step_s = decode_step_s
         self.queue: deque[Job] = deque()
         self.current: Job | None = None
         self.queued_tokens = 0  # prefill tokens queued or in service here
@@ -63,6 +71,8 @@ class SimReplica:
             num_waiting=len(self.queue) + self.num_pending,
             queued_prefill_tokens=self.queued_tokens,
             kv_usage=min(1.0, self.running_blocks / self.cache.capacity),
+            prefill_tokens_per_s=self.prefill_tokens_per_s,
+            decode_step_s=self.decode_step_s,
         )
 
     def enqueue(self, job: Job, now: float) -> None:

@@ -2,7 +2,9 @@
 
 A setup is plain configuration; the policies are built by ``router.policies.make_policy`` and
 paired by ``router.pairing.PairSelector``, exactly as the router does. The baselines never
-prefill on a decode replica (neither SGLang's nor Ray Serve's router does).
+prefill on a decode replica (neither SGLang's nor Ray Serve's router does). ``cache_cost`` is
+the router as shipped: it is built from the defaults of ``cluster.config.RouterConfig``, so the
+simulator measures the configuration a deployment runs.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from cluster.config import RouterConfig
 from router.pairing import PairingSettings
 
 
@@ -24,23 +27,21 @@ class RouterSetup:
     )
 
 
-# Our settings (defaults of CacheCostSettings and PairingSettings unless listed). Prefill pool:
-# least uncached prompt within a load band of 1.5x the mean queued prefill tokens + 8192. Decode
-# pool: a running sequence weighs 256 tokens and the band is tighter (1.2x + 16 sequences), so
-# running sequences stay even while a conversation stays where its history is cached.
-CACHE_COST_PREFILL: dict[str, Any] = {"seed": 0}
-CACHE_COST_DECODE: dict[str, Any] = {
-    "running_seq_tokens": 256.0,
-    "load_bound_rel": 1.2,
-    "load_bound_abs": 4096.0,
-    "seed": 0,
-}
-CACHE_COST_PAIRING = PairingSettings()
+def shipped_setup(config: RouterConfig | None = None, seed: int = 0) -> RouterSetup:
+    """The router as the config model ships it (its policies, their settings, the pairing),
+    with a seeded tie-break so that a run can be repeated."""
+    config = config or RouterConfig()
+    return RouterSetup(
+        config.prefill_policy,
+        config.decode_policy,
+        {"seed": seed, **config.prefill_policy_kwargs},
+        {"seed": seed, **config.decode_policy_kwargs},
+        PairingSettings(**config.pairing),
+    )
+
 
 SETUPS: dict[str, RouterSetup] = {
-    "cache_cost": RouterSetup(
-        "cache_cost", "cache_cost", CACHE_COST_PREFILL, CACHE_COST_DECODE, CACHE_COST_PAIRING
-    ),
+    "cache_cost": shipped_setup(),
     "sglang_cache_aware": RouterSetup("sglang_cache_aware", "sglang_cache_aware"),
     "ray_prefix_affinity": RouterSetup(
         "ray_prefix_affinity", "ray_prefix_affinity", {"seed": 0}, {"seed": 1}

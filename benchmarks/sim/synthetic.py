@@ -4,10 +4,9 @@
 ``multiturn`` conversations that resend their growing history each turn, after a think time;
 ``agent``   agent sessions that start from a common context and branch (parallel tool calls).
 
-A prompt is built from content segments; a 512-token block's id is interned from its parent's id
-and the segment pieces it covers, so equal ids mean equal prefixes, as in the public traces.
-Sizes follow the public Mooncake traces' scale (prompts of a few thousand to a few tens of
-thousands of tokens, outputs of hundreds); every knob is a field of the kind's settings.
+Prompts are built from content segments (``builder``). Sizes follow the public Mooncake traces'
+scale (prompts of a few thousand to a few tens of thousands of tokens, outputs of hundreds);
+every knob is a field of the kind's settings.
 """
 
 from __future__ import annotations
@@ -15,70 +14,9 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
-import math
-import random
-from collections.abc import Callable, Sequence
 
-from benchmarks.sim.trace import TRACE_BLOCK_TOKENS, TraceRequest
-
-Segment = tuple[int, int]  # (segment id, tokens)
-
-
-class BlockIds:
-    """Interns 512-token blocks of segment sequences into Mooncake-style hash ids."""
-
-    def __init__(self) -> None:
-        self._ids: dict[tuple[int, tuple[tuple[int, int, int], ...]], int] = {}
-
-    def assign(self, segments: Sequence[Segment]) -> tuple[int, ...]:
-        ids: list[int] = []
-        parent, pieces, filled = -1, [], 0
-        for seg_id, length in segments:
-            pos = 0
-            while pos < length:
-                take = min(TRACE_BLOCK_TOKENS - filled, length - pos)
-                pieces.append((seg_id, pos, pos + take))
-                pos, filled = pos + take, filled + take
-                if filled == TRACE_BLOCK_TOKENS:
-                    parent = self._intern(parent, pieces)
-                    ids.append(parent)
-                    pieces, filled = [], 0
-        if pieces:
-            ids.append(self._intern(parent, pieces))
-        return tuple(ids)
-
-    def _intern(self, parent: int, pieces: list[tuple[int, int, int]]) -> int:
-        key = (parent, tuple(pieces))
-        block_id = self._ids.get(key)
-        if block_id is None:
-            block_id = self._ids[key] = len(self._ids)
-        return block_id
-
-
-class _Gen:
-    """Shared helpers: seeded draws, fresh segment ids, request assembly."""
-
-    def __init__(self, seed: int) -> None:
-        self.rng = random.Random(seed)
-        self.blocks = BlockIds()
-        self._segments = itertools.count()
-
-    def segment(self, tokens: int) -> Segment:
-        return (next(self._segments), tokens)
-
-    def lognormal(self, median: float, sigma: float, low: int, high: int) -> int:
-        return int(min(high, max(low, self.rng.lognormvariate(math.log(median), sigma))))
-
-    def zipf_weights(self, n: int, s: float) -> list[float]:
-        return [1.0 / (k + 1) ** s for k in range(n)]
-
-    def request(self, t_s: float, segments: Sequence[Segment], output: int) -> TraceRequest:
-        return TraceRequest(
-            timestamp_ms=round(t_s * 1000.0, 3),
-            input_length=sum(length for _, length in segments),
-            output_length=output,
-            hash_ids=self.blocks.assign(segments),
-        )
+from benchmarks.sim.builder import Segment, TraceBuilder
+from benchmarks.sim.trace import TraceRequest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +29,12 @@ class SharedPromptSettings:
     user_median_tokens: float = 600.0
     output_median_tokens: float = 200.0
 
+    def scaled(self, factor: float) -> SharedPromptSettings:
+        return dataclasses.replace(self, num_requests=max(1, round(self.num_requests * factor)))
+
 
 def shared_prompts(s: SharedPromptSettings, seed: int) -> list[TraceRequest]:
-    g = _Gen(seed)
+    g = TraceBuilder(seed)
     systems = [g.segment(g.rng.randint(*s.system_tokens)) for _ in range(s.num_system_prompts)]
     weights = g.zipf_weights(len(systems), s.zipf_s)
     t, out = 0.0, []
@@ -119,9 +60,13 @@ class MultiTurnSettings:
     user_median_tokens: float = 250.0
     output_median_tokens: float = 350.0
 
+    def scaled(self, factor: float) -> MultiTurnSettings:
+        n = max(1, round(self.num_conversations * factor))
+        return dataclasses.replace(self, num_conversations=n)
+
 
 def multi_turn(s: MultiTurnSettings, seed: int) -> list[TraceRequest]:
-    g = _Gen(seed)
+    g = TraceBuilder(seed)
     systems = [g.segment(g.rng.randint(*s.system_tokens)) for _ in range(s.num_system_prompts)]
     weights = g.zipf_weights(len(systems), 1.0)
     out: list[TraceRequest] = []
@@ -156,9 +101,12 @@ class AgentSettings:
     mean_tool_s: float = 3.0
     decode_s_per_token: float = 0.02
 
+    def scaled(self, factor: float) -> AgentSettings:
+        return dataclasses.replace(self, num_sessions=max(1, round(self.num_sessions * factor)))
+
 
 def agent_branching(s: AgentSettings, seed: int) -> list[TraceRequest]:
-    g = _Gen(seed)
+    g = TraceBuilder(seed)
     contexts = [g.segment(g.rng.randint(*s.context_tokens)) for _ in range(s.num_contexts)]
     weights = g.zipf_weights(len(contexts), 0.8)
     out: list[TraceRequest] = []
@@ -172,7 +120,7 @@ def agent_branching(s: AgentSettings, seed: int) -> list[TraceRequest]:
 
 
 def _agent_session(
-    g: _Gen, s: AgentSettings, start: float, root: list[Segment]
+    g: TraceBuilder, s: AgentSettings, start: float, root: list[Segment]
 ) -> list[TraceRequest]:
     """One session: branches run step by step; a step may fork into parallel branches."""
     requests: list[TraceRequest] = []
@@ -193,19 +141,3 @@ def _agent_session(
             done = t + action * s.decode_s_per_token + g.rng.expovariate(1.0 / s.mean_tool_s)
             heapq.heappush(branches, (done, next(order), steps + 1, [*base, tool]))
     return requests
-
-
-KINDS: dict[str, Callable[[int], list[TraceRequest]]] = {
-    "shared": lambda seed: shared_prompts(SharedPromptSettings(), seed),
-    "multiturn": lambda seed: multi_turn(MultiTurnSettings(), seed),
-    "agent": lambda seed: agent_branching(AgentSettings(), seed),
-}
-
-
-def generate(kind: str, seed: int = 0) -> list[TraceRequest]:
-    """A synthetic trace of one kind with its default settings."""
-    try:
-        make = KINDS[kind]
-    except KeyError:
-        raise ValueError(f"unknown trace kind {kind!r}; known: {', '.join(KINDS)}") from None
-    return make(seed)

@@ -4,25 +4,35 @@ The hash of block ``i`` depends on the hash of block ``i - 1`` (its parent) and 
 tokens, so equal hashes mean equal prefixes, as in vLLM's prefix cache. The index computes these
 itself from token ids; it never needs the engine's own hashes to match a prompt.
 
-Each hash is the 8-byte BLAKE2b digest of the parent hash (8 bytes) followed by the block's
-tokens (4 bytes each), all little-endian, read as an unsigned little-endian integer: one
-compression per 16-token block. It is stable across processes, machines and Python versions,
-unlike ``hash()``. Token ids must lie in ``[0, 2**32)``.
+The construction, all arithmetic modulo 2**64 on unsigned 64-bit integers::
+
+    content(block) = fmix64(C + sum over k of token[k] * R[k])  C, R: fixed 64-bit constants
+    hash(block i)  = hash(block i - 1) * M + content(block i)  M: a fixed odd constant
+
+``fmix64`` is MurmurHash3's 64-bit finalizer (a bijection that spreads every input bit over the
+output; ``C`` keeps a block of zeros from hashing to the fixed point 0). The content hash is a
+multilinear hash of the tokens, the chain step a multiply-add, so the hashes of a whole prompt
+come out of a few vectorized numpy operations (a cumulative sum over the powers of ``M``)
+instead of one digest per block: no per-block Python work. The hashes are stable across
+processes, machines and Python versions, unlike ``hash()``. Token ids must lie in
+``[0, 2**32)``. It is a routing key, not a cryptographic hash: a collision costs a cache miss.
 """
 
 from __future__ import annotations
 
 import hashlib
-import sys
 from array import array
 from collections.abc import Sequence
 
+import numpy as np
+
 _DIGEST_BYTES = 8
-_TOKEN_BYTES = 4
-# Bytes are laid out little-endian on every machine so that hashes agree across them.
-_BIG_ENDIAN = sys.byteorder == "big"
+_MASK = (1 << 64) - 1
 # Parent of the first block of a sequence without LoRA (or other extra keys).
 ROOT_HASH = 0
+_CHAIN = 0x9E3779B97F4A7C15  # M: odd, so it has an inverse modulo 2**64
+_CHAIN_INVERSE = pow(_CHAIN, -1, 1 << 64)
+_CONTENT_OFFSET = 0x2545F4914F6CDD1D  # C
 
 
 def root_hash(lora_id: int | None = None) -> int:
@@ -33,33 +43,90 @@ def root_hash(lora_id: int | None = None) -> int:
     return int.from_bytes(digest, "little")
 
 
+def _splitmix64(state: int) -> tuple[int, int]:
+    """One step of SplitMix64: (next state, output)."""
+    state = (state + 0x9E3779B97F4A7C15) & _MASK
+    z = state
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return state, z ^ (z >> 31)
+
+
+class _Tables:
+    """Token multipliers R and powers of M, grown on demand (replaced whole: thread-safe)."""
+
+    def __init__(self) -> None:
+        self.multipliers = np.zeros(0, dtype=np.uint64)
+        self.powers = np.ones(1, dtype=np.uint64)  # M**0 .. M**n
+        self.inverse_powers = np.ones(1, dtype=np.uint64)
+
+    def token_multipliers(self, block_size: int) -> np.ndarray:
+        if len(self.multipliers) < block_size:
+            state, values = 0x5DEECE66D, []
+            for _ in range(block_size):
+                state, value = _splitmix64(state)
+                values.append(value | 1)
+            self.multipliers = np.array(values, dtype=np.uint64)
+        return self.multipliers[:block_size]
+
+    def chain_powers(self, num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+        """(M**0 .. M**num_blocks, M**-0 .. M**-(num_blocks - 1))."""
+        if len(self.powers) <= num_blocks:
+            size = max(num_blocks + 1, 2 * len(self.powers))
+            powers, inverse = [1], [1]
+            for _ in range(size - 1):
+                powers.append(powers[-1] * _CHAIN & _MASK)
+                inverse.append(inverse[-1] * _CHAIN_INVERSE & _MASK)
+            self.inverse_powers = np.array(inverse, dtype=np.uint64)
+            self.powers = np.array(powers, dtype=np.uint64)
+        return self.powers[: num_blocks + 1], self.inverse_powers[:num_blocks]
+
+
+_TABLES = _Tables()
+
+
+def token_multipliers(block_size: int) -> list[int]:
+    """The constants ``R`` of the construction for blocks of ``block_size`` tokens."""
+    return _TABLES.token_multipliers(block_size).tolist()
+
+
+def _fmix64(x: np.ndarray) -> np.ndarray:
+    x ^= x >> np.uint64(33)
+    x *= np.uint64(0xFF51AFD7ED558CCD)
+    x ^= x >> np.uint64(33)
+    x *= np.uint64(0xC4CEB9FE1A85EC53)
+    x ^= x >> np.uint64(33)
+    return x
+
+
+def _token_array(token_ids: Sequence[int], count: int) -> np.ndarray:
+    """The first ``count`` token ids as uint32 (no copy for an ``array('I')``)."""
+    if isinstance(token_ids, array) and token_ids.typecode == "I":
+        return np.frombuffer(token_ids, dtype=np.uint32, count=count)
+    return np.frombuffer(array("I", token_ids[:count]), dtype=np.uint32)
+
+
 def hash_token_blocks(
     token_ids: Sequence[int], block_size: int, parent: int | None = None
 ) -> list[int]:
     """Chained hashes of the full blocks of ``token_ids`` (a trailing partial block is dropped).
 
     ``parent`` is the hash of the block just before ``token_ids[0]``; ``None`` means the sequence
-    starts at the root. One C-level BLAKE2b call per block, no per-token Python work.
+    starts at the root. Hashing ``a + b`` equals hashing ``a``, then ``b`` with the last hash of
+    ``a`` as parent.
     """
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     num_blocks = len(token_ids) // block_size
     if num_blocks == 0:
         return []
-    tokens = array("I", token_ids[: num_blocks * block_size])
-    if _BIG_ENDIAN:
-        tokens.byteswap()
-    data = tokens.tobytes()
-    step = block_size * _TOKEN_BYTES
+    tokens = _token_array(token_ids, num_blocks * block_size).reshape(num_blocks, block_size)
+    multipliers = _TABLES.token_multipliers(block_size)
+    content = _fmix64(tokens.astype(np.uint64) @ multipliers + np.uint64(_CONTENT_OFFSET))
+    powers, inverse_powers = _TABLES.chain_powers(num_blocks)
+    # hash_i = parent * M**(i+1) + sum over j <= i of content_j * M**(i-j)
+    hashes = powers[:-1] * np.cumsum(content * inverse_powers, dtype=np.uint64)
     start = ROOT_HASH if parent is None else parent
-    prev = start.to_bytes(_DIGEST_BYTES, "little")
-    blake2b = hashlib.blake2b
-    digests = []
-    append = digests.append
-    for offset in range(0, num_blocks * step, step):
-        prev = blake2b(prev + data[offset : offset + step], digest_size=_DIGEST_BYTES).digest()
-        append(prev)
-    hashes = array("Q", b"".join(digests))
-    if _BIG_ENDIAN:
-        hashes.byteswap()
+    if start:
+        hashes += np.uint64(start) * powers[1:]
     return hashes.tolist()

@@ -13,6 +13,9 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from functools import reduce
+from itertools import repeat
+from operator import or_
 
 from router.kvindex.events import (
     TRACKED_MEDIA,
@@ -258,6 +261,18 @@ class KVIndex:
         self, rep: ReplicaState, keys: Sequence[EngineHash], chains: Sequence[int]
     ) -> None:
         masks, blocks, bit = self._masks, rep.blocks, rep.bit
+        if len(keys) == len(chains) and blocks.keys().isdisjoint(keys):
+            # The common case, engine keys the replica did not hold: bulk dict operations (the
+            # chains of one event are distinct, being the chain of one sequence).
+            blocks.update(zip(keys, chains, strict=True))
+            old_masks = list(map(masks.get, chains, repeat(0, len(chains))))
+            masks.update(zip(chains, [mask | bit for mask in old_masks], strict=True))
+            if reduce(or_, old_masks, 0) & bit:  # some chains it held under other keys
+                extra = rep.extra_refs
+                for chain, mask in zip(chains, old_masks, strict=True):
+                    if mask & bit:
+                        extra[chain] = extra.get(chain, 0) + 1
+            return
         for key, chain in zip(keys, chains, strict=True):
             old = blocks.get(key)
             if old is not None:

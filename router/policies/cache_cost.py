@@ -1,130 +1,172 @@
-"""Cache-cost routing: send a request where it costs least, counting what is really cached.
+"""Cache-cost routing: send a request where it finishes soonest without losing its cache hits.
 
-Every candidate has a load, in prefill-token equivalents::
+Everything is counted in seconds of the candidate's own compute, at the prefill speed it reports
+(``ReplicaLoad.prefill_tokens_per_s``; ``nominal_tokens_per_s`` when it reports none)::
 
-    load = queued prefill tokens
-         + running_seq_tokens * running sequences      (decode load; 0 on prefill pools)
-         + kv_usage_tokens    * KV cache usage (0..1)
+    wait    = (queued prefill tokens
+               + running_seq_tokens * running sequences      (decode pools)
+               + kv_usage_tokens    * KV cache usage 0..1)   (decode pools)   / speed
+    compute = prompt tokens not cached there (from the KV index)               / speed
 
-and the request a cost there::
+and ``finish = wait + compute`` is when the request's prefill would end there. Bounded load
+(as in consistent hashing with bounded loads): a candidate is allowed when
 
-    cost = uncached_token_weight * (prompt tokens not cached there, from the KV index)
-         + load_weight           * load
+    finish <= load_bound_rel * (mean finish over the candidates)
+              + load_bound_prompts * (time it takes to compute the whole prompt there)
+              + load_bound_abs_s
 
-The cheapest candidate wins, among those within the load bound (bounded-load placement)::
+The middle term scales the slack with the request, in units of what a complete cache miss would
+cost it: a long conversation may wait behind a few of its own prefill times before it leaves the
+replica holding its history, a short request hardly at all. Every term is a time on the
+replicas' measured speed, so one setting fits slow and fast hardware alike.
 
-    load <= load_bound_rel * mean load + load_bound_abs
+The allowed candidate with the least ``compute + load_weight * wait`` wins. With a small
+``load_weight`` the cache decides inside the band (the pool does the least work, which is what
+keeps every queue short under load) and the band keeps the balance; the soonest finishing
+candidate is always allowed. ``load_weight`` 1 is the greedy "soonest first token" choice, which
+under load chases short queues and loses the cache hits that would have kept them short.
 
-so a hot prefix stays where it is cached until its replica's load leaves the band, and then
-spreads to the next best replica (which then caches it too); the least loaded candidate is always
-within the band. A small ``load_weight`` makes the cache decide inside the band and the band keep
-the balance; ``load_weight`` 1 with no band is the classic "uncached + queued tokens" estimate of
-time to first token, which under overload chases short queues and loses every cache hit.
+The cached tokens are the KV index's, or more where this policy has sent a request with the same
+prefix to that candidate that has not finished yet (``in_flight``): it runs first there, so the
+blocks will be cached when this request runs.
 
-Ties go to the lower load, then to a seeded random pick, so that cold prompts spread.
+Ties go to the sooner finish (``wait + compute``), then to a seeded random pick, so that cold
+prompts spread.
 
-Imbalance guard: when the load spread is too wide (both ``max - min > imbalance_abs_threshold``
-and ``max > imbalance_rel_threshold * min``, the two-sided test of SGLang's cache-aware router),
-cache affinity is set aside and the least loaded candidate wins.
+There is no separate imbalance guard (as SGLang's router has): the band is one, and measured in
+the simulator a guard that sets the cache aside moved agent sessions off their cache under load,
+which is what made the load worse.
 """
 
 from __future__ import annotations
 
-import math
 import random
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from router.policy import Candidate, RoutingContext, RoutingPolicy
+from router.policies.in_flight import InFlightPrompts
+from router.policy import (
+    NOMINAL_PREFILL_TOKENS_PER_S,
+    Candidate,
+    RoutingContext,
+    RoutingPolicy,
+)
 
 
 class CacheCostSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    uncached_token_weight: float = Field(
-        1.0, ge=0, description="Cost of one prompt token the replica would have to compute."
-    )
     load_weight: float = Field(
-        0.1, ge=0, description="Cost of one prefill-token equivalent of load on the replica."
+        0.1, ge=0, description="Weight of a second of expected wait against a second of "
+        "compute, inside the load band (0: the cache alone decides there)."
     )
     running_seq_tokens: float = Field(
-        0.0,
-        ge=0,
+        0.0, ge=0,
         description="Load of one running sequence, in prefill-token equivalents (decode pools).",
     )
     kv_usage_tokens: float = Field(
         0.0, ge=0, description="Load of a full KV cache (kv_usage 1.0), in prefill-token "
-        "equivalents.",
+        "equivalents (decode pools).",
+    )
+    nominal_tokens_per_s: float = Field(
+        NOMINAL_PREFILL_TOKENS_PER_S, gt=0,
+        description="Prefill speed assumed for a replica that reports none (tokens/s).",
     )
     load_bound_rel: float = Field(
-        1.5,
-        ge=1.0,
-        description="Bounded load: only candidates whose load is at most this multiple of the "
-        "mean load (plus load_bound_abs) are considered.",
+        1.5, ge=1.0, description="Bounded load: a candidate is allowed while the request "
+        "would finish there within this multiple of the mean finish over the candidates (plus "
+        "load_bound_abs_s).",
     )
-    load_bound_abs: float = Field(
-        8192.0,
-        ge=0,
-        description="Bounded load: slack (prefill-token equivalents) added to the bound, so that "
-        "a lightly loaded pool keeps its cache affinity.",
+    load_bound_abs_s: float = Field(
+        0.0, ge=0, description="Bounded load: slack in seconds added to the bound.",
     )
-    imbalance_abs_threshold: float = Field(
-        32768.0,
-        ge=0,
-        description="Guard: load spread (max - min) above which, together with the relative "
-        "test, the least loaded candidate is taken.",
+    load_bound_prompts: float = Field(
+        2.0, ge=0, description="Bounded load: more slack, in units of the time the candidate "
+        "would take to compute this whole prompt (what losing its cache hit costs at most).",
     )
-    imbalance_rel_threshold: float = Field(
-        2.0,
-        ge=1.0,
-        description="Guard: max load above this multiple of min load, together with the "
-        "absolute test, makes the least loaded candidate win.",
+    in_flight_ttl_s: float = Field(
+        120.0, ge=0, description="Count the prompts of requests this policy routed and that "
+        "have not finished as cached where they went, for at most this long (0: the KV index "
+        "alone)."
     )
     seed: int | None = Field(None, description="Seed of the tie-breaking random generator.")
 
 
 class CacheCostPolicy(RoutingPolicy):
-    """Least cost (uncached prefill, then load) within a load bound; see the module docstring."""
+    """Least compute within a bounded load, in seconds; see the module docstring."""
 
     name = "cache_cost"
 
     def __init__(self, **settings: Any) -> None:
         self.settings = CacheCostSettings(**settings)
         self._rng = random.Random(self.settings.seed)
+        self._in_flight = InFlightPrompts(self.settings.in_flight_ttl_s)
 
-    def load(self, candidate: Candidate) -> float:
-        """The work already on a candidate, in prefill-token equivalents."""
+    def speed(self, candidate: Candidate) -> float:
+        """Prefill tokens per second the candidate computes (reported, else nominal)."""
+        return candidate.load.prefill_speed(self.settings.nominal_tokens_per_s)
+
+    def wait_s(self, candidate: Candidate) -> float:
+        """Seconds of work already on the candidate."""
         s, load = self.settings, candidate.load
-        return (
+        tokens = (
             load.queued_prefill_tokens
             + s.running_seq_tokens * load.num_running
             + s.kv_usage_tokens * load.kv_usage
         )
+        return tokens / self.speed(candidate)
 
-    def cost(self, candidate: Candidate, ctx: RoutingContext, load: float) -> float:
-        """What the request would cost on a candidate carrying ``load``."""
-        s = self.settings
-        uncached = ctx.uncached_tokens(candidate.replica_id)
-        return s.uncached_token_weight * uncached + s.load_weight * load
+    def cached_tokens(self, ctx: RoutingContext, now_s: float) -> dict[str, int]:
+        """Prompt tokens each replica holds or will hold before this request runs there."""
+        if not self.settings.in_flight_ttl_s or not ctx.block_hashes:
+            return dict(ctx.cached_tokens)
+        self._in_flight.expire(now_s)
+        cached = dict(ctx.cached_tokens)
+        in_flight = self._in_flight.matched_blocks(ctx.block_hashes, ctx.block_size)
+        for replica_id, blocks in in_flight.items():
+            tokens = min(blocks * ctx.block_size, ctx.num_prompt_tokens)
+            cached[replica_id] = max(cached.get(replica_id, 0), tokens)
+        return cached
 
-    def is_imbalanced(self, loads: Sequence[float]) -> bool:
-        s = self.settings
-        high, low = max(loads), min(loads)
-        return high - low > s.imbalance_abs_threshold and high > s.imbalance_rel_threshold * low
+    def compute_s(self, candidate: Candidate, ctx: RoutingContext, cached_tokens: int) -> float:
+        """Seconds the candidate would spend on this request's uncached tokens."""
+        return max(0, ctx.num_prompt_tokens - cached_tokens) / self.speed(candidate)
 
     def select(self, candidates: Sequence[Candidate], ctx: RoutingContext) -> Candidate:
-        loads = [self.load(c) for c in candidates]
-        pairs = list(zip(candidates, loads, strict=True))
-        if len(candidates) > 1 and self.is_imbalanced(loads):
-            keys = [(load, ctx.uncached_tokens(c.replica_id)) for c, load in pairs]
-        else:
-            s = self.settings
-            bound = s.load_bound_rel * sum(loads) / len(loads) + s.load_bound_abs
-            keys = [
-                (self.cost(c, ctx, load) if load <= bound else math.inf, load) for c, load in pairs
-            ]
+        now_s = time.monotonic() if ctx.now_s is None else ctx.now_s
+        cached = self.cached_tokens(ctx, now_s)
+        choice = self._best(candidates, ctx, cached)
+        if self.settings.in_flight_ttl_s and ctx.block_hashes:
+            self._in_flight.add(
+                ctx.request_id, choice.replica_id, ctx.block_hashes, ctx.block_size, now_s
+            )
+        return choice
+
+    def on_request_done(self, replica_id: str, ctx: RoutingContext) -> None:
+        self._in_flight.remove(ctx.request_id)
+
+    def _best(
+        self, candidates: Sequence[Candidate], ctx: RoutingContext, cached: dict[str, int]
+    ) -> Candidate:
+        s = self.settings
+        waits = [self.wait_s(c) for c in candidates]
+        computes = [self.compute_s(c, ctx, cached.get(c.replica_id, 0)) for c in candidates]
+        finishes = [w + c for w, c in zip(waits, computes, strict=True)]
+        mean_finish = sum(finishes) / len(finishes)
+        keys = []
+        for candidate, wait, compute, finish in zip(
+            candidates, waits, computes, finishes, strict=True
+        ):
+            whole_prompt_s = ctx.num_prompt_tokens / self.speed(candidate)
+            bound = (
+                s.load_bound_rel * mean_finish
+                + s.load_bound_prompts * whole_prompt_s
+                + s.load_bound_abs_s
+            )
+            keys.append((finish > bound, compute + s.load_weight * wait, finish))
         best = min(keys)
         tied = [c for c, key in zip(candidates, keys, strict=True) if key == best]
         return tied[0] if len(tied) == 1 else self._rng.choice(tied)

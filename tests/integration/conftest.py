@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from deploy.config import EngineConfig
+from cluster.config import EngineConfig
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import random
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from deploy.config import EngineConfig
+from cluster.config import EngineConfig
 
 if TYPE_CHECKING:
-    from deploy.config import PDConfig
+    from cluster.config import PDConfig
 
 MAX_TOKENS = 8
 # Pairing settings that send every request through a prefill replica while one is healthy.
@@ -40,6 +41,18 @@ def make_prompts(cfg: EngineConfig, vocab_size: int, seed: int) -> list[list[int
 def completion_body(cfg: EngineConfig, prompt: list[int] | str, **extra: Any) -> dict[str, Any]:
     return {"model": cfg.name, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
             "ignore_eos": True, **extra}
+
+
+def completion_request(model: str, prompt: list[int] | str, max_tokens: int = MAX_TOKENS) -> Any:
+    """The gRPC twin of ``completion_body``: a greedy ``pdserve.v1.CompletionRequest``."""
+    from router.grpc_api import pdserve_pb2 as pb
+
+    sampling = pb.Sampling(temperature=0, ignore_eos=True)
+    if isinstance(prompt, str):
+        return pb.CompletionRequest(model=model, prompt=prompt, max_tokens=max_tokens,
+                                    sampling=sampling)
+    return pb.CompletionRequest(model=model, prompt_token_ids=pb.TokenIds(ids=prompt),
+                                max_tokens=max_tokens, sampling=sampling)
 
 
 def bytes_per_block(model_dir: str, cfg: EngineConfig) -> int:
@@ -91,7 +104,7 @@ def corrupt_held_blocks(worker: Any, transfer_id: str) -> int:
 def one_pair_config(engine: EngineConfig, app_name: str) -> PDConfig:
     """One prefill and one decode replica on cores 0 and 1, every single-prompt request
     transferred (these tests check the transfer), a 20 s lease."""
-    from deploy.config import PDConfig, PoolConfig
+    from cluster.config import PDConfig, PoolConfig
 
     return PDConfig(
         prefill=PoolConfig(engine=engine, cpu_cores="0"),
@@ -102,26 +115,34 @@ def one_pair_config(engine: EngineConfig, app_name: str) -> PDConfig:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Deployment:
+    url: str  # HTTP base URL
+    grpc_target: str  # host:port of Ray Serve's gRPC proxy
+
+
 @contextlib.contextmanager
-def deployed(cfg: PDConfig) -> Iterator[str]:
+def deployed(cfg: PDConfig) -> Iterator[Deployment]:
     """Deploy ``cfg`` on a local Ray cluster started for it (with the pool resources it needs),
-    yield the HTTP base URL, and shut Serve and Ray down afterwards."""
+    serving HTTP and gRPC; yield where, and shut Serve and Ray down afterwards."""
     import ray
     from ray import serve
 
     from cluster.local import connect_or_start
     from cluster.ports import free_port_block
-    from deploy.app import build_app_from_config
+    from deploy.app import build_app_from_config, grpc_options
 
     if ray.is_initialized():  # another module's cluster may lack this one's resources
         serve.shutdown()
         ray.shutdown()
     connect_or_start(cfg)
     try:
-        port = free_port_block("127.0.0.1", 1)
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        http_port = free_port_block("127.0.0.1", 1)
+        grpc_port = free_port_block("127.0.0.1", 1)
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port},
+                    grpc_options=grpc_options(grpc_port))
         serve.run(build_app_from_config(cfg), name=cfg.app_name, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        yield Deployment(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
     finally:
         serve.shutdown()
         ray.shutdown()

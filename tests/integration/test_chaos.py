@@ -22,7 +22,7 @@ import httpx
 import psutil
 import pytest
 
-from deploy.config import PDConfig, PoolConfig
+from cluster.config import PDConfig, PoolConfig
 from tests.integration.support import (
     ALWAYS_TRANSFER,
     completion_body,
@@ -45,8 +45,8 @@ def app(engine_config):
         router={"pairing": ALWAYS_TRANSFER, "prefill_timeout_s": 20, "failed_replica_s": 5},
         app_name=APP,
     )
-    with deployed(cfg) as url:
-        yield url
+    with deployed(cfg) as d:
+        yield d.url
 
 @pytest.fixture
 async def client(app):

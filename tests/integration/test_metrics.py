@@ -11,12 +11,15 @@ import re
 import urllib.request
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
+from router.grpc_api import pdserve_pb2_grpc
 from tests.integration.support import (
     MAX_TOKENS,
     completion_body,
+    completion_request,
     deployed,
     one_pair_config,
     wait_until,
@@ -29,15 +32,16 @@ NOT_PROVOKED = {"ray_pdserve_kv_num_failed_transfers_total",
                 "ray_pdserve_kv_num_refused_holds_total",
                 "ray_pdserve_kv_num_expired_holds_total",
                 "ray_pdserve_router_decode_retries_total",
-                "ray_pdserve_router_replica_failures_total"}
+                "ray_pdserve_router_replica_failures_total",
+                "ray_serve_num_http_error_requests_total",
+                "ray_serve_num_grpc_error_requests_total"}
 
 
 @pytest.fixture(scope="module")
 def app(engine_config):
-    """Deploy the app once for the module; yield (base_url, config)."""
-    cfg = one_pair_config(engine_config, APP)
-    with deployed(cfg) as url:
-        yield url, cfg
+    """Deploy the app once for the module; yield where it serves HTTP and gRPC."""
+    with deployed(one_pair_config(engine_config, APP)) as d:
+        yield d
 
 
 def scrape() -> list[tuple[str, dict[str, str], float]]:
@@ -64,16 +68,19 @@ def total(samples, name: str, **labels: str) -> float | None:
     return sum(values) if values else None
 
 
-async def send_traffic(client: httpx.AsyncClient, cfg, vocab_size: int) -> dict[str, int]:
-    """4 plain and 3 streaming single-prompt requests (disaggregated), one batch of 2 prompts
-    (prefilled on decode); returns the completion tokens the clients received, by kind."""
+async def send_traffic(client: httpx.AsyncClient, stub, cfg, vocab_size: int) -> dict[str, int]:
+    """By HTTP, 4 plain and 3 streaming single-prompt requests (disaggregated) and one batch of 2
+    prompts (prefilled on decode); by gRPC, 2 unary and 1 streaming single-prompt requests
+    (disaggregated). Returns the completion tokens the clients received, by kind."""
     rng = random.Random(7)
     prompts = [[rng.randrange(3, vocab_size) for _ in range(n)] for n in (5, 40, 130, 300)]
-    received = {"plain": 0, "stream": 0, "batch": 0, "streams": 0}
+    # completion tokens by kind; "single": single-prompt requests, "streams": streamed ones
+    received = {"plain": 0, "stream": 0, "batch": 0, "grpc": 0, "single": 0, "streams": 0}
     for prompt in prompts:
         r = await client.post("/v1/completions", json=completion_body(cfg, prompt))
         assert r.status_code == 200, r.text
         received["plain"] += r.json()["usage"]["completion_tokens"]
+        received["single"] += 1
     for prompt in prompts[:3]:
         body = completion_body(cfg, prompt[::-1], stream=True,
                                stream_options={"include_usage": True})
@@ -83,10 +90,21 @@ async def send_traffic(client: httpx.AsyncClient, cfg, vocab_size: int) -> dict[
                   if line.startswith("data: {")]
         received["stream"] += events[-1]["usage"]["completion_tokens"]
         received["streams"] += 1
+        received["single"] += 1
     r = await client.post("/v1/completions",
                           json=completion_body(cfg, [prompts[3], prompts[1][:9]]))
     assert r.status_code == 200, r.text
     received["batch"] += r.json()["usage"]["completion_tokens"]
+    for prompt in prompts[1:3]:
+        answer = await stub.Completion(completion_request(cfg.name, prompt[1:]))
+        received["grpc"] += answer.usage.completion_tokens
+        received["single"] += 1
+    request = completion_request(cfg.name, prompts[2][2:])
+    request.extra.update({"stream_options": {"include_usage": True}})
+    chunks = [c async for c in stub.StreamCompletion(request)]
+    received["grpc"] += chunks[-1].usage.completion_tokens
+    received["streams"] += 1
+    received["single"] += 1
     return received
 
 
@@ -99,10 +117,10 @@ async def replica_call(role: str, method: str) -> dict:
 def expected_values(received: dict[str, int], prefill: dict, decode: dict) -> dict:
     """(metric, role) -> its value on that role's replica, from the traffic and the replicas'
     own counters (``stats()``)."""
-    num_transferred = 4 + received["streams"]
+    num_transferred = received["single"]
     return {
         ("ray_vllm_generation_tokens_total", "decode"): sum(
-            received[k] for k in ("plain", "stream", "batch")),
+            received[k] for k in ("plain", "stream", "batch", "grpc")),
         ("ray_vllm_generation_tokens_total", "prefill"): num_transferred,  # one token each
         ("ray_vllm_time_to_first_token_seconds_count", "decode"): num_transferred + 2,
         ("ray_pdserve_kv_bytes_transferred_total", "decode"): decode["num_bytes_received"],
@@ -116,13 +134,15 @@ def expected_values(received: dict[str, int], prefill: dict, decode: dict) -> di
 
 
 async def test_metrics_follow_the_traffic(app, engine_config, vocab_size, capsys):
-    base_url, cfg = app
-    async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
-        received = await send_traffic(client, engine_config, vocab_size)
+    async with httpx.AsyncClient(base_url=app.url, timeout=120) as client, \
+            grpc.aio.insecure_channel(app.grpc_target) as channel:
+        stub = pdserve_pb2_grpc.PDServeStub(channel)
+        received = await send_traffic(client, stub, engine_config, vocab_size)
         routing = (await client.get("/routing")).json()
     assert received["plain"] == 4 * MAX_TOKENS and received["batch"] == 2 * MAX_TOKENS
+    assert received["grpc"] == 3 * MAX_TOKENS
     replica = {role: next(iter(routing["replicas"][role])) for role in ("prefill", "decode")}
-    num_transferred = 4 + received["streams"]
+    num_transferred = received["single"]
     decode_stats = await replica_call("decode", "stats")
     assert decode_stats["num_loads"] == num_transferred and decode_stats["num_failed_loads"] == 0
     router_expected = {
@@ -145,15 +165,13 @@ async def test_metrics_follow_the_traffic(app, engine_config, vocab_size, capsys
                if (got := total(samples, name, role=role, ReplicaId=replica[role])) != want]
         bad += [(name, path, got, want) for (name, path), want in router_expected.items()
                 if (got := total(samples, name, path=path)) != want]
+        # Every family the dashboard reads exists, but those this traffic cannot make.
+        bad += sorted(used - NOT_PROVOKED - {name for name, _, _ in samples})
         return not bad
 
+    used = set(re.findall(r"\bray_\w+", DASHBOARD.read_text()))
     await wait_until(settled, timeout_s=120, interval_s=3)  # Ray exports every few seconds
     assert not bad, bad
-
-    # Every family the dashboard reads exists, but those this traffic cannot make.
-    used = set(re.findall(r"\bray_\w+", DASHBOARD.read_text()))
-    present = {name for name, _, _ in samples}
-    assert used - NOT_PROVOKED <= present, sorted(used - NOT_PROVOKED - present)
     # vLLM's engine metrics carry role and the Serve replica's id.
     for name in ("ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting",
                  "ray_vllm_kv_cache_usage_perc", "ray_vllm_prefix_cache_queries_total",

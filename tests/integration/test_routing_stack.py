@@ -8,7 +8,7 @@ import signal
 import httpx
 import pytest
 
-from deploy.config import PDConfig, PoolConfig
+from cluster.config import PDConfig, PoolConfig
 from tests.integration.support import (
     completion_body,
     deployed,
@@ -33,8 +33,8 @@ def app(engine_config):
         kv_transfer={"lease_s": LEASE_S, "timeout_s": 10},
         app_name=APP,
     )
-    with deployed(cfg) as url:
-        yield url
+    with deployed(cfg) as d:
+        yield d.url
 
 @pytest.fixture
 async def client(app):

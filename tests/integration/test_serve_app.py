@@ -23,8 +23,8 @@ APP = "pdserve-test"
 def app(engine_config):
     """Deploy the app once for the module; yield (base_url, config)."""
     cfg = one_pair_config(engine_config, APP)
-    with deployed(cfg) as url:
-        yield url, cfg
+    with deployed(cfg) as d:
+        yield d.url, cfg
 
 async def replica_stats(role: str) -> dict:
     from ray import serve

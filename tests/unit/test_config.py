@@ -9,14 +9,13 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from deploy.config import PDConfig
-from deploy.demo_model import DEFAULT_DIR
+from cluster.config import DEMO_MODEL_DIR, PDConfig
 
 
 def test_defaults_validate() -> None:
     cfg = PDConfig()
-    assert cfg.prefill.engine.model == str(DEFAULT_DIR)
-    assert cfg.model_name == str(DEFAULT_DIR)
+    assert cfg.prefill.engine.model == str(DEMO_MODEL_DIR)
+    assert cfg.model_name == str(DEMO_MODEL_DIR)
     assert cfg.prefill.engine.block_size == cfg.decode.engine.block_size == 32
     assert (cfg.prefill.cpu_cores, cfg.decode.cpu_cores) == ("0", "1")  # different cores
     assert cfg.device == "cpu"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy.config import PDConfig
+from cluster.config import PDConfig
 
 LOCAL_YAML = Path(__file__).resolve().parents[2] / "deploy" / "local.yaml"
 
@@ -20,6 +20,20 @@ def test_local_yaml_is_a_valid_serve_config() -> None:
     assert app.import_path == "deploy.app:build_app"
     cfg = PDConfig.from_args(app.args)
     assert (cfg.prefill.cpu_cores, cfg.decode.cpu_cores) == ("0", "1")
+
+
+def test_local_yaml_serves_the_grpc_api() -> None:
+    """The Serve config file asks Ray's gRPC proxy for pdserve's service, as ``serve_local``
+    does, and the servicer function it names exists."""
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    from deploy.app import grpc_options
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(LOCAL_YAML.read_text()))
+    assert schema.grpc_options.model_dump() == {**gRPCOptions().model_dump(), **grpc_options()}
+    (add_servicer,) = gRPCOptions(**grpc_options()).grpc_servicer_func_callable
+    assert add_servicer.__name__ == "add_PDServeServicer_to_server"
 
 
 def test_build_app_binds_three_deployments() -> None:
@@ -84,8 +98,8 @@ def test_a_secret_set_in_the_environment_is_used(monkeypatch) -> None:
 
 
 def test_every_kv_transfer_field_reaches_the_connector_with_port_0() -> None:
+    from cluster.config import KVTransferConfig
     from deploy.app import connector_extra
-    from deploy.config import KVTransferConfig
     from kvtransfer.settings import ConnectorSettings
 
     cfg = PDConfig.model_validate({"kv_transfer": {"lease_s": 7, "max_held_blocks": 9}})

@@ -58,8 +58,8 @@ def test_extension_fits_vllms_worker_classes() -> None:
 def test_engine_flags_load_the_extension_and_bind_first_kv_events() -> None:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
+    from cluster.config import EngineConfig
     from cluster.engine import engine_flags, kv_transfer_config, parse_flags
-    from deploy.config import EngineConfig
 
     flags = engine_flags(EngineConfig(), kv_transfer_config("kv_producer", {}), kv_events=True)
     args = AsyncEngineArgs.from_cli_args(parse_flags(flags))

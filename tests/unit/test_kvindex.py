@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
+import random
 import subprocess
 import sys
+from array import array
 from pathlib import Path
 
 import pytest
@@ -20,18 +21,31 @@ from router.kvindex import (
     hash_token_blocks,
     root_hash,
 )
+from router.kvindex.hashing import token_multipliers
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+MASK = (1 << 64) - 1
+
+
+def fmix64(x: int) -> int:
+    x = (x ^ (x >> 33)) * 0xFF51AFD7ED558CCD & MASK
+    x = (x ^ (x >> 33)) * 0xC4CEB9FE1A85EC53 & MASK
+    return x ^ (x >> 33)
+
+
 def reference_hashes(tokens: list[int], block_size: int, parent: int = ROOT_HASH) -> list[int]:
-    """The documented construction, spelled out: BLAKE2b of parent + tokens, little-endian."""
-    out = []
-    prev = parent.to_bytes(8, "little")
+    """The documented construction, spelled out one block at a time with Python integers."""
+    multipliers = token_multipliers(block_size)
+    assert all(r % 2 == 1 for r in multipliers) and len(set(multipliers)) == block_size
+    out, prev = [], parent
     for start in range(0, len(tokens) // block_size * block_size, block_size):
-        data = b"".join(t.to_bytes(4, "little") for t in tokens[start : start + block_size])
-        prev = hashlib.blake2b(prev + data, digest_size=8).digest()
-        out.append(int.from_bytes(prev, "little"))
+        block = tokens[start : start + block_size]
+        total = 0x2545F4914F6CDD1D + sum(t * r for t, r in zip(block, multipliers, strict=True))
+        content = fmix64(total & MASK)
+        prev = (prev * 0x9E3779B97F4A7C15 + content) & MASK
+        out.append(prev)
     return out
 
 
@@ -50,6 +64,31 @@ def test_hashes_follow_the_documented_construction() -> None:
     tokens = list(range(1000, 1037))
     assert hash_token_blocks(tokens, 8) == reference_hashes(tokens, 8)
     assert len(hash_token_blocks(tokens, 8)) == 4  # the partial fifth block is dropped
+    rng = random.Random(3)
+    big = [rng.randrange(1 << 32) for _ in range(16 * 300)]  # token ids up to 2**32 - 1
+    assert hash_token_blocks(big, 16) == reference_hashes(big, 16)
+    assert hash_token_blocks(array("I", big), 16, parent=7) == reference_hashes(big, 16, 7)
+    with pytest.raises(OverflowError):
+        hash_token_blocks([1 << 32] * 16, 16)
+
+
+def test_hashes_differ_for_every_change_of_a_block() -> None:
+    rng = random.Random(4)
+    tokens = [rng.randrange(50_000) for _ in range(64)]
+    base = hash_token_blocks(tokens, 16)
+    seen = set(base)
+    for position in range(64):
+        for new in (0, tokens[position] ^ 1, tokens[position] + (1 << 20)):
+            if new == tokens[position]:
+                continue
+            changed = hash_token_blocks([*tokens[:position], new, *tokens[position + 1:]], 16)
+            block = position // 16
+            assert changed[:block] == base[:block]  # blocks before the change keep their hash
+            assert all(h not in seen for h in changed[block:])  # this one and all after differ
+    swapped = hash_token_blocks(tokens[16:32] + tokens[:16], 16)
+    assert swapped[1] != base[1]
+    zeros = hash_token_blocks([0] * 64, 16)
+    assert len(set(zeros)) == 4 and ROOT_HASH not in zeros  # no fixed point at the root
 
 
 def test_hashes_chain_from_a_parent() -> None:

@@ -27,6 +27,10 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "pdserv
 # Ray Serve's own metrics the dashboard reads: name -> where Ray defines it.
 RAY_SERVE_METRICS = {"serve_deployment_replica_healthy": ("gauge", "serve/_private/"
                                                            "deployment_state.py")}
+# Ray Serve's per-protocol proxy counters, named from the protocol (an f-string in its source).
+RAY_SERVE_PROTOCOL_COUNTERS = ("serve_num_{protocol_name}_requests",
+                               "serve_num_{protocol_name}_error_requests")
+PROTOCOLS = ("http", "grpc")
 # What the dashboard must show (issue 7): a family for each.
 REQUIRED = ("ray_pdserve_router_time_to_first_token_seconds_bucket",
             "ray_pdserve_router_inter_token_latency_seconds_bucket",
@@ -69,7 +73,15 @@ def ray_serve_families() -> dict[str, str]:
     for name, (kind, path) in RAY_SERVE_METRICS.items():
         source = (root / path).read_text()
         assert re.search(rf'metrics\.{kind.capitalize()}\(\s*"{name}"', source), name
-    return {name: kind for name, (kind, _) in RAY_SERVE_METRICS.items()}
+    families = {name: kind for name, (kind, _) in RAY_SERVE_METRICS.items()}
+    from ray.serve._private.common import RequestProtocol
+
+    source = (root / "serve/_private/request_ingress_metrics.py").read_text()
+    assert {p.value.lower() for p in RequestProtocol} >= set(PROTOCOLS)
+    for template in RAY_SERVE_PROTOCOL_COUNTERS:
+        assert re.search(rf'metrics\.Counter\(\s*f"{re.escape(template)}"', source), template
+        families.update({template.format(protocol_name=p): "counter" for p in PROTOCOLS})
+    return families
 
 
 def known_names() -> set[str]:

@@ -1,4 +1,5 @@
-"""Joint prefill/decode choice: when decode prefills locally, and that the pair is well formed."""
+"""Joint prefill/decode choice: when decode prefills locally, its stall budget, and that the pair
+is well formed."""
 
 from __future__ import annotations
 
@@ -10,80 +11,102 @@ import pytest
 from router.pairing import PairChoice, PairingSettings, PairSelector
 from router.policies import make_policy
 from router.policy import Candidate, ReplicaLoad, RoutingContext
+from router.stall_budget import StallBudget
+
+SPEED = 10_000.0  # prompt tokens per second every replica reports
+STEP_S = 0.02
 
 
 def cand(rid: str, queued: int = 0, running: int = 0) -> Candidate:
-    return Candidate(rid, ReplicaLoad(num_running=running, queued_prefill_tokens=queued))
+    load = ReplicaLoad(num_running=running, queued_prefill_tokens=queued,
+                       prefill_tokens_per_s=SPEED, decode_step_s=STEP_S)
+    return Candidate(rid, load)
 
 
 PREFILL = (cand("p0"), cand("p1"))
-DECODE = (cand("d0"), cand("d1"))
+DECODE = (cand("d0", running=4), cand("d1", running=4))
 
 
-def ctx(prompt: int, cached: dict[str, int]) -> RoutingContext:
-    return RoutingContext("r", num_prompt_tokens=prompt, block_size=16, cached_tokens=cached)
+def ctx(prompt: int, cached: dict[str, int], now_s: float = 0.0) -> RoutingContext:
+    return RoutingContext("r", num_prompt_tokens=prompt, block_size=16, cached_tokens=cached,
+                          now_s=now_s)
 
 
 def selector(**settings: object) -> PairSelector:
     return PairSelector(
         make_policy("cache_cost", seed=0),
-        make_policy("cache_cost", running_seq_tokens=256, seed=0),
+        make_policy("cache_cost", running_seq_tokens=1024, seed=0),
         PairingSettings(**settings),
     )
 
 
-def test_small_remainder_on_the_decode_replica_prefills_locally() -> None:
-    choice = selector(local_prefill_max_uncached_tokens=512).select(
-        PREFILL, DECODE, ctx(10_000, {"d1": 9_600, "p0": 9_600})
-    )
+def test_a_prompt_the_decode_replica_holds_is_prefilled_there() -> None:
+    choice = selector().select(PREFILL, DECODE, ctx(10_000, {"d1": 9_990, "p0": 9_990}))
     assert choice == PairChoice(None, DECODE[1]) and choice.is_local_prefill
 
 
-def test_large_remainder_goes_through_a_prefill_replica() -> None:
-    choice = selector(local_prefill_max_uncached_tokens=512).select(
-        PREFILL, DECODE, ctx(10_000, {"d1": 8_000, "p0": 8_000})
-    )  # the prefill replica caches as much: no advantage in prefilling on the decode replica
+def test_cold_prompts_go_to_the_prefill_pool() -> None:
+    s = selector()
+    for prompt in (16, 400, 10_000):
+        choice = s.select(PREFILL, (cand("d0"),), ctx(prompt, {}))
+        assert not choice.is_local_prefill  # even on an idle decode replica
+    # A small shared prefix (the same block everywhere) does not make a prompt warm.
+    everywhere = {r: 512 for r in ("p0", "p1", "d0", "d1")}
+    assert not s.select(PREFILL, DECODE, ctx(12_000, everywhere)).is_local_prefill
+
+
+def test_a_remainder_the_prefill_replicas_also_lack_goes_through_them() -> None:
+    # Both pools hold the history (the last turn went through p0 to d1): no reason to stall d1.
+    choice = selector().select(PREFILL, DECODE, ctx(10_000, {"d1": 9_000, "p0": 9_000}))
     assert choice.prefill is PREFILL[0] and choice.decode is DECODE[1]
 
 
-def test_both_thresholds_must_hold() -> None:
-    s = selector(
-        local_prefill_max_uncached_tokens=3_000,
-        local_prefill_max_uncached_fraction=0.25,
-        local_prefill_cost_factor=0,
-    )
-    assert s.select(PREFILL, DECODE, ctx(10_000, {"d0": 7_600})).is_local_prefill
-    assert not s.select(PREFILL, DECODE, ctx(10_000, {"d0": 7_400})).is_local_prefill  # 26%
-    # A short cold prompt is under the token threshold but the decode replica holds none of it.
-    assert not s.select(PREFILL, DECODE, ctx(1_000, {})).is_local_prefill
+def test_decode_cache_advantage_prefills_locally_within_the_budget() -> None:
+    s = selector(local_prefill_cost_factor=2.0, local_prefill_max_uncached_fraction=0.5)
+    # The prefill pool evicted the history; decode misses 1000 tokens, every prefill replica
+    # at least 2000: local.
+    assert s.select(PREFILL, DECODE, ctx(10_000, {"d0": 9_000, "p1": 8_000})).is_local_prefill
+    # The prefill replica misses less than twice as much: remote.
+    assert not s.select(PREFILL, DECODE, ctx(10_000, {"d0": 9_000, "p1": 8_500})).is_local_prefill
+    # The decode replica holds less than half the prompt: remote however little the pool holds.
+    assert not s.select(PREFILL, DECODE, ctx(10_000, {"d0": 4_000})).is_local_prefill
 
 
-def test_decode_cache_advantage_prefills_locally_up_to_a_cap() -> None:
-    s = selector(
-        local_prefill_max_uncached_tokens=0,
-        local_prefill_cost_factor=2.0,
-        local_prefill_max_advantage_tokens=3_000,
-    )
-    # Decode misses 2000 tokens, the best prefill replica 4000: twice as much -> local.
-    assert s.select(PREFILL, DECODE, ctx(10_000, {"d0": 8_000, "p1": 6_000})).is_local_prefill
-    # 4001 missing on the decode replica is above the cap.
-    assert not s.select(PREFILL, DECODE, ctx(20_000, {"d0": 15_999})).is_local_prefill
-    # The prefill replica misses less than twice as much -> remote.
-    assert not s.select(PREFILL, DECODE, ctx(10_000, {"d0": 8_000, "p1": 6_500})).is_local_prefill
+def test_the_stall_budget_bounds_local_prefills_on_a_busy_decode_replica() -> None:
+    # Factor 1.25: a fifth of the time may go to local prefill, at most a 1 s window's worth
+    # (0.2 s: 2000 tokens at 10k tokens/s) at once.
+    s = selector(itl_target_factor=1.25, itl_window_s=1.0)
+    big = {"d0": 7_000}  # 3000 uncached on d0 (0.3 s), 10k on every prefill replica
+    assert not s.select(PREFILL, DECODE[:1], ctx(10_000, big)).is_local_prefill
+    fits = {"d0": 8_500}  # 0.15 s
+    assert s.select(PREFILL, DECODE[:1], ctx(10_000, fits, now_s=0.0)).is_local_prefill
+    # 0.05 s of credit left: the same stall again does not fit until the budget refills.
+    assert not s.select(PREFILL, DECODE[:1], ctx(10_000, fits, now_s=0.1)).is_local_prefill
+    assert s.select(PREFILL, DECODE[:1], ctx(10_000, fits, now_s=1.0)).is_local_prefill
 
 
-def test_saturated_prefill_pool_prefills_locally() -> None:
-    busy = (cand("p0", queued=50_000), cand("p1", queued=60_000))
-    s = selector(local_prefill_max_uncached_tokens=0, prefill_saturation_tokens=40_000)
-    assert s.select(busy, DECODE, ctx(10_000, {})).is_local_prefill
-    one_free = (cand("p0", queued=50_000), cand("p1", queued=100))
-    assert s.select(one_free, DECODE, ctx(10_000, {})).prefill is one_free[1]
+def test_an_idle_decode_replica_takes_any_wanted_local_prefill() -> None:
+    s = selector(itl_target_factor=1.25, itl_window_s=1.0)
+    idle = (cand("d0", running=0),)
+    assert s.select(PREFILL, idle, ctx(100_000, {"d0": 60_000})).is_local_prefill
 
 
-def test_backed_up_decode_replica_takes_no_local_prefill() -> None:
-    decode = (cand("d0", queued=9_000),)
-    s = selector(local_prefill_max_queued_tokens=4_096)
-    assert not s.select(PREFILL, decode, ctx(10_000, {"d0": 9_900})).is_local_prefill
+def test_no_stall_is_allowed_at_factor_one_or_above_an_absolute_target() -> None:
+    assert not selector(itl_target_factor=1.0).select(
+        PREFILL, DECODE, ctx(10_000, {"d0": 9_990})).is_local_prefill
+    # Step 20 ms: a 15 ms target leaves nothing; 40 ms leaves half the time.
+    assert not selector(itl_target_ms=15).select(
+        PREFILL, DECODE, ctx(10_000, {"d0": 9_990})).is_local_prefill
+    assert selector(itl_target_ms=40).select(
+        PREFILL, DECODE, ctx(10_000, {"d0": 9_990})).is_local_prefill
+
+
+def test_saturated_prefill_pool_sends_cold_prompts_to_decode() -> None:
+    busy = (cand("p0", queued=500_000), cand("p1", queued=600_000))  # 50 s and 60 s queued
+    s = selector(prefill_saturation_s=30.0)
+    assert s.select(busy, (cand("d0"),), ctx(10_000, {})).is_local_prefill
+    one_free = (cand("p0", queued=500_000), cand("p1", queued=100))
+    assert s.select(one_free, (cand("d0"),), ctx(10_000, {})).prefill is one_free[1]
 
 
 def test_local_prefill_can_be_disabled() -> None:
@@ -101,19 +124,33 @@ def test_no_prefill_replica_means_local_and_no_decode_replica_is_an_error() -> N
 def test_choices_come_from_the_candidates_and_inputs_stay_untouched() -> None:
     rng = random.Random(0)
     s = selector()
-    for _ in range(300):
+    for i in range(300):
         prefill = tuple(cand(f"p{i}", rng.randrange(30_000)) for i in range(rng.randint(1, 4)))
         decode = tuple(
             cand(f"d{i}", rng.randrange(6_000), rng.randrange(60)) for i in range(rng.randint(1, 4))
         )
         prompt = rng.randrange(1, 20_000)
         cached = {c.replica_id: rng.randrange(prompt + 1) for c in prefill + decode}
-        context = ctx(prompt, cached)
+        context = ctx(prompt, cached, now_s=float(i))
         before = copy.deepcopy((prefill, decode, context))
         choice = s.select(prefill, decode, context)
         assert any(choice.decode is c for c in decode)
         assert choice.prefill is None or any(choice.prefill is c for c in prefill)
         assert (prefill, decode, context) == before
+
+
+def test_stall_budget_refills_at_its_fraction_up_to_one_window() -> None:
+    budget = StallBudget(window_s=2.0)
+    assert budget.credit_s("d", 0.25, now_s=0.0) == pytest.approx(0.5)  # a full window
+    budget.take("d", 0.4, 0.25, now_s=0.0)
+    assert budget.credit_s("d", 0.25, now_s=0.0) == pytest.approx(0.1)
+    assert budget.credit_s("d", 0.25, now_s=1.0) == pytest.approx(0.35)
+    assert budget.credit_s("d", 0.25, now_s=100.0) == pytest.approx(0.5)  # capped
+    assert not budget.can_take("d", 0.2, 0.25, now_s=0.0)
+    assert not budget.can_take("other", 0.0, 0.0, now_s=0.0)  # nothing allowed at fraction 0
+    budget.take("d", 1.0, 0.25, now_s=0.0)  # a debt, waited out before the next one
+    assert not budget.can_take("d", 0.01, 0.25, now_s=3.0)
+    assert budget.can_take("d", 0.01, 0.25, now_s=4.0)
 
 
 def test_settings_reject_unknown_fields() -> None:

@@ -34,46 +34,66 @@ def test_cache_cost_prefers_the_cached_replica_within_the_load_band() -> None:
 
 
 def test_cache_cost_leaves_a_replica_above_the_band() -> None:
-    policy = CacheCostPolicy(load_bound_rel=1.5, load_bound_abs=1000, seed=0)
+    # Nominal 10k tokens/s. Finishes: a 0.4096 s (computes everything), b 12 s (cached, but
+    # 120k tokens queued); bound 1.5 * 6.2 + 0 = 9.3 s: b is out.
+    policy = CacheCostPolicy(load_bound_rel=1.5, load_bound_abs_s=0.0, seed=0)
     ctx = ctx_for(list(range(4096)), {"b": 4096})
-    # mean 6000 -> bound 10000: b (12000) is out, a is in despite computing everything.
-    choice = policy.select([cand("a", queued=0), cand("b", queued=12000)], ctx)
+    choice = policy.select([cand("a", queued=0), cand("b", queued=120_000)], ctx)
     assert choice.replica_id == "a"
 
 
-def test_cache_cost_guard_takes_the_least_loaded() -> None:
-    policy = CacheCostPolicy(imbalance_abs_threshold=100, imbalance_rel_threshold=2, seed=0)
-    ctx = ctx_for(list(range(64)), {"b": 64, "c": 64})
-    choice = policy.select([cand("a", queued=50), cand("b", queued=500), cand("c", queued=5)], ctx)
-    assert choice.replica_id == "c"
+def test_cache_cost_counts_in_each_replica_s_measured_speed() -> None:
+    policy = CacheCostPolicy(seed=0)
+    slow = Candidate("slow", ReplicaLoad(prefill_tokens_per_s=5_000.0))
+    fast = Candidate("fast", ReplicaLoad(prefill_tokens_per_s=20_000.0))
+    assert policy.select([slow, fast], ctx_for(list(range(4096)))).replica_id == "fast"
+    # The same 20k queued tokens are 4 s on the slow replica and 1 s on the fast one.
+    busy_slow = Candidate("slow", ReplicaLoad(queued_prefill_tokens=20_000,
+                                              prefill_tokens_per_s=5_000.0))
+    assert policy.wait_s(busy_slow) == 4.0
+
+
+def test_cache_cost_follows_a_prefix_it_sent_before_the_index_sees_it() -> None:
+    policy = CacheCostPolicy(seed=0)
+    tokens = list(range(4096))
+    longer = tokens + list(range(5000, 5512))
+
+    def ctx(request_id: str, prompt: list[int], now: float) -> RoutingContext:
+        return RoutingContext(request_id, len(prompt), BLOCK, prompt, {},
+                              hash_token_blocks(prompt, BLOCK), now)
+
+    first = ctx("a", tokens, 0.0)
+    assert policy.select([cand("r0"), cand("r1", queued=100)], first).replica_id == "r0"
+    # r0 is busier now, and the index has not seen the first prompt: the prefix still pulls.
+    busier = [cand("r0", queued=3000), cand("r1", queued=100)]
+    second = ctx("b", longer, 1.0)
+    assert policy.select(busier, second).replica_id == "r0"
+    policy.on_request_done("r0", first)
+    policy.on_request_done("r0", second)
+    assert policy.select(busier, ctx("c", longer, 2.0)).replica_id == "r1"
 
 
 def test_cache_cost_picks_within_the_restated_rule() -> None:
     rng = random.Random(1)
-    policy = CacheCostPolicy(running_seq_tokens=64, seed=0)
+    policy = CacheCostPolicy(running_seq_tokens=64, in_flight_ttl_s=0, seed=0)
     s = policy.settings
+    speed = s.nominal_tokens_per_s
     for _ in range(500):
         ids = [f"r{i}" for i in range(rng.randint(1, 6))]
-        cands = [cand(r, rng.randrange(20000), rng.randrange(40)) for r in ids]
+        cands = [cand(r, rng.randrange(200_000), rng.randrange(40)) for r in ids]
         prompt = rng.randrange(1, 20000)
         cached = {r: rng.randrange(prompt + 1) for r in ids if rng.random() < 0.5}
         ctx = RoutingContext("x", prompt, BLOCK, None, cached)
-        loads = {
-            c.replica_id: c.load.queued_prefill_tokens + 64 * c.load.num_running
+        wait = {
+            c.replica_id: (c.load.queued_prefill_tokens + 64 * c.load.num_running) / speed
             for c in cands
         }
-        high, low = max(loads.values()), min(loads.values())
-        if high - low > s.imbalance_abs_threshold and high > s.imbalance_rel_threshold * low:
-            allowed = {r for r in ids if loads[r] == low}
-        else:
-            bound = s.load_bound_rel * sum(loads.values()) / len(ids) + s.load_bound_abs
-            costs = {
-                r: (prompt - cached.get(r, 0)) + s.load_weight * loads[r]
-                for r in ids
-                if loads[r] <= bound
-            }
-            best = min(costs.values())
-            allowed = {r for r, c in costs.items() if c == best}
+        compute = {r: (prompt - cached.get(r, 0)) / speed for r in ids}
+        finish = {r: wait[r] + compute[r] for r in ids}
+        bound = s.load_bound_rel * sum(finish.values()) / len(ids) + s.load_bound_abs_s
+        costs = {r: compute[r] + s.load_weight * wait[r] for r in ids if finish[r] <= bound}
+        best = min(costs.values())
+        allowed = {r for r, c in costs.items() if c == best}
         assert policy.select(cands, ctx).replica_id in allowed
 
 

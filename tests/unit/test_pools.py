@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from cluster.config import PDConfig, PoolConfig
 from cluster.pools import local_resources, pool_resource, replica_actor_options
-from deploy.config import PDConfig, PoolConfig
 
 
 @pytest.mark.parametrize("role", ["prefill", "decode"])

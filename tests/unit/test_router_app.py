@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 import router.coordinator
-from deploy.config import API_KEY_ENV, RouterConfig
+from cluster.config import API_KEY_ENV, RouterConfig
 from router.app import ROUTES, PDRouter
 from router.openai_api import install_openapi
 

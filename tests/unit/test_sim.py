@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks.sim.cache import LRUBlockCache
 from benchmarks.sim.cluster import ClusterSim, CostModel
+from benchmarks.sim.generators import generate
 from benchmarks.sim.reference import infinite_cache_hits, lru_cache_hits
 from benchmarks.sim.runner import SimSettings, simulate
 from benchmarks.sim.setups import SETUPS
@@ -16,7 +17,6 @@ from benchmarks.sim.synthetic import (
     MultiTurnSettings,
     SharedPromptSettings,
     agent_branching,
-    generate,
     multi_turn,
     shared_prompts,
 )
@@ -52,11 +52,16 @@ def test_hit_accounting_on_a_hand_worked_trace() -> None:
     assert sim.outcome.ttft_s == pytest.approx([1.536, 0.264, 1.024])  # type: ignore[attr-defined]
 
 
-def test_decode_replica_prefills_a_small_remainder_itself() -> None:
-    sim = run("cache_cost", hand_trace())
+def test_decode_replica_prefills_a_prompt_it_holds_itself() -> None:
+    trace = [
+        TraceRequest(0.0, 1536, 10, (1, 2, 3)),
+        TraceRequest(100_000.0, 1546, 10, (1, 2, 3, 4)),  # the same 3 blocks + 10 tokens
+        TraceRequest(200_000.0, 1800, 10, (1, 2, 3, 5)),  # + 264 tokens: both pools hold 3
+    ]
+    sim = run("cache_cost", trace)
     jobs = sim.outcome.jobs  # type: ignore[attr-defined]
     assert [j.is_local for j in jobs] == [False, True, False]
-    assert [j.hit_tokens for j in jobs] == [0, 1536, 0]  # the hit is on the decode replica
+    assert [j.hit_tokens for j in jobs] == [0, 1536, 1536]
 
 
 def test_lru_eviction_costs_the_hit() -> None:
@@ -114,6 +119,8 @@ def test_generators_write_valid_mooncake_traces(tmp_path: object) -> None:
         "shared": shared_prompts(SharedPromptSettings(num_requests=200), seed=1),
         "multiturn": multi_turn(MultiTurnSettings(num_conversations=30), seed=1),
         "agent": agent_branching(AgentSettings(num_sessions=10), seed=1),
+        **{kind: generate(kind, seed=1, scale=0.03) for kind in ("conversation", "tool_agent")},
+        "mix": generate("mix", seed=1, scale=0.05),
     }
     for trace in small.values():
         parents: dict[int, int] = {}
@@ -127,6 +134,22 @@ def test_generators_write_valid_mooncake_traces(tmp_path: object) -> None:
     assert load_trace(path) == small["agent"]
     with pytest.raises(ValueError):
         generate("nope")
+
+
+def test_production_shaped_generators() -> None:
+    conversation = generate("conversation", seed=1, scale=0.05)
+    first_blocks = {r.hash_ids[0] for r in conversation}
+    assert len(first_blocks) == 1  # every prompt starts with the same block
+    assert all(r.timestamp_ms < 180_000.0 for r in conversation)  # the window, cut
+    agents = generate("tool_agent", seed=1, scale=0.05)
+    by_prefix: dict[tuple[int, ...], int] = {}
+    for r in agents:  # a step's prompt extends the previous step's
+        by_prefix[r.hash_ids[:8]] = max(by_prefix.get(r.hash_ids[:8], 0), r.input_length)
+    assert max(by_prefix.values()) > 10_000
+    mix = generate("mix", seed=1, scale=0.1)
+    assert len(mix) > 50 and [r.timestamp_ms for r in mix] == sorted(r.timestamp_ms for r in mix)
+    assert generate("mix", seed=1, scale=0.1) == mix  # a seed fixes the trace
+    assert generate("mix", seed=2, scale=0.1) != mix
 
 
 def test_small_simulation_runs_every_setup() -> None:

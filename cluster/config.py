@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from deploy.demo_model import DEFAULT_DIR as DEMO_MODEL_DIR
+# Where ``python -m deploy.demo_model`` builds the demo checkpoint: the default model.
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "demo-llama"
 
 
 class _Strict(BaseModel):
@@ -47,6 +48,14 @@ class EngineConfig(_Strict):
     cpu_kvcache_space_gib: int = Field(
         1, ge=1, description="KV cache size of a CPU engine in GiB (VLLM_CPU_KVCACHE_SPACE)."
     )
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None,
+        description="How the engine runs its TP x PP workers (vLLM's "
+        "--distributed-executor-backend): 'mp', processes on the replica's node; 'ray', Ray "
+        "actors in the replica's placement group, which may span nodes. GPUs only for 'ray': "
+        "vLLM's CPU build has no Ray executor. Unset, for replicas of more than one worker: "
+        "'ray' on a cuda app, 'mp' on the CPU.",
+    )
     extra_args: list[str] = Field(
         default_factory=list, description="More vLLM engine flags, passed through as given."
     )
@@ -54,6 +63,11 @@ class EngineConfig(_Strict):
     @property
     def name(self) -> str:
         return self.served_model_name or self.model
+
+    @property
+    def world_size(self) -> int:
+        """Workers one replica runs: TP x PP."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 class PoolConfig(_Strict):
@@ -64,14 +78,34 @@ class PoolConfig(_Strict):
     resources: dict[str, float] = Field(
         default_factory=dict,
         description="Ray custom resources each replica asks for; the default is the pool's own "
-        "resource (`pdserve_prefill` / `pdserve_decode`), which keeps the pools apart.",
+        "resource (`pdserve_prefill` / `pdserve_decode`), which keeps the pools apart, unless "
+        "the pool is placed by `label_selector`.",
     )
     num_cpus: float = Field(0, ge=0, description="Logical CPUs each replica asks Ray for.")
     num_gpus: float = Field(
-        0, ge=0, description="GPUs each replica asks Ray for (TP x PP on a GPU pool)."
+        0, ge=0, description="GPUs each replica asks Ray for (TP x PP on a GPU pool). With the "
+        "Ray executor each worker takes one GPU in the replica's placement group instead, so "
+        "this must be 0 or TP x PP.",
     )
     accelerator_type: str | None = Field(
         None, description="Ray accelerator type the replicas need (e.g. H100), on GPU clusters."
+    )
+    label_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Ray label selector the pool's nodes must match, for the replica and each "
+        "of its workers: e.g. {pdserve-pool: prefill} for nodes started with "
+        "`ray start --labels pdserve-pool=prefill`, or {ray.io/accelerator-type: H100}.",
+    )
+    num_cpus_per_worker: float = Field(
+        1, gt=0, description="CPUs each TP x PP worker reserves in the replica's placement "
+        "group (replicas with more than one worker get one).",
+    )
+    pipeline_across_nodes: bool = Field(
+        False,
+        description="Let one replica's PP stages run on different nodes: its placement group "
+        "packs onto as few nodes as hold it (Ray's PACK) instead of exactly one (STRICT_PACK). "
+        "Give each node a multiple of TP devices so that each stage's TP workers share a node. "
+        "Needs the Ray executor, so GPU pools only.",
     )
     cpu_cores: str | None = Field(
         None,
@@ -92,17 +126,22 @@ class RouterConfig(_Strict):
     )
     decode_policy: str = Field("cache_cost", description="Routing policy for decode.")
     prefill_policy_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Settings of the prefill policy (its weights)."
+        default_factory=dict, description="Settings of the prefill policy (its weights; "
+        "cache_cost's defaults are the prefill pool's)."
     )
     decode_policy_kwargs: dict[str, Any] = Field(
-        default_factory=lambda: {"running_seq_tokens": 64.0, "kv_usage_tokens": 4096.0},
+        default_factory=lambda: {
+            "running_seq_tokens": 1024.0, "kv_usage_tokens": 4096.0, "load_bound_abs_s": 0.2,
+            "load_bound_prompts": 0.0, "in_flight_ttl_s": 0.0,
+        },
         description="Settings of the decode policy: what a running sequence and a full KV "
-        "cache weigh, in prefill-token equivalents.",
+        "cache weigh, in prefill-token equivalents, and a tight load band (the decode pool "
+        "balances running sequences first).",
     )
     pairing: dict[str, Any] = Field(
-        default_factory=lambda: {"local_prefill_max_uncached_tokens": 16},
-        description="Joint prefill/decode choice (router.pairing.PairingSettings): when the "
-        "decode replica prefills locally.",
+        default_factory=dict,
+        description="Joint prefill/decode choice (router.pairing.PairingSettings, whose "
+        "defaults are shipped): when the decode replica prefills locally.",
     )
     prefill_timeout_s: float = Field(
         120.0, gt=0, description="Limit for one prefill call before it counts as failed."
@@ -223,6 +262,9 @@ class PDConfig(_Strict):
     app_name: str = Field("pdserve", description="Ray Serve application name.")
     route_prefix: str = Field("/", description="HTTP route prefix of the app.")
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where the engines run.")
+    enable_metrics: bool = Field(
+        True, description="Export the engines', the KV transfer's and the router's metrics "
+        "through Ray (Prometheus, the Ray dashboard). Off, only what routing needs is kept.")
 
     @model_validator(mode="after")
     def _pools_agree(self) -> PDConfig:
@@ -236,6 +278,28 @@ class PDConfig(_Strict):
                 )
         if p.name != d.name:
             raise ValueError(f"prefill and decode serve different names: {p.name} != {d.name}")
+        return self
+
+    @model_validator(mode="after")
+    def _executors_fit_the_device(self) -> PDConfig:
+        """Resolve each engine's executor backend, then check the placement it allows."""
+        for role in ("prefill", "decode"):
+            pool = getattr(self, role)
+            engine = pool.engine
+            if engine.distributed_executor_backend is None and engine.world_size > 1:
+                # Explicit on the CPU too: vLLM picks 'ray' itself inside a placement group.
+                engine.distributed_executor_backend = "ray" if self.device == "cuda" else "mp"
+            is_ray = engine.distributed_executor_backend == "ray"
+            if is_ray and self.device == "cpu":
+                raise ValueError(f"{role}: vLLM's CPU build has no Ray executor; a CPU "
+                                 "replica's workers run as processes on its node ('mp')")
+            if pool.pipeline_across_nodes and not (is_ray and engine.pipeline_parallel_size > 1):
+                raise ValueError(f"{role}: pipeline_across_nodes needs PP > 1 and the Ray "
+                                 "executor (a cuda app)")
+            if is_ray and pool.num_gpus not in (0, engine.world_size):
+                raise ValueError(f"{role}: with the Ray executor each of the {engine.world_size} "
+                                 f"workers takes one GPU; num_gpus must be 0 or "
+                                 f"{engine.world_size}, not {pool.num_gpus}")
         return self
 
     @property
