@@ -161,6 +161,36 @@ async def test_decode_prefills_locally_when_it_holds_the_prompt(client, engine_c
     assert 0 < computed <= engine_config.block_size + 4
 
 
+async def test_cold_prompts_at_a_steady_rate_all_go_to_prefill(client, engine_config,
+                                                               vocab_size):
+    """Cold prompts arriving at a steady rate, several in flight at once, while the prefill
+    pool is far from saturated: none is prefilled on the decode replica (its sequences keep
+    their inter-token latency); each is computed by a prefill replica and transferred."""
+    import asyncio
+    import random
+
+    replicas = await known_replicas(client)
+    (decode_id,) = replicas["decode"]
+    rng = random.Random(26)
+    prompts = [[rng.randrange(3, vocab_size) for _ in range(rng.randrange(100, 900))]
+               for _ in range(16)]
+    decode_before = await replica_stats("decode", decode_id)
+    local_before = (await routing(client))["local_prefills"]
+
+    async def send(i: int, prompt: list[int]) -> int:
+        await asyncio.sleep(i * 0.25)  # 4 requests per second
+        r = await client.post("/v1/completions", json=completion_body(engine_config, prompt))
+        return r.status_code
+
+    statuses = await asyncio.gather(*(send(i, p) for i, p in enumerate(prompts)))
+    assert statuses == [200] * len(prompts)
+    assert (await routing(client))["local_prefills"] == local_before
+    after = await replica_stats("decode", decode_id)
+    assert after["num_loads"] - decode_before["num_loads"] == len(prompts)
+    assert after["prompt_tokens_computed"] - decode_before["prompt_tokens_computed"] \
+        <= len(prompts)  # the last token of each, nothing more
+
+
 async def test_stalled_prefill_replicas_do_not_fail_requests(client, engine_config, vocab_size,
                                                              reference_outputs):
     """Freeze one prefill replica, then both: every request still gets the reference answer,
