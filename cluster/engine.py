@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -319,6 +320,14 @@ def error_event(status: int, message: str, type_: str) -> str:
     return f"data: {json.dumps(error_body(status, message, type_))}\n\n"
 
 
+def ray_node_id() -> str | None:
+    """The Ray node this process runs on (hex id), or None outside a Ray worker."""
+    ray = sys.modules.get("ray")  # never imported here: a replica has it already
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
+
+
 def is_error(body: Any) -> bool:
     return isinstance(body, dict) and "error" in body and "choices" not in body
 
@@ -340,9 +349,10 @@ class EngineServer:
         await self.engine.health.check()
 
     def health(self, pin: str | None = None) -> dict[str, Any]:
-        """What the last health check found, and the failures counted since start."""
+        """What the last health check found, the failures counted since start, and where this
+        replica runs (its process, and its Ray node when in Ray)."""
         return {**self.engine.health.summary(), "failures": dict(self.failures),
-                "pid": os.getpid()}
+                "pid": os.getpid(), "node_id": ray_node_id()}
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Load figures for the router (Ray Serve polls this on every replica)."""

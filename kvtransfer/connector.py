@@ -17,11 +17,11 @@ Scheduler side (engine-core process) -> ``kvtransfer.scheduler.PDScheduler``:
     ``update_connector_output``   finished sends free held blocks; finished loads free siblings
     ``request_finished``          prefill: hold the blocks (or refuse: duplicate id, busy);
                                    decode: release a transfer nobody will load
-    ``set_xfer_handshake_metadata(_pp_aware)``  the prefill workers' bound ports
+    ``set_xfer_handshake_metadata(_pp_aware)``  the prefill workers' bound addresses
     ``get_kv_connector_stats``    counters and the ``num_held_blocks`` gauge (``kvtransfer.stats``)
 Worker side (each TP x PP worker process) -> ``kvtransfer.worker.PDWorker``:
-    ``register_kv_caches``        start the endpoint threads (bind, then report the port)
-    ``get_handshake_metadata``    this worker's bound port (``PDHandshake``)
+    ``register_kv_caches``        start the endpoint threads (bind, then report the address)
+    ``get_handshake_metadata``    this worker's bound host and port (``PDHandshake``)
     ``start_load_kv``             register holds, send claims, queue loads
     ``get_transfer_results``      finished sends, finished and failed loads
     ``get_block_ids_with_load_errors``  blocks of failed loads (vLLM recomputes them)

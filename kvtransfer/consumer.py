@@ -39,6 +39,7 @@ from kvtransfer.blocks import KVLayout
 from kvtransfer.consumer_peer import LoadContext, PeerChannel
 from kvtransfer.link import Link, TorchDistLink
 from kvtransfer.metadata import ClaimSpec, LoadSpec
+from kvtransfer.params import Address
 from kvtransfer.protocol import MAX_TAG, Codec, MsgType
 from kvtransfer.stats import SAMPLES
 
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
-Address = tuple[str, int]
 MAX_NOTIFY_SOCKETS = 256  # notifier sockets kept open (least recently used closed first)
 NOTIFY_LINGER_MS = 1000  # how long a closing notifier socket still tries to deliver
 
@@ -106,10 +106,10 @@ class ConsumerEndpoint:
         if spec.is_release_only:
             # Worker i releases on prefill workers i, i + n, ...: together the decode workers
             # reach every prefill worker, even when the two engines' TPxPP differ.
-            for port in spec.remote_ports[self.worker_index::self.num_workers]:
-                self._notify((spec.remote_host, port), MsgType.DONE, spec.transfer_id)
+            for address in spec.remote_addresses[self.worker_index::self.num_workers]:
+                self._notify(address, MsgType.DONE, spec.transfer_id)
             return
-        address = (spec.remote_host, spec.remote_ports[self.worker_index])
+        address = spec.remote_addresses[self.worker_index]
         with self._lock:
             channel = self._channels.get(address)
             if channel is None or not channel.accepts_jobs:
@@ -119,9 +119,8 @@ class ConsumerEndpoint:
 
     def claim(self, spec: ClaimSpec) -> None:
         """Ask prefill worker ``worker_index`` to keep the transfer for its claim lease."""
-        if self.worker_index < len(spec.remote_ports):
-            address = (spec.remote_host, spec.remote_ports[self.worker_index])
-            self._notify(address, MsgType.CLAIM, spec.transfer_id)
+        if self.worker_index < len(spec.remote_addresses):
+            self._notify(spec.remote_addresses[self.worker_index], MsgType.CLAIM, spec.transfer_id)
             with self._lock:
                 self.counts["num_claims_sent"] += 1
 

@@ -30,13 +30,13 @@ import zmq
 from kvtransfer.blocks import KVLayout, empty_buffer, scatter_blocks
 from kvtransfer.link import DECODE_RANK, Link, LinkError, wait_for_device
 from kvtransfer.metadata import LoadSpec
+from kvtransfer.params import Address
 from kvtransfer.protocol import MAX_MESSAGE_BYTES, Codec, ErrorCode, MsgType, ProtocolError
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
-Address = tuple[str, int]
 UNKNOWN_RETRY_PAUSE_S = 0.02
 
 

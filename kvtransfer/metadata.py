@@ -1,5 +1,5 @@
 """What the scheduler-side connector tells its workers each engine step, and what the workers
-report back once at start-up (their bound ports, through vLLM's handshake metadata)."""
+report back once at start-up (their bound addresses, through vLLM's handshake metadata)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
 )
+
+from kvtransfer.params import Address
 
 
 @dataclasses.dataclass
@@ -24,12 +26,11 @@ class HoldSpec:
 class ClaimSpec:
     """Decode side: a scheduler took a request of this transfer; extend the hold's lease.
 
-    Worker i sends CLAIM to the prefill engine's worker i, at ``remote_ports[i]``.
+    Worker i sends CLAIM to the prefill engine's worker i, at ``remote_addresses[i]``.
     """
 
     transfer_id: str
-    remote_host: str
-    remote_ports: list[int]
+    remote_addresses: list[Address]
 
 
 @dataclasses.dataclass
@@ -37,14 +38,14 @@ class LoadSpec:
     """Decode side: pull a request's prompt blocks from a prefill engine.
 
     ``remote_block_ids[first_block:]`` are copied into ``local_block_ids``; worker i pulls from
-    the prefill engine's worker i, at ``remote_ports[i]``. A spec with no local blocks (and no
-    request waiting on it) only tells the prefill side to let go (DONE).
+    the prefill engine's worker i, at ``remote_addresses[i]`` (its own node's host and port). A
+    spec with no local blocks (and no request waiting on it) only tells the prefill side to let
+    go (DONE).
     """
 
     transfer_id: str
     request_id: str | None
-    remote_host: str
-    remote_ports: list[int]
+    remote_addresses: list[Address]
     first_block: int
     local_block_ids: list[int]
 
@@ -63,7 +64,8 @@ class PDConnectorMetadata(KVConnectorMetadata):
 
 @dataclasses.dataclass
 class PDHandshake(KVConnectorHandshakeMetadata):
-    """One prefill worker's control endpoint, as it bound it (port 0 picks a free port)."""
+    """One prefill worker's control endpoint, as it bound it: its own node's address (the
+    workers of one engine may sit on several nodes) and its port (port 0 picks a free one)."""
 
     host: str
     port: int

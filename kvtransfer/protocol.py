@@ -18,6 +18,11 @@ Exchange, decode side first (``->`` decode to prefill, ``<-`` the reply):
        (or ERROR unknown / expired / state / range / link, with the transfer_id)
     -> DONE    transfer_id              the blocks may be freed (no reply)
 
+The same version travels in the transfer parameters a prefill engine returns (``protocol``,
+kvtransfer.scheduler), and the decode side refuses parameters of another version. Version 3: the
+parameters list one ``[host, port]`` per prefill worker (``remote_addresses``), where version 2
+had one ``remote_host`` and a list of ports.
+
 Replay of a captured signed message is not prevented (there is no nonce): the MAC only proves
 the message was made by a holder of the deployment's secret.
 """
@@ -32,7 +37,7 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_MESSAGE_BYTES = 64 * 1024
 MAC_BYTES = 32
 MAX_ID_CHARS = 256

@@ -8,7 +8,7 @@ blocks until the lease runs out.
 outside the decode engine; the engine's own workers claim through ``ConsumerEndpoint.claim``
 when its scheduler receives the request.
 
-Both send one signed message (DONE or CLAIM) to every worker ``remote_ports`` lists, and
+Both send one signed message (DONE or CLAIM) to every worker ``remote_addresses`` lists, and
 return without waiting (neither has a reply).
 """
 
@@ -19,24 +19,20 @@ from typing import Any
 
 import zmq
 
+from kvtransfer.params import Address, parse_addresses
 from kvtransfer.protocol import MAX_MESSAGE_BYTES, Codec, MsgType, ProtocolError
 
 logger = logging.getLogger(__name__)
 LINGER_MS = 1000
 
 
-def release_targets(params: dict[str, Any]) -> tuple[str, list[int], str]:
-    """(host, worker ports, transfer id) from a prefill's kv_transfer_params; ValueError if bad."""
-    host, ports, transfer_id = (params.get("remote_host"), params.get("remote_ports"),
-                                params.get("transfer_id"))
-    if type(host) is not str or not host:
-        raise ValueError(f"remote_host must be a non-empty str, got {host!r:.80}")
-    if type(ports) is not list or not ports or not all(
-            type(p) is int and 0 < p < 65536 for p in ports):
-        raise ValueError(f"remote_ports must be a non-empty list of ports, got {ports!r:.80}")
+def release_targets(params: dict[str, Any]) -> tuple[list[Address], str]:
+    """(worker addresses, transfer id) from a prefill's kv_transfer_params; ValueError if bad."""
+    addresses = parse_addresses(params.get("remote_addresses"))
+    transfer_id = params.get("transfer_id")
     if type(transfer_id) is not str or not transfer_id:
         raise ValueError(f"transfer_id must be a non-empty str, got {transfer_id!r:.80}")
-    return host, ports, transfer_id
+    return addresses, transfer_id
 
 
 def release_transfer(params: dict[str, Any], codec: Codec | None = None) -> bool:
@@ -55,13 +51,13 @@ def claim_transfer(params: dict[str, Any], codec: Codec | None = None) -> bool:
 
 def _notify(kind: MsgType, params: dict[str, Any], codec: Codec | None) -> bool:
     try:
-        host, ports, transfer_id = release_targets(params)
+        addresses, transfer_id = release_targets(params)
         message = (codec or Codec.from_env()).encode(kind, transfer_id=transfer_id)
     except (ValueError, ProtocolError) as e:
         logger.warning("cannot send %s for a KV transfer: %s", kind.value.upper(), e)
         return False
     ctx = zmq.Context.instance()
-    for port in ports:
+    for host, port in addresses:
         sock = ctx.socket(zmq.DEALER)
         try:
             sock.setsockopt(zmq.LINGER, LINGER_MS)

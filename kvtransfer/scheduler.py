@@ -3,10 +3,11 @@ bad transfer parameters: the request is served without a transfer (counted, logg
 
 Prefill role (``kv_producer``): when a request that asked for remote decode finishes, keep its
 blocks (``request_finished`` returns True), tell the workers to hold them, and return the
-transfer parameters the decode side needs, with each worker's bound control port (reported
-through vLLM's handshake metadata). It refuses to hold, and frees the blocks at once, when the
-transfer id is already held here (e.g. n > 1, or one set of parameters sent with several
-prompts: returns None) or when ``max_held_blocks`` would be passed (returns ``{"busy": True}``).
+transfer parameters the decode side needs, with each worker's own bound control address (host
+and port, reported through vLLM's handshake metadata; kvtransfer.params). It refuses to hold,
+and frees the blocks at once, when the transfer id is already held here (e.g. n > 1, or one set
+of parameters sent with several prompts: returns None) or when ``max_held_blocks`` would be
+passed (returns ``{"busy": True}``).
 Held blocks are counted until the workers report them sent or expired (``finished_sending``).
 
 Decode role (``kv_consumer``): the first time it sees a request carrying those parameters it
@@ -32,6 +33,7 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from kvtransfer.metadata import ClaimSpec, HoldSpec, LoadSpec, PDConnectorMetadata, PDHandshake
+from kvtransfer.params import Address, parse_addresses
 from kvtransfer.protocol import MAX_ID_CHARS, PROTOCOL_VERSION
 from kvtransfer.settings import ConnectorSettings
 from kvtransfer.stats import COUNTERS, TransferStats
@@ -43,8 +45,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_REMOTE_PARAMS = ("transfer_id", "remote_host", "remote_ports", "remote_block_ids",
-                          "prompt_hash")
+REQUIRED_REMOTE_PARAMS = ("transfer_id", "remote_addresses", "remote_block_ids", "prompt_hash")
 
 
 def prompt_hash(token_ids: list[int] | None) -> str:
@@ -74,9 +75,10 @@ class PDScheduler:
         self._tp_size = parallel.tensor_parallel_size
         self._pp_size = parallel.pipeline_parallel_size
         self._is_producer = vllm_config.kv_transfer_config.is_kv_producer
-        self._ports: list[int] | None = None
-        if settings.port:  # fixed ports: worker i listens on port + i
-            self._ports = [settings.port + i for i in range(self._tp_size * self._pp_size)]
+        self._addresses: list[Address] | None = None
+        if settings.port:  # fixed ports: worker i listens on port + i (until the handshake)
+            self._addresses = [(settings.host, settings.port + i)
+                               for i in range(self._tp_size * self._pp_size)]
         self.counts = dict.fromkeys(COUNTERS, 0)
         self._reported: dict[str, int] = {}
         self._reported_held = 0
@@ -100,24 +102,24 @@ class PDScheduler:
     # -- handshake -----------------------------------------------------------------------------
 
     def set_handshake(self, metadata: dict[tuple[int, int], Any]) -> None:
-        """The workers' bound ports, keyed by (pp_rank, tp_rank) as vLLM collects them."""
+        """The workers' bound addresses, keyed by (pp_rank, tp_rank) as vLLM collects them."""
         if not self._is_producer:
             return  # only a prefill engine's workers listen
         num_workers = self._tp_size * self._pp_size
-        ports: dict[int, int] = {}
+        addresses: dict[int, Address] = {}
         for (pp_rank, tp_rank), meta in metadata.items():
             if isinstance(meta, PDHandshake):
-                ports[pp_rank * self._tp_size + tp_rank] = meta.port
-        if sorted(ports) != list(range(num_workers)):
-            logger.error("KV handshake metadata covers workers %s of %d; keeping ports %s",
-                         sorted(ports), num_workers, self._ports)
+                addresses[pp_rank * self._tp_size + tp_rank] = (meta.host, meta.port)
+        if sorted(addresses) != list(range(num_workers)):
+            logger.error("KV handshake metadata covers workers %s of %d; keeping addresses %s",
+                         sorted(addresses), num_workers, self._addresses)
             return
-        self._ports = [ports[i] for i in range(num_workers)]
-        logger.info("KV producer workers listen on %s:%s", self._settings.host, self._ports)
+        self._addresses = [addresses[i] for i in range(num_workers)]
+        logger.info("KV producer workers listen on %s", self._addresses)
 
     @property
-    def remote_ports(self) -> list[int] | None:
-        return None if self._ports is None else list(self._ports)
+    def remote_addresses(self) -> list[Address] | None:
+        return None if self._addresses is None else list(self._addresses)
 
     # -- prefill side --------------------------------------------------------------------------
 
@@ -145,10 +147,10 @@ class PDScheduler:
                        "request %s answered busy", len(block_ids), cap, self.num_held_blocks,
                        request.request_id)
             return False, {"busy": True}
-        if self._ports is None:
+        if self._addresses is None:
             self.counts["num_bad_specs"] += 1
-            self._warn("no_ports", "the workers reported no KV ports (handshake metadata) and "
-                       "no fixed port is set; request %s not held", request.request_id)
+            self._warn("no_ports", "the workers reported no KV addresses (handshake metadata) "
+                       "and no fixed port is set; request %s not held", request.request_id)
             return False, None
         self._held[transfer_id] = (request.request_id, len(block_ids))
         self._held_transfer[request.request_id] = transfer_id
@@ -156,8 +158,7 @@ class PDScheduler:
         return True, {
             "do_remote_prefill": True,
             "transfer_id": transfer_id,
-            "remote_host": self._settings.host,
-            "remote_ports": list(self._ports),
+            "remote_addresses": [[host, port] for host, port in self._addresses],
             "remote_block_ids": list(block_ids),
             "num_prompt_tokens": request.num_prompt_tokens,
             "prompt_hash": prompt_hash(request.prompt_token_ids),
@@ -236,8 +237,7 @@ class PDScheduler:
         entry = self._transfers.get(transfer_id)
         if entry is None:
             entry = self._transfers[transfer_id] = DecodeTransfer(dict(params), set())
-            self._claims.append(ClaimSpec(transfer_id, params["remote_host"],
-                                          list(params["remote_ports"])))
+            self._claims.append(ClaimSpec(transfer_id, parse_addresses(params["remote_addresses"])))
         elif entry.params["prompt_hash"] != params["prompt_hash"]:
             self.counts["num_bad_specs"] += 1
             self._warn("shared_id", "request %s: transfer %s is used by another prompt here; "
@@ -261,7 +261,7 @@ class PDScheduler:
             self.counts["num_bad_specs"] += 1
             if num_external_tokens > 0:
                 local = [b.block_id for b in blocks.blocks[0]]
-                self._loads.append(LoadSpec("", request.request_id, "", [], 0, local))
+                self._loads.append(LoadSpec("", request.request_id, [], 0, local))
 
     def _plan_load(self, request: Request, blocks: KVCacheBlocks, num_external: int) -> None:
         transfer_id = self._request_transfer.get(request.request_id)
@@ -281,8 +281,8 @@ class PDScheduler:
         local = [b.block_id for b in group[num_cached:len(params["remote_block_ids"])]]
         entry.loader, entry.state = request.request_id, LoadState.LOADING
         self._loading[request.request_id] = transfer_id
-        self._loads.append(LoadSpec(transfer_id, request.request_id, params["remote_host"],
-                                    list(params["remote_ports"]), num_cached, local))
+        self._loads.append(LoadSpec(transfer_id, request.request_id,
+                                    parse_addresses(params["remote_addresses"]), num_cached, local))
 
     def _on_loaded(self, request_id: str) -> None:
         transfer_id = self._loading.pop(request_id, None)
@@ -300,8 +300,8 @@ class PDScheduler:
             self._release(entry.params)
 
     def _release(self, params: dict[str, Any]) -> None:
-        self._loads.append(LoadSpec(params["transfer_id"], None, params["remote_host"],
-                                    list(params["remote_ports"]), 0, []))
+        self._loads.append(LoadSpec(params["transfer_id"], None,
+                                    parse_addresses(params["remote_addresses"]), 0, []))
 
     # -- both sides ----------------------------------------------------------------------------
 
@@ -368,19 +368,19 @@ def _params_problem(params: dict[str, Any]) -> str | None:
         return f"missing {missing}"
     if params.get("protocol") != PROTOCOL_VERSION or type(params.get("protocol")) is not int:
         return f"protocol {params.get('protocol')!r:.20}, ours is {PROTOCOL_VERSION}"
-    transfer_id, ports = params["transfer_id"], params["remote_ports"]
+    transfer_id = params["transfer_id"]
     if not all(type(params.get(k, 1)) is int and params.get(k, 1) >= 1
                for k in ("tp_size", "pp_size")):
         return "tp_size and pp_size must be positive ints"
     if type(transfer_id) is not str or not transfer_id or len(transfer_id) > MAX_ID_CHARS:
         return "transfer_id is not a str of 1-256 chars"
-    if type(params["remote_host"]) is not str or not params["remote_host"]:
-        return "remote_host is not a host name"
-    if type(ports) is not list or not all(type(p) is int and 0 < p < 65536 for p in ports):
-        return "remote_ports is not a list of ports"
+    try:
+        addresses = parse_addresses(params["remote_addresses"])
+    except ValueError as e:
+        return str(e)
     num_remote = params.get("tp_size", 1) * params.get("pp_size", 1)
-    if len(ports) != num_remote:
-        return f"{len(ports)} remote ports for {num_remote} prefill workers"
+    if len(addresses) != num_remote:
+        return f"{len(addresses)} remote addresses for {num_remote} prefill workers"
     blocks = params["remote_block_ids"]
     if type(blocks) is not list or not all(type(b) is int and b >= 0 for b in blocks):
         return "remote_block_ids is not a list of block ids"

@@ -16,8 +16,9 @@ class ConnectorSettings(BaseModel):
 
     host: str = Field(
         "127.0.0.1",
-        description="Address this worker listens on (ZMQ and TCPStore bind it only) and "
-        "advertises to its peers (the node IP).",
+        description="Address the workers listen on (ZMQ, TCPStore and Gloo bind it only) and "
+        "advertise to their peers: the replica's node IP. A worker of vLLM's Ray executor uses "
+        "its own node's address instead (kvtransfer.params.own_host).",
     )
     port: int = Field(
         0,

@@ -1,12 +1,14 @@
 """The worker-side half of the connector (runs in each TP x PP worker process).
 
-Prefill role: serve pulls of held blocks (``ProducerEndpoint``, bound to a free port unless a
-fixed base port is set; the bound port goes to the scheduler side through vLLM's handshake
-metadata) and report held requests as finished sending once confirmed or expired, so vLLM frees
-their blocks.
+Prefill role: serve pulls of held blocks (``ProducerEndpoint``, bound on this worker's own node
+address, ``kvtransfer.params.own_host``, since the workers of one engine may sit on several
+nodes, and on a free port unless a fixed base port is set; the bound address goes to the
+scheduler side through vLLM's handshake metadata) and report held requests as finished sending
+once confirmed or expired, so vLLM frees their blocks.
 Decode role: hand claims and load specs to the ``ConsumerEndpoint`` and report finished and
 failed loads; failed ones fall back to recomputation in vLLM (``kv_load_failure_policy=recompute``).
-Worker i of a prefill engine pairs with worker i of a decode engine (same TP and PP rank).
+Worker i of a prefill engine pairs with worker i of a decode engine (same TP and PP rank); the
+decode worker's link binds its own node address too.
 
 Nothing here raises into the engine on a bad spec: a hold that cannot be registered is reported
 finished sending at once (vLLM frees its blocks), a load that cannot be queued is reported
@@ -22,6 +24,7 @@ from kvtransfer.blocks import KVLayout
 from kvtransfer.consumer import ConsumerEndpoint, LoadResults
 from kvtransfer.holds import HoldError, HoldTable
 from kvtransfer.metadata import HoldSpec, LoadSpec, PDConnectorMetadata, PDHandshake
+from kvtransfer.params import own_host
 from kvtransfer.producer import ProducerEndpoint
 from kvtransfer.protocol import Codec
 from kvtransfer.settings import ConnectorSettings
@@ -72,16 +75,17 @@ class PDWorker:
         layout = KVLayout.from_caches(kv_caches, self._num_blocks, self._block_size)
         index = worker_index() if index is None else index
         s = self._settings
+        host = own_host(s.host)
         codec = Codec.from_env()
         if self._is_producer:
             self.producer = ProducerEndpoint(
-                s.host, s.port + index if s.port else 0, kv_caches, layout, self.holds,
+                host, s.port + index if s.port else 0, kv_caches, layout, self.holds,
                 s.timeout_s, control_timeout_s=s.control_timeout_s,
                 claim_lease_s=s.claim_lease_s, link_idle_s=s.link_idle_s, codec=codec)
             logger.info("KV producer worker %d serving on %s:%d", index, *self.producer.address)
         if self._is_consumer:
             self.consumer = ConsumerEndpoint(
-                s.host, index, kv_caches, layout, s.timeout_s, s.unknown_retry_s,
+                host, index, kv_caches, layout, s.timeout_s, s.unknown_retry_s,
                 num_workers=self._num_workers, control_timeout_s=s.control_timeout_s,
                 idle_s=s.link_idle_s, codec=codec)
         self._index = index
@@ -124,8 +128,8 @@ class PDWorker:
                 raise ValueError("this worker is not a KV consumer")
             if load.request_id is not None and not load.local_block_ids:
                 raise ValueError("a load for a request with no local blocks")
-            if not load.is_release_only and not 0 <= self._index < len(load.remote_ports):
-                raise ValueError(f"{len(load.remote_ports)} remote ports for worker "
+            if not load.is_release_only and not 0 <= self._index < len(load.remote_addresses):
+                raise ValueError(f"{len(load.remote_addresses)} remote addresses for worker "
                                  f"{self._index}")
             self.consumer.submit(load)
         except Exception as e:

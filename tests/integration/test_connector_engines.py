@@ -52,8 +52,8 @@ async def test_parity_and_real_transfer(engines, engine_config, vocab_size, refe
         body = completion_body(engine_config, prompt)
         params, out = await prefill_then_decode(prefill, decode, body)
         assert len(params["remote_block_ids"]) == num_blocks(len(prompt), engine_config)
-        ports = params["remote_ports"]
-        assert len(ports) == 1 and 0 < ports[0] < 65536 and "remote_port" not in params
+        [(host, port)] = params["remote_addresses"]
+        assert host and 0 < port < 65536 and "remote_ports" not in params
         expected_bytes += len(params["remote_block_ids"]) * bytes_per_block(
             engine_config.model, engine_config)
         if out["choices"][0]["text"] != await reference_outputs(body):

@@ -8,8 +8,8 @@ from cluster.engine import StatsSnapshot
 from cluster.worker_health import EngineHealth
 
 # Transfer parameters as a prefill engine returns them.
-PARAMS = {"do_remote_prefill": True, "transfer_id": "t1", "remote_host": "127.0.0.1",
-          "remote_ports": [5555], "remote_block_ids": [1, 2]}
+PARAMS = {"do_remote_prefill": True, "transfer_id": "t1",
+          "remote_addresses": [["127.0.0.1", 5555]], "remote_block_ids": [1, 2]}
 
 
 class FakeEngine:

@@ -125,7 +125,7 @@ def collect(consumer: ConsumerEndpoint, *request_ids: str, timeout_s: float = 10
 
 
 def spec(port: int, transfer_id: str, request_id: str | None, blocks: list[int]) -> LoadSpec:
-    return LoadSpec(transfer_id, request_id, HOST, [port], 0, blocks)
+    return LoadSpec(transfer_id, request_id, [(HOST, port)], 0, blocks)
 
 
 @pytest.mark.parametrize(
@@ -229,7 +229,7 @@ def test_a_release_goes_out_while_the_peer_channel_waits_on_a_pull(
         consumer.submit(spec(peer.port, "t-slow", "req-slow", [1]))
         wait_until(lambda: MsgType.PULL in peer.kinds(), 5, what="the pull")
         consumer.submit(spec(peer.port, "t-rel", None, []))
-        consumer.claim(ClaimSpec("t-claim", HOST, [peer.port]))
+        consumer.claim(ClaimSpec("t-claim", [(HOST, peer.port)]))
         wait_until(lambda: MsgType.DONE in peer.kinds() and MsgType.CLAIM in peer.kinds(), 2,
                    what="DONE and CLAIM while the pull is pending")
         done = [m["transfer_id"] for k, m in peer.received if k is MsgType.DONE]
@@ -252,7 +252,7 @@ def test_a_claim_extends_the_hold_to_the_claim_lease(
         holds.add("t-claimed", "engine-c", [1], 0.5)
         holds.add("t-unclaimed", "engine-u", [2], 0.5)
         consumer = make_consumer()
-        consumer.claim(ClaimSpec("t-claimed", HOST, [producer.address[1]]))
+        consumer.claim(ClaimSpec("t-claimed", [producer.address]))
         time.sleep(1.5)
         assert holds.take_released() == {"engine-u"}
         assert len(holds) == 1  # the claimed one is still held

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 from typing import Any
 
@@ -53,8 +54,7 @@ def remote_params(**overrides: Any) -> dict[str, Any]:
     params: dict[str, Any] = {
         "do_remote_prefill": True,
         "transfer_id": "xfer-1",
-        "remote_host": PREFILL_HOST,
-        "remote_ports": [PREFILL_PORT],
+        "remote_addresses": [[PREFILL_HOST, PREFILL_PORT]],
         "remote_block_ids": [30, 31, 32, 33],
         "num_prompt_tokens": 64,
         "prompt_hash": prompt_hash(list(range(100, 164))),  # make_request's 64 tokens
@@ -75,8 +75,9 @@ def make_blocks(block_ids: list[int], num_hashed: int) -> SimpleNamespace:
     return SimpleNamespace(blocks=(group,))
 
 
-def release_spec(transfer_id: str = "xfer-1", ports: list[int] | None = None) -> LoadSpec:
-    return LoadSpec(transfer_id, None, PREFILL_HOST, ports or [PREFILL_PORT], 0, [])
+def release_spec(transfer_id: str = "xfer-1",
+                 addresses: list[tuple[str, int]] | None = None) -> LoadSpec:
+    return LoadSpec(transfer_id, None, addresses or [(PREFILL_HOST, PREFILL_PORT)], 0, [])
 
 
 # -- prefill side ------------------------------------------------------------------------------
@@ -96,8 +97,8 @@ def test_producer_holds_a_finished_request(status: RequestStatus) -> None:
     assert params == {
         "do_remote_prefill": True,
         "transfer_id": "xfer-7",
-        "remote_host": PREFILL_HOST,
-        "remote_ports": [PREFILL_PORT, PREFILL_PORT + 1],  # fixed base port: worker i at +i
+        # fixed base port: worker i at +i
+        "remote_addresses": [[PREFILL_HOST, PREFILL_PORT], [PREFILL_HOST, PREFILL_PORT + 1]],
         "remote_block_ids": [5, 9, 2],
         "num_prompt_tokens": 40,
         "prompt_hash": prompt_hash(list(range(100, 140))),
@@ -161,8 +162,9 @@ def test_producer_does_not_hold_without_a_transfer(
 # -- decode side: matching ---------------------------------------------------------------------
 
 
-def ports_for(num_workers: int) -> list[int]:
-    return [PREFILL_PORT + i for i in range(num_workers)]
+def addresses_for(num_workers: int) -> list[list[Any]]:
+    """One address per prefill worker, each on its own host (as when PP stages span nodes)."""
+    return [[f"10.1.2.{3 + i}", PREFILL_PORT + i] for i in range(num_workers)]
 
 
 @pytest.mark.parametrize(("num_computed", "expected"), [(0, 64), (16, 48), (48, 16), (63, 1)])
@@ -193,7 +195,7 @@ def test_consumer_without_remote_prefill_claims_nothing(params: dict[str, Any] |
 
 @pytest.mark.parametrize(
     "key",
-    ["transfer_id", "remote_host", "remote_ports", "remote_block_ids", "prompt_hash", "protocol"],
+    ["transfer_id", "remote_addresses", "remote_block_ids", "prompt_hash", "protocol"],
 )
 def test_consumer_refuses_params_missing_a_key(key: str) -> None:
     sched = make_scheduler()
@@ -209,12 +211,18 @@ def test_consumer_refuses_params_missing_a_key(key: str) -> None:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"protocol": 1}, {"protocol": 3}, {"protocol": "2"}, {"protocol": None},
-     {"protocol": True}, {"remote_port": PREFILL_PORT, "remote_ports": PREFILL_PORT},
-     {"remote_ports": []}, {"remote_ports": [0]}, {"remote_ports": [True]},
-     {"remote_ports": ["41000"]}, {"remote_ports": [PREFILL_PORT, PREFILL_PORT + 1]},
+    [{"protocol": PROTOCOL_VERSION - 1}, {"protocol": PROTOCOL_VERSION + 1},
+     {"protocol": str(PROTOCOL_VERSION)}, {"protocol": None}, {"protocol": True},
+     # version 2's form: one host and a list of ports
+     {"remote_addresses": None, "remote_host": PREFILL_HOST, "remote_ports": [PREFILL_PORT]},
+     {"remote_addresses": []}, {"remote_addresses": [PREFILL_HOST, PREFILL_PORT]},
+     {"remote_addresses": [[PREFILL_HOST, 0]]}, {"remote_addresses": [[PREFILL_HOST, True]]},
+     {"remote_addresses": [[PREFILL_HOST, "41000"]]}, {"remote_addresses": [["", PREFILL_PORT]]},
+     {"remote_addresses": [[None, PREFILL_PORT]]},
+     {"remote_addresses": [[PREFILL_HOST, PREFILL_PORT, 1]]},
+     {"remote_addresses": addresses_for(2)},  # two workers' addresses for TP x PP = 1
      {"transfer_id": 7}, {"transfer_id": ""}, {"transfer_id": "x" * 257},
-     {"remote_block_ids": [1, -2]}, {"remote_block_ids": "1,2"}, {"remote_host": ""},
+     {"remote_block_ids": [1, -2]}, {"remote_block_ids": "1,2"},
      {"tp_size": 0}, {"tp_size": "1"}],
     ids=repr,
 )
@@ -234,20 +242,23 @@ def test_consumer_refuses_malformed_params_without_raising(overrides: dict[str, 
 @pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2), (4, 2)])
 def test_parallel_mismatch_computes_locally_and_releases(tp: int, pp: int) -> None:
     sched = make_scheduler(tp=1, pp=1)
-    ports = ports_for(tp * pp)
-    request = make_request(params=remote_params(tp_size=tp, pp_size=pp, remote_ports=ports))
+    addresses = addresses_for(tp * pp)
+    request = make_request(params=remote_params(tp_size=tp, pp_size=pp,
+                                                remote_addresses=addresses))
     assert sched.get_num_new_matched_tokens(request, 0) == (0, False)
     assert sched.get_num_new_matched_tokens(request, 0) == (0, False)  # asked again next step
     request.status = RequestStatus.FINISHED_STOPPED
     assert sched.request_finished(request, [1]) == (False, None)
     meta = sched.build_connector_meta()
-    assert meta.loads == [release_spec(ports=ports)]  # exactly one release, to every worker
+    # exactly one release, to every worker at its own address
+    assert meta.loads == [release_spec(addresses=[tuple(a) for a in addresses])]
     assert meta.holds == [] and meta.claims == []
 
 
 def test_parallel_match_with_tp2() -> None:
     sched = make_scheduler(tp=2, pp=1)
-    request = make_request(params=remote_params(tp_size=2, pp_size=1, remote_ports=ports_for(2)))
+    request = make_request(params=remote_params(tp_size=2, pp_size=1,
+                                                remote_addresses=addresses_for(2)))
     assert sched.get_num_new_matched_tokens(request, 32) == (32, True)
 
 
@@ -259,7 +270,7 @@ def test_a_new_request_claims_its_transfer_once() -> None:
     request = make_request("dec-1", params=remote_params())
     sched.on_new_request(request)  # long before it reaches the head of the queue
     assert sched.build_connector_meta().claims == [
-        ClaimSpec("xfer-1", PREFILL_HOST, [PREFILL_PORT])]
+        ClaimSpec("xfer-1", [(PREFILL_HOST, PREFILL_PORT)])]
     assert sched.get_num_new_matched_tokens(request, 0) == (64, True)
     sched.on_new_request(request)
     assert sched.build_connector_meta().claims == []
@@ -270,7 +281,7 @@ def test_a_request_first_seen_when_matched_is_claimed_then() -> None:
     request = make_request("dec-1", params=remote_params())
     assert sched.get_num_new_matched_tokens(request, 0) == (64, True)
     assert sched.build_connector_meta().claims == [
-        ClaimSpec("xfer-1", PREFILL_HOST, [PREFILL_PORT])]
+        ClaimSpec("xfer-1", [(PREFILL_HOST, PREFILL_PORT)])]
 
 
 # -- decode side: after allocation -------------------------------------------------------------
@@ -297,7 +308,7 @@ def test_alloc_builds_a_load_spec(
     sched.update_state_after_alloc(request, make_blocks(local_ids, num_hashed), num_external)
     meta = sched.build_connector_meta()
     assert meta.loads == [
-        LoadSpec("xfer-1", "dec-1", PREFILL_HOST, [PREFILL_PORT], first_block, expected_local)
+        LoadSpec("xfer-1", "dec-1", [(PREFILL_HOST, PREFILL_PORT)], first_block, expected_local)
     ]
     assert sched.build_connector_meta().loads == []
     # One transfer per request: a second allocation (e.g. after preemption) loads nothing.
@@ -332,7 +343,7 @@ def test_alloc_that_cannot_be_planned_fails_the_load_instead_of_raising() -> Non
     bad_blocks = SimpleNamespace(blocks=([SimpleNamespace(block_id=3)],))  # no block_hash
     sched.update_state_after_alloc(request, bad_blocks, 64)
     # vLLM waits for this request's load now: the workers must report it failed (recompute).
-    assert sched.build_connector_meta().loads == [LoadSpec("", "dec-5", "", [], 0, [3])]
+    assert sched.build_connector_meta().loads == [LoadSpec("", "dec-5", [], 0, [3])]
     assert sched.counts["num_bad_specs"] == 1
 
 
@@ -371,7 +382,7 @@ def test_finished_after_loading_releases_nothing_more() -> None:
 def test_finished_with_bad_params_releases_nothing() -> None:
     sched = make_scheduler()
     params = remote_params()
-    del params["remote_host"]  # cannot reach the prefill engine anyway
+    del params["remote_addresses"]  # cannot reach the prefill engine anyway
     request = make_request(params=params, status=RequestStatus.FINISHED_ABORTED)
     assert sched.request_finished(request, []) == (False, None)
     assert sched.build_connector_meta().loads == []
@@ -456,28 +467,35 @@ def test_held_blocks_are_a_gauge_reported_when_they_change() -> None:
                                        "num_duplicate_holds": 0}
 
 
-def test_ports_come_from_the_workers_handshake() -> None:
+def test_addresses_come_from_the_workers_handshake() -> None:
     sched = make_scheduler(tp=2, pp=2, port=0)
     request = finished_prefill("p-1", "t-1")
-    assert sched.request_finished(request, [1]) == (False, None)  # no port known yet
+    assert sched.request_finished(request, [1]) == (False, None)  # no address known yet
     assert sched.counts["num_bad_specs"] == 1
-    sched.set_handshake({(pp, tp): PDHandshake(PREFILL_HOST, 50000 + 10 * pp + tp)
+    # Each PP stage on its own node: the workers report their own node's host.
+    sched.set_handshake({(pp, tp): PDHandshake(f"10.0.{pp}.1", 50000 + 10 * pp + tp)
                          for pp in range(2) for tp in range(2)})
-    assert sched.remote_ports == [50000, 50001, 50010, 50011]  # index pp_rank * tp + tp_rank
+    expected = [("10.0.0.1", 50000), ("10.0.0.1", 50001), ("10.0.1.1", 50010),
+                ("10.0.1.1", 50011)]  # index pp_rank * tp + tp_rank
+    assert sched.remote_addresses == expected
     _, params = sched.request_finished(finished_prefill("p-2", "t-2"), [1])
-    assert params["remote_ports"] == [50000, 50001, 50010, 50011]
-    # The decode side addresses worker i at remote_ports[i].
+    assert params["remote_addresses"] == [list(a) for a in expected]
+    params = json.loads(json.dumps(params))  # as the router carries them
+    # The decode side addresses worker i at remote_addresses[i]: claims, loads and releases.
     decode = make_scheduler(tp=2, pp=2, port=0)
     waiting = make_request("dec-2", params=params)
     assert decode.get_num_new_matched_tokens(waiting, 0) == (64, True)
     decode.update_state_after_alloc(waiting, make_blocks([4, 5, 6, 7], 0), 64)
-    assert decode.build_connector_meta().loads[0].remote_ports == [50000, 50001, 50010, 50011]
+    meta = decode.build_connector_meta()
+    assert meta.claims == [ClaimSpec("t-2", expected)]
+    assert meta.loads[0].remote_addresses == expected
 
 
 def test_an_incomplete_handshake_keeps_the_fixed_ports() -> None:
     sched = make_scheduler(tp=2)
     sched.set_handshake({(0, 0): PDHandshake(PREFILL_HOST, 50000)})  # worker 1 missing
-    assert sched.remote_ports == [PREFILL_PORT, PREFILL_PORT + 1]
+    assert sched.remote_addresses == [(PREFILL_HOST, PREFILL_PORT),
+                                      (PREFILL_HOST, PREFILL_PORT + 1)]
 
 
 # -- decode side: requests that share a transfer (n > 1) ------------------------------------------
@@ -491,7 +509,7 @@ def test_siblings_of_one_transfer_load_it_once() -> None:
     for request in (a, b, c):
         sched.on_new_request(request)
     assert sched.build_connector_meta().claims == [
-        ClaimSpec("xfer-1", PREFILL_HOST, [PREFILL_PORT])]  # one claim for the three
+        ClaimSpec("xfer-1", [(PREFILL_HOST, PREFILL_PORT)])]  # one claim for the three
     assert sched.get_num_new_matched_tokens(a, 0) == (64, True)
     assert sched.get_num_new_matched_tokens(b, 0) == (64, True)  # nobody loads yet
     sched.update_state_after_alloc(a, make_blocks([1, 2, 3, 4], 0), 64)

@@ -12,13 +12,14 @@ import zmq
 
 from kvtransfer import producer as producer_module
 from kvtransfer.holds import HoldTable
-from kvtransfer.protocol import MAX_MESSAGE_BYTES, Codec, ErrorCode, MsgType
+from kvtransfer.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Codec, ErrorCode, MsgType
 from kvtransfer.release import claim_transfer, release_transfer
 from tests.helpers import wait_until
 from tests.unit.test_holds import FakeClock
 from tests.unit.test_producer_support import (
     CODEC,
     HOST,
+    OTHER_HOST,
     RawPeer,
     expected_bytes,
     kv_threads,
@@ -107,7 +108,7 @@ def test_a_signed_pull_with_a_bad_field_is_refused_and_the_hold_stays_held(
         peer.hello()
         fields = {"peer_id": peer.peer_id, "transfer_id": "t", "first_block": 0,
                   "num_blocks": 2, "tag": 9, field: value}
-        peer.sock.send(signed_raw(v=2, type="pull", **fields))
+        peer.sock.send(signed_raw(v=PROTOCOL_VERSION, type="pull", **fields))
         kind, msg = peer.receive()
         assert (kind, msg["code"]) == (MsgType.ERROR, ErrorCode.PROTOCOL)
         assert field in msg["message"]
@@ -325,8 +326,9 @@ def test_bad_frames_are_counted_answered_and_survived() -> None:
         assert Codec(None).decode(req.recv())[1]["code"] is ErrorCode.PROTOCOL
         req.close()
         bad = [[b"a", b"b"], [b"x"] * 50, [b"\xc1"], [msgpack.packb({"v": 1, "type": "done"})],
-               [signed_raw(v=2, type="pong")], [signed_raw(v=2, type="sending", transfer_id="t",
-                                                           num_bytes=1, tag=1)]]
+               [signed_raw(v=PROTOCOL_VERSION, type="pong")],
+               [signed_raw(v=PROTOCOL_VERSION, type="sending", transfer_id="t", num_bytes=1,
+                           tag=1)]]
         for frames in bad:
             peer.sock.send_multipart(frames)
             kind, msg = peer.receive()
@@ -344,11 +346,11 @@ def test_bad_frames_are_counted_answered_and_survived() -> None:
 
 
 def test_release_transfer_signs_and_reaches_every_worker() -> None:
-    with running_producer() as w0, running_producer() as w1:
+    # The two workers bind two loopback addresses, as two PP stages on two nodes would.
+    with running_producer() as w0, running_producer(host=OTHER_HOST) as w1:
         for worker in (w0, w1):
             worker.holds.add("t", f"req-{worker.address[1]}", [1], LEASE_S)
-        params = {"transfer_id": "t", "remote_host": HOST,
-                  "remote_ports": [w0.address[1], w1.address[1]]}
+        params = {"transfer_id": "t", "remote_addresses": [list(w0.address), list(w1.address)]}
         assert release_transfer(params, Codec(None)) is True  # unsigned: refused
         wait_until(lambda: w1.endpoint.counts["num_auth_failures"] == 1, what="refusal")
         assert w0.holds.take_released() == set() and w1.holds.take_released() == set()
@@ -373,11 +375,10 @@ def test_claim_transfer_extends_every_workers_lease() -> None:
     clock = FakeClock()
     tables = [ClaimRecordingHoldTable(clock), ClaimRecordingHoldTable(clock)]
     with running_producer(tables[0], claim_lease_s=300.0) as w0, \
-            running_producer(tables[1], claim_lease_s=300.0) as w1:
+            running_producer(tables[1], host=OTHER_HOST, claim_lease_s=300.0) as w1:
         for table in tables:
             table.add("t", "req", [1], 10.0)
-        params = {"transfer_id": "t", "remote_host": HOST,
-                  "remote_ports": [w0.address[1], w1.address[1]]}
+        params = {"transfer_id": "t", "remote_addresses": [list(w0.address), list(w1.address)]}
         assert claim_transfer(params, Codec(None)) is True  # unsigned: refused
         assert claim_transfer(params, CODEC) is True
         wait_until(lambda: all(t.claimed == ["t"] for t in tables), what="claims")
@@ -391,11 +392,13 @@ def test_claim_transfer_extends_every_workers_lease() -> None:
 
 
 @pytest.mark.parametrize("params", [
-    {"transfer_id": "t", "remote_host": HOST, "remote_port": 5000},
-    {"transfer_id": "t", "remote_host": HOST, "remote_ports": []},
-    {"transfer_id": "t", "remote_host": HOST, "remote_ports": [True]},
-    {"transfer_id": 3, "remote_host": HOST, "remote_ports": [5000]},
-    {"transfer_id": "t", "remote_ports": [5000]},
+    {"transfer_id": "t", "remote_host": HOST, "remote_ports": [5000]},  # version 2's form
+    {"transfer_id": "t", "remote_addresses": []},
+    {"transfer_id": "t", "remote_addresses": [[HOST, True]]},
+    {"transfer_id": "t", "remote_addresses": [["", 5000]]},
+    {"transfer_id": "t", "remote_addresses": [HOST, 5000]},
+    {"transfer_id": 3, "remote_addresses": [[HOST, 5000]]},
+    {"transfer_id": "t"},
 ])
 def test_release_transfer_refuses_bad_parameters(params: dict) -> None:
     assert release_transfer(params, CODEC) is False

@@ -28,10 +28,11 @@ from kvtransfer.blocks import KVLayout
 from kvtransfer.holds import HoldTable
 from kvtransfer.link import DECODE_RANK, Link, TorchDistLink
 from kvtransfer.producer import ProducerEndpoint
-from kvtransfer.protocol import MAX_MESSAGE_BYTES, Codec, MsgType
+from kvtransfer.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Codec, MsgType
 from tests.helpers import BLOCK_SIZE, block_of, make_kv_caches
 
 HOST = "127.0.0.1"
+OTHER_HOST = "127.0.0.2"  # another loopback address: a second "node" on this machine
 NUM_BLOCKS = 10
 SECRET = b"producer-tests-secret-0123456789"
 CODEC = Codec(SECRET)
@@ -137,14 +138,15 @@ class Producer:
 
 
 @contextlib.contextmanager
-def running_producer(holds: HoldTable | None = None, **kwargs: Any) -> Iterator[Producer]:
-    """A live ProducerEndpoint on 127.0.0.1, port 0, signing with the test secret."""
+def running_producer(holds: HoldTable | None = None, host: str = HOST,
+                     **kwargs: Any) -> Iterator[Producer]:
+    """A live ProducerEndpoint on ``host`` (127.0.0.1), port 0, signing with the test secret."""
     caches = make_kv_caches("cpu", NUM_BLOCKS, seed=11)
     layout = KVLayout.from_caches(caches, NUM_BLOCKS, BLOCK_SIZE)
     holds = holds if holds is not None else HoldTable()
     options = {"timeout_s": 10.0, "control_timeout_s": 1.0, "codec": CODEC, **kwargs}
     timeout_s = options.pop("timeout_s")
-    endpoint = ProducerEndpoint(HOST, 0, caches, layout, holds, timeout_s, **options)
+    endpoint = ProducerEndpoint(host, 0, caches, layout, holds, timeout_s, **options)
     try:
         yield Producer(endpoint, caches, layout, holds)
     finally:
@@ -187,7 +189,7 @@ def test_raw_peer_pulls_the_held_bytes() -> None:
 
 
 def test_signed_raw_matches_the_codec() -> None:
-    data = signed_raw(v=2, type="done", transfer_id="t")
+    data = signed_raw(v=PROTOCOL_VERSION, type="done", transfer_id="t")
     assert CODEC.decode(data) == (MsgType.DONE, {"transfer_id": "t"})
     assert len(data) < MAX_MESSAGE_BYTES
 

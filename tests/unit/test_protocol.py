@@ -69,8 +69,8 @@ def test_samples_cover_every_type() -> None:
     assert set(SAMPLES) == set(MsgType) == set(REQUIRED)
 
 
-def test_current_version_is_two() -> None:
-    assert PROTOCOL_VERSION == 2
+def test_current_version_is_three() -> None:
+    assert PROTOCOL_VERSION == 3
 
 
 @pytest.mark.parametrize("codec", [PLAIN, SIGNED], ids=["plain", "signed"])
@@ -95,18 +95,18 @@ def test_error_codes_are_distinct_strings() -> None:
 @pytest.mark.parametrize("kind", list(MsgType), ids=lambda k: k.value)
 def test_wire_form_is_a_versioned_map(kind: MsgType) -> None:
     raw = msgpack.unpackb(PLAIN.encode(kind, **SAMPLES[kind]))
-    assert raw == {"v": 2, "type": WIRE_NAMES[kind], **SAMPLES[kind]}
+    assert raw == {"v": 3, "type": WIRE_NAMES[kind], **SAMPLES[kind]}
 
 
 @pytest.mark.parametrize("kind", list(MsgType), ids=lambda k: k.value)
 def test_signed_wire_form_matches_an_independent_hmac(kind: MsgType) -> None:
-    fields = {"v": 2, "type": WIRE_NAMES[kind], **SAMPLES[kind]}
+    fields = {"v": 3, "type": WIRE_NAMES[kind], **SAMPLES[kind]}
     assert msgpack.unpackb(SIGNED.encode(kind, **SAMPLES[kind])) == msgpack.unpackb(
         _signed(**fields))
     assert SIGNED.decode(_signed(**fields))[0] is kind
 
 
-@pytest.mark.parametrize("version", [0, 1, 3, None, "2", 2.0, True])
+@pytest.mark.parametrize("version", [0, 2, 4, None, "3", 3.0, True])  # 2: before remote_addresses
 def test_wrong_version_is_refused(version: Any) -> None:
     with pytest.raises(ProtocolError, match="version"):
         PLAIN.decode(_packed(v=version, type="done", transfer_id="t"))

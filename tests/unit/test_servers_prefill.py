@@ -118,3 +118,16 @@ def test_every_transport_gauge_has_a_snapshot_field() -> None:
     from kvtransfer.stats import GAUGES
 
     assert all(hasattr(StatsSnapshot(), name) for name in GAUGES)
+
+
+def test_health_names_the_ray_node_it_runs_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    from types import SimpleNamespace
+
+    server = PrefillServer(FakeEngine())
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    assert server.health()["node_id"] is None  # not in Ray
+    context = SimpleNamespace(get_node_id=lambda: "ab12")
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(
+        is_initialized=lambda: True, get_runtime_context=lambda: context))
+    assert server.health()["node_id"] == "ab12"

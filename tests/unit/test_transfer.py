@@ -149,7 +149,8 @@ def load_spec(
     producer: ProducerSide, transfer_id: str, request_id: str | None, first_block: int,
     local_block_ids: list[int],
 ) -> LoadSpec:
-    return LoadSpec(transfer_id, request_id, HOST, [producer.port], first_block, local_block_ids)
+    return LoadSpec(transfer_id, request_id, [(HOST, producer.port)], first_block,
+                    local_block_ids)
 
 
 def wait_for_result(consumer: ConsumerEndpoint, *request_ids: str) -> LoadResults:
@@ -318,3 +319,41 @@ def test_consumer_with_another_layout_is_refused(
     assert producer.endpoint.counts["num_bytes_sent"] == 0
     # The request recomputes its prompt, so the failed load frees the hold at once (DONE).
     assert wait_for_release(producer.holds, "engine-req-m") == {"engine-req-m"}
+
+
+# -- workers of one engine on several nodes ------------------------------------------------------
+
+
+def test_each_decode_worker_pulls_from_its_counterpart_at_its_own_address() -> None:
+    """A PP=2 prefill engine with one stage per node: its two workers bind two hosts (two
+    loopback addresses here) and hold different layers' data under the same block ids. Decode
+    worker i, bound on its own host, pulls exactly prefill worker i's blocks."""
+    prefill_hosts, decode_hosts = ["127.0.0.1", "127.0.0.2"], ["127.0.0.3", "127.0.0.4"]
+    remote, local = [7, 2, 9], [0, 5, 8]
+    producers, consumers = [], []
+    try:
+        for i, host in enumerate(prefill_hosts):
+            caches = make_kv_caches("cpu", NUM_BLOCKS, seed=20 + i)  # each stage's own data
+            layout = KVLayout.from_caches(caches, NUM_BLOCKS, BLOCK_SIZE)
+            holds = CountingHoldTable()
+            holds.add("t-pp", f"engine-req-{i}", remote, LEASE_S)
+            endpoint = ProducerEndpoint(host, 0, caches, layout, holds, TIMEOUT_S)
+            producers.append(ProducerSide(endpoint, caches, layout, holds, endpoint.address[1]))
+        addresses = [p.endpoint.address for p in producers]
+        assert [host for host, _ in addresses] == prefill_hosts
+        for i, host in enumerate(decode_hosts):
+            caches = make_kv_caches("cpu", NUM_BLOCKS, fill="zeros")
+            layout = KVLayout.from_caches(caches, NUM_BLOCKS, BLOCK_SIZE)
+            endpoint = ConsumerEndpoint(host, i, caches, layout, TIMEOUT_S, 2.0, num_workers=2)
+            consumers.append(ConsumerSide(endpoint, caches, layout))
+            endpoint.submit(LoadSpec("t-pp", "req-pp", addresses, 0, local))
+
+        for i, (producer, consumer) in enumerate(zip(producers, consumers, strict=True)):
+            assert wait_for_result(consumer.endpoint, "req-pp").failed == set()
+            assert_blocks_copied(producer, consumer, list(zip(remote, local, strict=True)))
+            assert wait_for_release(producer.holds, f"engine-req-{i}") == {f"engine-req-{i}"}
+            num_bytes = len(remote) * producer.layout.bytes_per_block
+            assert producer.endpoint.counts["num_bytes_sent"] == num_bytes
+    finally:
+        for side in consumers + producers:
+            side.endpoint.close()

@@ -62,16 +62,16 @@ def test_duplicate_holds_never_raise_and_fail_only_the_second(producer_worker: P
 
 
 def test_a_load_on_a_producer_fails_that_request_only(producer_worker: PDWorker) -> None:
-    load = LoadSpec("t", "dec-1", "127.0.0.1", [1234], 0, [7, 8])
+    load = LoadSpec("t", "dec-1", [("127.0.0.1", 1234)], 0, [7, 8])
     producer_worker.start(PDConnectorMetadata(loads=[load]))
     assert producer_worker.counts["num_bad_specs"] == 1
 
 
 @pytest.mark.parametrize(
     "load",
-    [LoadSpec("t", "dec-1", "127.0.0.1", [], 0, [7, 8]),  # no port for worker 0
-     LoadSpec("", "dec-1", "", [], 0, [7, 8]),  # the scheduler could not plan it
-     LoadSpec("t", "dec-1", "127.0.0.1", [1234], 0, [])],  # a request with no blocks
+    [LoadSpec("t", "dec-1", [], 0, [7, 8]),  # no address for worker 0
+     LoadSpec("", "dec-1", [], 0, [7, 8]),  # the scheduler could not plan it
+     LoadSpec("t", "dec-1", [("127.0.0.1", 1234)], 0, [])],  # a request with no blocks
     ids=["no-port", "unplanned", "no-blocks"],
 )
 def test_a_bad_load_is_reported_failed_with_its_blocks(consumer_worker: PDWorker,
@@ -84,7 +84,7 @@ def test_a_bad_load_is_reported_failed_with_its_blocks(consumer_worker: PDWorker
     assert consumer_worker.health() is None
 
 
-def test_the_bound_port_reaches_the_scheduler_side(producer_worker: PDWorker) -> None:
+def test_the_bound_address_reaches_the_scheduler_side(producer_worker: PDWorker) -> None:
     handshake = producer_worker.handshake()
     assert isinstance(handshake, PDHandshake)
     assert handshake.port == producer_worker.producer.address[1] > 0
@@ -93,7 +93,7 @@ def test_the_bound_port_reaches_the_scheduler_side(producer_worker: PDWorker) ->
         kv_transfer_config=SimpleNamespace(is_kv_producer=True, is_kv_consumer=False)),
         ConnectorSettings(port=0))
     scheduler.set_handshake({(0, 0): handshake})
-    assert scheduler.remote_ports == [handshake.port]
+    assert scheduler.remote_addresses == [producer_worker.producer.address]
 
 
 def test_a_consumer_reports_no_handshake_and_health_follows_close(
