@@ -84,7 +84,7 @@ class CacheCostSettings(BaseModel):
         0.0, ge=0, description="Bounded load: slack in seconds added to the bound.",
     )
     load_bound_prompts: float = Field(
-        2.0, ge=0, description="Bounded load: more slack, in units of the time the candidate "
+        4.0, ge=0, description="Bounded load: more slack, in units of the time the candidate "
         "would take to compute this whole prompt (what losing its cache hit costs at most).",
     )
     in_flight_ttl_s: float = Field(

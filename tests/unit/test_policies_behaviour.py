@@ -80,7 +80,7 @@ def test_cache_cost_picks_within_the_restated_rule() -> None:
     speed = s.nominal_tokens_per_s
     for _ in range(500):
         ids = [f"r{i}" for i in range(rng.randint(1, 6))]
-        cands = [cand(r, rng.randrange(200_000), rng.randrange(40)) for r in ids]
+        cands = [cand(r, rng.randrange(40_000), rng.randrange(40)) for r in ids]
         prompt = rng.randrange(1, 20000)
         cached = {r: rng.randrange(prompt + 1) for r in ids if rng.random() < 0.5}
         ctx = RoutingContext("x", prompt, BLOCK, None, cached)
@@ -90,7 +90,11 @@ def test_cache_cost_picks_within_the_restated_rule() -> None:
         }
         compute = {r: (prompt - cached.get(r, 0)) / speed for r in ids}
         finish = {r: wait[r] + compute[r] for r in ids}
-        bound = s.load_bound_rel * sum(finish.values()) / len(ids) + s.load_bound_abs_s
+        bound = (
+            s.load_bound_rel * sum(finish.values()) / len(ids)
+            + s.load_bound_prompts * prompt / speed
+            + s.load_bound_abs_s
+        )
         costs = {r: compute[r] + s.load_weight * wait[r] for r in ids if finish[r] <= bound}
         best = min(costs.values())
         allowed = {r for r, c in costs.items() if c == best}
