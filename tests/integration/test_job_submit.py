@@ -23,20 +23,33 @@ from tests.integration.support import completion_body
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).with_name("ray")
+SERVE = Path(sys.executable).with_name("serve")
 
 pytestmark = pytest.mark.timeout(900)
 
 
-def _ray(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+def _ray(*args: str, timeout_s: float = 120, command: Path = RAY
+         ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # Ray 2.60's `ray start` turns token authentication on; its job CLI sends the token
     # (~/.ray/auth_token) only when told to.
     env["RAY_AUTH_MODE"] = "token"
     env["PATH"] = f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}"
-    run = subprocess.run([str(RAY), *args], env=env, cwd=REPO, capture_output=True, text=True,
-                         timeout=timeout_s)
-    assert run.returncode == 0, f"ray {args[0]} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    run = subprocess.run([str(command), *args], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=timeout_s)
+    assert run.returncode == 0, \
+        f"{command.name} {args[0]} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     return run
+
+
+def _stray_engines() -> set[int]:
+    """vLLM engine processes on this machine that are not this test process's own (the
+    reference engine)."""
+    import psutil
+
+    own = {p.pid for p in psutil.Process().children(recursive=True)}
+    return {p.pid for p in psutil.process_iter(["name", "cmdline"])
+            if p.pid not in own and "VLLM::" in " ".join(p.info["cmdline"] or [p.info["name"]])}
 
 
 @pytest.fixture
@@ -54,10 +67,28 @@ def head_node():
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--num-cpus=2",
          "--resources=" + json.dumps({"pdserve_prefill": 1, "pdserve_decode": 1}),
          "--disable-usage-stats")
+    address = f"http://127.0.0.1:{dashboard_port}"
+    engines_before = _stray_engines()
     try:
-        yield f"http://127.0.0.1:{dashboard_port}"
+        yield address
     finally:
+        # Serve's own shutdown stops each replica's engine; `ray stop --force` alone would kill
+        # the replicas and orphan their engine processes.
+        _ray("shutdown", "-y", f"--address={address}", command=SERVE)
         _ray("stop", "--force")
+    assert wait_for(lambda: not _stray_engines() - engines_before), \
+        f"engine processes outlived the cluster: {_stray_engines() - engines_before}"
+
+
+def wait_for(predicate, timeout_s: float = 30.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 async def test_a_submitted_job_deploys_and_the_app_answers(
