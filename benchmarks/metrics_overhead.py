@@ -31,16 +31,21 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.router_cost import BLOCK_SIZE, make_documents, make_events, make_queries
+from benchmarks.router_cost import (
+    BLOCK_SIZE,
+    make_documents,
+    make_events,
+    make_queries,
+    percentiles,
+)
 
 NUM_REPLICAS = 16
 
 
-def summary(samples: Sequence[float]) -> tuple[float, float, float]:
+def summary(samples: list[float]) -> tuple[float, float, float]:
     """(p50, p99, mean) in milliseconds."""
-    ordered = sorted(samples)
-    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
-    return (statistics.median(ordered) * 1e3, p99 * 1e3, statistics.fmean(ordered) * 1e3)
+    p50, p99 = percentiles(samples)
+    return p50 * 1e3, p99 * 1e3, statistics.fmean(samples) * 1e3
 
 
 def coordinators(num_blocks: int, rng: random.Random, exports: Sequence[bool]

@@ -71,6 +71,31 @@ def num_blocks(num_tokens: int, cfg: EngineConfig) -> int:
     return math.ceil(num_tokens / cfg.block_size)
 
 
+def assert_all_loaded(before: dict, after: dict, num_requests: int) -> None:
+    """Every one of ``num_requests`` prompts was loaded by transfer, none recomputed."""
+    def delta(name: str) -> int:
+        return after[name] - before[name]
+
+    assert delta("num_loads") == num_requests, (before, after)
+    assert delta("num_failed_loads") == 0, (before, after)
+    assert delta("prompt_tokens_computed") <= num_requests, (before, after)
+    assert delta("num_bytes_received") > 0
+
+
+async def differing_outputs(client: Any, cfg: EngineConfig, prompts: list[list[int]],
+                            reference_outputs: Callable[[dict], Any]) -> list[int]:
+    """Send each prompt alone (``client``: an httpx client on the app); the lengths of those
+    whose greedy completion differs from the plain engine's."""
+    mismatches = []
+    for prompt in prompts:
+        body = completion_body(cfg, prompt)
+        r = await client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        if r.json()["choices"][0]["text"] != await reference_outputs(body):
+            mismatches.append(len(prompt))
+    return mismatches
+
+
 async def wait_until(predicate: Callable[[], Any], timeout_s: float = 20.0,
                      interval_s: float = 0.2) -> Any:
     """Poll an async or plain predicate until it returns something truthy."""

@@ -21,7 +21,13 @@ import httpx
 import pytest
 
 from cluster.pools import pool_resource
-from tests.integration.support import completion_body, make_prompts, one_pair_config
+from tests.integration.support import (
+    assert_all_loaded,
+    completion_body,
+    differing_outputs,
+    make_prompts,
+    one_pair_config,
+)
 
 APP = "pdserve-multinode"
 NODE_IPS = {"prefill": "127.0.0.2", "decode": "127.0.0.3"}
@@ -114,18 +120,7 @@ async def test_parity_across_nodes(app, engine_config, vocab_size, reference_out
     prompts = make_prompts(engine_config, vocab_size, seed=31)
     step = max(1, len(prompts) // NUM_PROMPTS)
     chosen = prompts[::step][:NUM_PROMPTS]  # one token up to many blocks
-    mismatches = []
     async with httpx.AsyncClient(base_url=app, timeout=180) as client:
-        for prompt in chosen:
-            body = completion_body(engine_config, prompt)
-            response = await client.post("/v1/completions", json=body)
-            assert response.status_code == 200, response.text
-            if response.json()["choices"][0]["text"] != await reference_outputs(body):
-                mismatches.append(len(prompt))
+        mismatches = await differing_outputs(client, engine_config, chosen, reference_outputs)
     assert not mismatches, f"outputs differ for prompt lengths {mismatches}"
-    after = await handle("decode").stats.remote()
-    assert after["num_loads"] - decode_before["num_loads"] == len(chosen), (decode_before, after)
-    assert after["num_failed_loads"] == decode_before["num_failed_loads"]
-    assert after["num_bytes_received"] > decode_before["num_bytes_received"]
-    computed = after["prompt_tokens_computed"] - decode_before["prompt_tokens_computed"]
-    assert computed <= len(chosen), (decode_before, after)  # at most each prompt's last token
+    assert_all_loaded(decode_before, await handle("decode").stats.remote(), len(chosen))

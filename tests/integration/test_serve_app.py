@@ -9,8 +9,10 @@ import httpx
 import pytest
 
 from tests.integration.support import (
+    assert_all_loaded,
     completion_body,
     deployed,
+    differing_outputs,
     make_prompts,
     one_pair_config,
     wait_until,
@@ -41,26 +43,9 @@ async def client(app):
 async def test_parity_one_at_a_time(app, client, engine_config, vocab_size, reference_outputs):
     prompts = make_prompts(engine_config, vocab_size, seed=11)
     decode_before = await replica_stats("decode")
-    mismatches = []
-    for prompt in prompts:
-        body = completion_body(engine_config, prompt)
-        r = await client.post("/v1/completions", json=body)
-        assert r.status_code == 200, r.text
-        if r.json()["choices"][0]["text"] != await reference_outputs(body):
-            mismatches.append(len(prompt))
+    mismatches = await differing_outputs(client, engine_config, prompts, reference_outputs)
     assert not mismatches, f"outputs differ for prompt lengths {mismatches}"
     assert_all_loaded(decode_before, await replica_stats("decode"), len(prompts))
-
-
-def assert_all_loaded(before: dict, after: dict, num_requests: int) -> None:
-    """Every one of ``num_requests`` prompts was loaded by transfer, none recomputed."""
-    def delta(name: str) -> int:
-        return after[name] - before[name]
-
-    assert delta("num_loads") == num_requests, (before, after)
-    assert delta("num_failed_loads") == 0, (before, after)
-    assert delta("prompt_tokens_computed") <= num_requests, (before, after)
-    assert delta("num_bytes_received") > 0
 
 
 async def test_parity_under_concurrency(app, client, engine_config, vocab_size,
