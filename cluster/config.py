@@ -1,8 +1,9 @@
 """pdserve's configuration: one pydantic model for the whole app, every field described.
 
 Loaded from YAML (``PDConfig.from_yaml``), from a Serve config's ``args``, or built in code.
-Cross-field rules (prefill and decode serve the same model with the same block size and the
-same TP/PP split) are validators, so a bad config fails before anything starts.
+Cross-field rules (prefill and decode serve the same model with the same block size and PP
+split, and TP sizes whose KV heads pair) are validators, so a bad config fails before anything
+starts.
 """
 
 from __future__ import annotations
@@ -15,6 +16,18 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 # Where ``python -m deploy.demo_model`` builds the demo checkpoint: the default model.
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "demo-llama"
+
+
+def checkpoint_kv_heads(model: str) -> int | None:
+    """The KV heads of a local checkpoint (its config.json), or None when it is not local."""
+    import json
+
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        return None
+    hf = json.loads(path.read_text())
+    hf = hf.get("text_config", hf)
+    return hf.get("num_key_value_heads") or hf.get("num_attention_heads")
 
 
 class _Strict(BaseModel):
@@ -110,8 +123,9 @@ class PoolConfig(_Strict):
     cpu_cores: str | None = Field(
         None,
         description="CPU cores the engine's OpenMP threads are pinned to "
-        "(VLLM_CPU_OMP_THREADS_BIND, e.g. '0' or '0-3'); the local default gives the two "
-        "pools different cores.",
+        "(VLLM_CPU_OMP_THREADS_BIND, e.g. '0' or '0-3'; one list per worker of a TP x PP "
+        "replica, '|'-separated, e.g. '0|1'); the local default gives the two pools "
+        "different cores.",
     )
 
 
@@ -268,9 +282,10 @@ class PDConfig(_Strict):
 
     @model_validator(mode="after")
     def _pools_agree(self) -> PDConfig:
+        """Same model, block size, dtype, length and PP split; TP may differ when the model's
+        KV heads split over both TP sizes (each decode rank pulls its own heads)."""
         p, d = self.prefill.engine, self.decode.engine
-        for name in ("model", "block_size", "dtype", "max_model_len", "tensor_parallel_size",
-                     "pipeline_parallel_size"):
+        for name in ("model", "block_size", "dtype", "max_model_len", "pipeline_parallel_size"):
             if getattr(p, name) != getattr(d, name):
                 raise ValueError(
                     f"prefill and decode must agree on {name}: "
@@ -278,6 +293,15 @@ class PDConfig(_Strict):
                 )
         if p.name != d.name:
             raise ValueError(f"prefill and decode serve different names: {p.name} != {d.name}")
+        if p.tensor_parallel_size != d.tensor_parallel_size:
+            from kvtransfer.heads import pair_problem
+
+            heads = checkpoint_kv_heads(p.model)
+            problem = None if heads is None else pair_problem(
+                heads, p.tensor_parallel_size, d.tensor_parallel_size)
+            if problem:
+                raise ValueError(f"prefill TP {p.tensor_parallel_size} and decode TP "
+                                 f"{d.tensor_parallel_size} cannot exchange KV heads: {problem}")
         return self
 
     @model_validator(mode="after")
@@ -296,6 +320,18 @@ class PDConfig(_Strict):
             if pool.pipeline_across_nodes and not (is_ray and engine.pipeline_parallel_size > 1):
                 raise ValueError(f"{role}: pipeline_across_nodes needs PP > 1 and the Ray "
                                  "executor (a cuda app)")
+            if self.device == "cpu" and engine.pipeline_parallel_size > 1 and \
+                    engine.enforce_eager:
+                # vLLM's CPU runner makes the buffers later stages receive in its compile
+                # warm-up, which eager mode skips: the second stage then fails its first step.
+                raise ValueError(f"{role}: pipeline parallelism on the CPU needs "
+                                 "enforce_eager: false")
+            cores = pool.cpu_cores
+            if self.device == "cpu" and cores is not None and engine.world_size > 1 and \
+                    len(cores.split("|")) != engine.world_size:
+                raise ValueError(f"{role}: a CPU replica of {engine.world_size} workers needs "
+                                 f"one core list per worker in cpu_cores, '|'-separated "
+                                 f"(e.g. '0|1'), not {cores!r}")
             if is_ray and pool.num_gpus not in (0, engine.world_size):
                 raise ValueError(f"{role}: with the Ray executor each of the {engine.world_size} "
                                  f"workers takes one GPU; num_gpus must be 0 or "

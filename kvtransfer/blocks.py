@@ -1,9 +1,11 @@
 """Whole KV blocks in and out of vLLM's paged KV cache.
 
-A worker's cache is one tensor per attention layer. Where the block axis sits depends on the
-attention backend (the CPU backend puts it first, FlashAttention second), so ``KVLayout`` finds
-it from the number of blocks. A transfer packs the chosen blocks of every layer, in layer-name
-order, into one flat byte buffer; the receiver unpacks them into its own block ids.
+A worker's cache is one tensor per attention layer. ``KVLayout`` finds the block axis from the
+number of blocks, and the head axis from this worker's number of KV heads (vLLM's logical
+per-layer order is [blocks, heads, tokens, content]; ``_head_axis``). A
+transfer packs the chosen blocks of every layer, in layer-name order, into one flat byte buffer;
+the receiver unpacks them into its own block ids. A transfer between different TP sizes moves a
+range of heads (``kvtransfer.heads``): the buffer then holds only those heads of each block.
 """
 
 from __future__ import annotations
@@ -23,6 +25,18 @@ class LayerLayout:
     block_shape: tuple[int, ...]
     dtype: str
     bytes_per_block: int
+    head_axis: int | None = None  # axis of ``block_shape`` holding the KV heads
+
+    @property
+    def num_heads(self) -> int | None:
+        return None if self.head_axis is None else self.block_shape[self.head_axis]
+
+    def nbytes(self, num_blocks: int, num_heads: int | None = None) -> int:
+        """Bytes of ``num_blocks`` blocks, of ``num_heads`` heads each (default: all)."""
+        if num_heads is None or num_heads == self.num_heads:
+            return num_blocks * self.bytes_per_block
+        assert self.num_heads is not None
+        return num_blocks * self.bytes_per_block // self.num_heads * num_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +50,33 @@ class KVLayout:
     def bytes_per_block(self) -> int:
         return sum(layer.bytes_per_block for layer in self.layers)
 
+    @property
+    def num_heads(self) -> int | None:
+        """KV heads per layer on this worker; None when unknown or not the same in every layer."""
+        counts = {layer.num_heads for layer in self.layers}
+        return counts.pop() if len(counts) == 1 else None
+
+    def nbytes(self, num_blocks: int, num_heads: int | None = None) -> int:
+        """Bytes a transfer of ``num_blocks`` blocks moves, ``num_heads`` heads of each."""
+        return sum(layer.nbytes(num_blocks, num_heads) for layer in self.layers)
+
+    def check_heads(self, first_head: int, num_heads: int) -> str | None:
+        """Why heads ``[first_head, first_head + num_heads)`` cannot be moved, if they cannot."""
+        have = self.num_heads
+        if first_head == 0 and num_heads == have:
+            return None
+        if have is None:
+            return "this worker's KV head axis is unknown: only whole blocks move"
+        if first_head < 0 or num_heads < 1 or first_head + num_heads > have:
+            return f"heads [{first_head}, {first_head + num_heads}) out of range for {have}"
+        return None
+
     @classmethod
     def from_caches(
-        cls, kv_caches: dict[str, torch.Tensor], num_blocks: int, block_size: int
+        cls, kv_caches: dict[str, torch.Tensor], num_blocks: int, block_size: int,
+        num_heads: int | None = None,
     ) -> KVLayout:
+        """``num_heads``: this worker's KV heads per layer, to find the head axis."""
         layers = []
         for name in sorted(kv_caches):
             tensor = kv_caches[name]
@@ -51,65 +88,108 @@ class KVLayout:
             numel = 1
             for s in block_shape:
                 numel *= s
+            head_axis = _head_axis(block_dim, block_shape, num_heads)
             layers.append(
                 LayerLayout(name, block_dim, block_shape, str(tensor.dtype).removeprefix("torch."),
-                            numel * tensor.element_size())
+                            numel * tensor.element_size(), head_axis)
             )
         return cls(tuple(layers), block_size)
 
     def to_wire(self) -> dict[str, Any]:
         return {
             "block_size": self.block_size,
-            "layers": [[ly.name, list(ly.block_shape), ly.dtype] for ly in self.layers],
+            "layers": [[ly.name, _without_heads(ly), ly.dtype] for ly in self.layers],
         }
 
     def mismatch(self, wire: dict[str, Any]) -> str | None:
-        """Why a peer's layout (``to_wire`` form) cannot exchange blocks with ours, if it can't."""
+        """Why a peer's layout (``to_wire`` form) cannot exchange blocks with ours, if it can't.
+        The number of heads may differ (another TP size); heads are checked per pull."""
         ours = self.to_wire()
         if wire.get("block_size") != ours["block_size"]:
             return f"block size {wire.get('block_size')} != {ours['block_size']}"
         if wire.get("layers") != ours["layers"]:
-            return "the KV layers differ (model, TP/PP split, dtype or head layout)"
+            return "the KV layers differ (model, PP split, dtype or head layout)"
         return None
 
 
+def _head_axis(block_dim: int, block_shape: tuple[int, ...], num_heads: int | None) -> int | None:
+    """Where the heads are in a block, or None when that is not certain (heads then never
+    move apart: only equal TP sizes pair)."""
+    if num_heads is None:
+        return None
+    if block_dim == 0:  # vLLM's logical per-layer order: [blocks, heads, tokens, content]
+        return 0 if block_shape and block_shape[0] == num_heads else None
+    # K and V outermost ([2, blocks, tokens, heads, head_size]): the one other axis that fits.
+    axes = [axis for axis, size in enumerate(block_shape) if size == num_heads and axis > 0]
+    return axes[0] if len(axes) == 1 else None
+
+
+def _without_heads(layer: LayerLayout) -> list[int]:
+    """A block's shape with the head axis marked -1 (the part two TP sizes share)."""
+    return [-1 if axis == layer.head_axis else size
+            for axis, size in enumerate(layer.block_shape)]
+
+
+def _blocks(tensor: torch.Tensor, ly: LayerLayout, index: torch.Tensor,
+            heads: tuple[int, int] | None) -> torch.Tensor:
+    """The chosen blocks of one layer, block axis first, narrowed to ``heads``."""
+    if heads is not None and heads[1] != ly.num_heads:
+        assert ly.head_axis is not None
+        tensor = tensor.narrow(ly.head_axis + (ly.head_axis >= ly.block_dim), *heads)
+    return tensor.index_select(ly.block_dim, index).movedim(ly.block_dim, 0)
+
+
 def gather_blocks(
-    kv_caches: dict[str, torch.Tensor], layout: KVLayout, block_ids: list[int]
+    kv_caches: dict[str, torch.Tensor], layout: KVLayout, block_ids: list[int],
+    heads: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Copy ``block_ids`` of every layer into one new flat uint8 tensor on the cache's device."""
+    """Copy ``block_ids`` of every layer (only heads ``(first, count)`` when given) into one
+    new flat uint8 tensor on the cache's device."""
     import torch
 
     parts = []
     for ly in layout.layers:
         tensor = kv_caches[ly.name]
         index = torch.tensor(block_ids, dtype=torch.long, device=tensor.device)
-        picked = tensor.index_select(ly.block_dim, index).movedim(ly.block_dim, 0)
+        picked = _blocks(tensor, ly, index, heads)
         parts.append(picked.contiguous().view(torch.uint8).reshape(-1))
     return torch.cat(parts)
 
 
-def empty_buffer(kv_caches: dict[str, torch.Tensor], layout: KVLayout, num_blocks: int):
+def empty_buffer(kv_caches: dict[str, torch.Tensor], layout: KVLayout, num_blocks: int,
+                 num_heads: int | None = None):
     import torch
 
     device = next(iter(kv_caches.values())).device
-    return torch.empty(num_blocks * layout.bytes_per_block, dtype=torch.uint8, device=device)
+    return torch.empty(layout.nbytes(num_blocks, num_heads), dtype=torch.uint8, device=device)
 
 
 def scatter_blocks(
-    kv_caches: dict[str, torch.Tensor], layout: KVLayout, block_ids: list[int], buffer
+    kv_caches: dict[str, torch.Tensor], layout: KVLayout, block_ids: list[int], buffer,
+    heads: tuple[int, int] | None = None,
 ) -> None:
-    """Write a buffer made by ``gather_blocks`` into ``block_ids`` of every layer."""
+    """Write a buffer made by ``gather_blocks`` into ``block_ids`` of every layer (into local
+    heads ``(first, count)`` when given; the sender's head count must equal ``count``)."""
     import torch
 
-    if buffer.numel() != layout.bytes_per_block * len(block_ids):
+    num_heads = None if heads is None else heads[1]
+    expected = layout.nbytes(len(block_ids), num_heads)
+    if buffer.numel() != expected:
         raise ValueError(f"buffer holds {buffer.numel()} bytes, {len(block_ids)} blocks need "
-                         f"{layout.bytes_per_block * len(block_ids)}")
+                         f"{expected}")
     offset = 0
     for ly in layout.layers:
         tensor = kv_caches[ly.name]
-        nbytes = ly.bytes_per_block * len(block_ids)
+        nbytes = ly.nbytes(len(block_ids), num_heads)
         chunk = buffer[offset : offset + nbytes].view(tensor.dtype)
-        blocks = chunk.reshape((len(block_ids), *ly.block_shape)).movedim(0, ly.block_dim)
         index = torch.tensor(block_ids, dtype=torch.long, device=tensor.device)
+        shape = list(ly.block_shape)
+        if heads is not None and heads[1] != ly.num_heads:
+            # Write into a view of only these heads: pulls from several prefill workers fill
+            # other heads of the same blocks at the same time.
+            assert ly.head_axis is not None
+            shape[ly.head_axis] = heads[1]
+            tensor = tensor.narrow(ly.head_axis + (ly.head_axis >= ly.block_dim), *heads)
+        blocks = chunk.reshape((len(block_ids), *shape)).movedim(0, ly.block_dim)
         tensor.index_copy_(ly.block_dim, index, blocks)
         offset += nbytes

@@ -5,10 +5,14 @@ Threads (ZMQ sockets are not thread-safe, so each socket has exactly one owner):
 - The worker's main thread only queues: ``submit`` (loads, release-only specs), ``claim``, and
   ``take_results`` each engine step. It never waits on a peer.
 - One ``PeerChannel`` thread per prefill worker address owns that peer's control socket and
-  link, and runs its loads in order. A slow or dead peer stalls only its own loads. A control
-  reply is awaited ``control_timeout_s``, the data ``timeout_s``; a peer that did not answer a
-  HELLO fails its further loads at once for ``control_timeout_s``. A channel idle for
-  ``idle_s`` closes its socket and link and ends (replicas come and go).
+  link, and runs its loads in order. With equal TP sizes a load goes to one peer (decode worker
+  i pulls from prefill worker i); with another prefill TP it is split into one ``Part`` per
+  prefill worker holding some of this worker's heads (``kvtransfer.heads``), pulled in parallel,
+  and the load ends (ok only if every part is) when the last part does. A slow or dead peer
+  stalls only its own loads. A control reply is awaited ``control_timeout_s``, the data
+  ``timeout_s``; a peer that did not answer a HELLO fails its further loads at once for
+  ``control_timeout_s``. A channel idle for ``idle_s`` closes its socket and link and ends
+  (replicas come and go).
 - One notifier thread owns a socket per address for the messages that need no reply (CLAIM,
   DONE of release-only specs and of failed loads), so they go out at once even when that peer's
   channel is busy or stalled, and survive a dropped link.
@@ -29,14 +33,16 @@ import os
 import queue
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from kvtransfer.blocks import KVLayout
-from kvtransfer.consumer_peer import LoadContext, PeerChannel
+from kvtransfer.consumer_peer import LoadContext, Part, PeerChannel
+from kvtransfer.heads import pull_plan, released_by
 from kvtransfer.link import Link, TorchDistLink
 from kvtransfer.metadata import ClaimSpec, LoadSpec
 from kvtransfer.params import Address
@@ -49,6 +55,27 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 MAX_NOTIFY_SOCKETS = 256  # notifier sockets kept open (least recently used closed first)
 NOTIFY_LINGER_MS = 1000  # how long a closing notifier socket still tries to deliver
+
+
+@dataclasses.dataclass(frozen=True)
+class Place:
+    """Where a decode worker sits in its engine, and the model's KV heads (all TP ranks
+    together; None: only prefill engines of the same TP size can be pulled from)."""
+
+    tp_rank: int
+    tp_size: int
+    pp_rank: int = 0
+    num_kv_heads: int | None = None
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A load split into parts: what the parts that ended so far add up to."""
+
+    parts_left: int
+    started_s: float
+    ok: bool = True
+    num_bytes: int = 0
 
 
 @dataclasses.dataclass
@@ -69,6 +96,7 @@ class ConsumerEndpoint:
         unknown_retry_s: float,
         *,
         num_workers: int = 1,
+        place: Place | None = None,
         control_timeout_s: float = 5.0,
         idle_s: float = 600.0,
         codec: Codec | None = None,
@@ -76,6 +104,7 @@ class ConsumerEndpoint:
     ) -> None:
         self.worker_index = worker_index
         self.num_workers = num_workers
+        self.place = place or Place(tp_rank=worker_index, tp_size=num_workers)
         self.peer_id = f"{socket.gethostname()}-{os.getpid()}-{worker_index}-{uuid.uuid4().hex[:8]}"
         self._ctx = zmq.Context()
         tags = itertools.count(1)
@@ -93,6 +122,7 @@ class ConsumerEndpoint:
         self.counts = {"num_bytes_received": 0, "num_loads": 0, "num_failed_loads": 0,
                        "num_claims_sent": 0}
         self._channels: dict[Address, PeerChannel] = {}
+        self._pending: dict[int, _Pending] = {}  # id(spec) -> its parts' results so far
         self._closed = False
         self._notices: queue.SimpleQueue[tuple[Address, bytes] | None] = queue.SimpleQueue()
         self._notifier = threading.Thread(target=self._run_notifier, name="pdserve-kv-notify",
@@ -109,20 +139,63 @@ class ConsumerEndpoint:
             for address in spec.remote_addresses[self.worker_index::self.num_workers]:
                 self._notify(address, MsgType.DONE, spec.transfer_id)
             return
-        address = spec.remote_addresses[self.worker_index]
+        parts = self._parts(spec)  # ValueError before anything is queued
+        for address in self._unread(spec.remote_addresses, spec.remote_tp_size):
+            self._notify(address, MsgType.DONE, spec.transfer_id)
         with self._lock:
-            channel = self._channels.get(address)
-            if channel is None or not channel.accepts_jobs:
-                channel = self._channels[address] = PeerChannel(self.context, address,
-                                                                 self._forget)
-            channel.submit(spec)
+            if len(parts) > 1:
+                self._pending[id(spec)] = _Pending(len(parts), time.monotonic())
+            for address, part in parts:
+                channel = self._channels.get(address)
+                if channel is None or not channel.accepts_jobs:
+                    channel = self._channels[address] = PeerChannel(self.context, address,
+                                                                     self._forget)
+                channel.submit(part)
 
     def claim(self, spec: ClaimSpec) -> None:
-        """Ask prefill worker ``worker_index`` to keep the transfer for its claim lease."""
-        if self.worker_index < len(spec.remote_addresses):
-            self._notify(spec.remote_addresses[self.worker_index], MsgType.CLAIM, spec.transfer_id)
-            with self._lock:
-                self.counts["num_claims_sent"] += 1
+        """Ask the prefill workers this worker will pull from (and those it releases) to keep
+        the transfer for their claim lease."""
+        try:
+            addresses = [a for a, _ in self._parts(spec)]
+            addresses += self._unread(spec.remote_addresses, spec.remote_tp_size)
+        except ValueError as e:
+            logger.warning("cannot claim transfer %.40r: %s", spec.transfer_id, e)
+            return
+        for address in addresses:
+            self._notify(address, MsgType.CLAIM, spec.transfer_id)
+        with self._lock:
+            self.counts["num_claims_sent"] += len(addresses)
+
+    def _parts(self, spec: LoadSpec | ClaimSpec) -> list[tuple[Address, Part]]:
+        """Where this worker's share of ``spec`` comes from: (address, part) per prefill worker.
+        ValueError when the layouts cannot be paired or an address is missing."""
+        place = self.place
+        remote_tp = spec.remote_tp_size or place.tp_size
+        base = place.pp_rank * remote_tp
+        if remote_tp == place.tp_size:
+            plan = [(place.tp_rank, Part(spec))]
+        elif place.num_kv_heads is None:
+            raise ValueError(f"prefill TP {remote_tp} differs from ours ({place.tp_size}) and "
+                             "this worker does not know the model's KV heads")
+        else:
+            plan = [(seg.source, Part(spec, (seg.first_head, seg.num_heads),
+                                      (seg.local_first_head, seg.num_heads), seg.pullers))
+                    for seg in pull_plan(place.num_kv_heads, remote_tp, place.tp_size,
+                                         place.tp_rank)]
+        if base + remote_tp > len(spec.remote_addresses):
+            raise ValueError(f"{len(spec.remote_addresses)} remote addresses, stage "
+                             f"{place.pp_rank} of prefill TP {remote_tp} needs {base + remote_tp}")
+        return [(spec.remote_addresses[base + source], part) for source, part in plan]
+
+    def _unread(self, addresses: list[Address], remote_tp_size: int | None) -> list[Address]:
+        """Prefill workers of this stage nobody pulls from, that this worker releases."""
+        place = self.place
+        remote_tp = remote_tp_size or place.tp_size
+        if remote_tp == place.tp_size or place.num_kv_heads is None:
+            return []
+        base = place.pp_rank * remote_tp
+        return [addresses[base + r] for r in released_by(place.num_kv_heads, remote_tp,
+                                                         place.tp_size, place.tp_rank)]
 
     def take_results(self) -> LoadResults:
         with self._lock:
@@ -170,8 +243,19 @@ class ConsumerEndpoint:
 
     # -- callbacks from the channels ------------------------------------------------------------
 
-    def _on_result(self, spec: LoadSpec, ok: bool, num_bytes: int, duration_s: float) -> None:
+    def _on_result(self, part: Part, ok: bool, num_bytes: int, duration_s: float) -> None:
+        spec = part.spec
         with self._lock:
+            pending = self._pending.get(id(spec))
+            if pending is not None:  # one part of several
+                pending.parts_left -= 1
+                pending.ok = pending.ok and ok
+                pending.num_bytes += num_bytes
+                if pending.parts_left:
+                    return
+                del self._pending[id(spec)]
+                ok, num_bytes = pending.ok, pending.num_bytes
+                duration_s = time.monotonic() - pending.started_s
             if ok:
                 self._samples["xfer_time_seconds"].append(duration_s)
                 self._samples["num_blocks_per_transfer"].append(len(spec.local_block_ids))
@@ -193,12 +277,12 @@ class ConsumerEndpoint:
                 del self._channels[address]
             return True
 
-    def _notify_done(self, address: Address, transfer_id: str) -> None:
-        self._notify(address, MsgType.DONE, transfer_id)
+    def _notify_done(self, address: Address, transfer_id: str, pullers: int) -> None:
+        self._notify(address, MsgType.DONE, transfer_id, peer_id=self.peer_id, pullers=pullers)
 
-    def _notify(self, address: Address, kind: MsgType, transfer_id: str) -> None:
+    def _notify(self, address: Address, kind: MsgType, transfer_id: str, **fields: Any) -> None:
         try:
-            data = self.context.codec.encode(kind, transfer_id=transfer_id)
+            data = self.context.codec.encode(kind, transfer_id=transfer_id, **fields)
         except Exception as e:  # an id the protocol refuses: nothing to tell the peer
             logger.warning("cannot send %s for transfer %.40r: %s", kind.value, transfer_id, e)
             return

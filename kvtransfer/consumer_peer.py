@@ -1,14 +1,15 @@
 """One prefill peer of a decode worker: the thread that runs that peer's loads in order.
 
 Used by ``kvtransfer.consumer.ConsumerEndpoint`` (see its docstring for the threads). A
-``PeerChannel`` thread owns the peer's DEALER socket and link. One load:
+``PeerChannel`` thread owns the peer's DEALER socket and link. One ``Part`` (a load, or the
+share of it this peer holds when the TP sizes differ):
 
     HELLO -> WELCOME (first load, or after a drop): join the peer's TCPStore, build the link
-    PULL {transfer_id, first_block, num_blocks, tag}   (tag: fresh per pull)
+    PULL {transfer_id, first_block, num_blocks, tag [, heads]}   (tag: fresh per pull)
       <- ERROR unknown: retried for ``unknown_retry_s``; link: HELLO again, once
       <- SENDING {transfer_id, num_bytes, tag}: must echo ours, and num_bytes must match
-    link.recv(buffer, tag); scatter into the local blocks; wait for the device
-    DONE (no reply)
+    link.recv(buffer, tag); scatter into the local blocks (heads); wait for the device
+    DONE {transfer_id, peer_id, pullers} (no reply)
 
 Every exception ends in a failed load, never in a dead thread. A failed load sends DONE through
 the endpoint's notifier (the prefill side frees the blocks now rather than at the lease's end).
@@ -65,8 +66,19 @@ class LoadContext:
     zmq_ctx: zmq.Context
     link_factory: Callable[..., Link]
     next_tag: Callable[[], int]
-    on_result: Callable[[LoadSpec, bool, int, float], None]  # spec, ok, bytes, seconds
-    notify: Callable[[Address, str], None]
+    on_result: Callable[[Part, bool, int, float], None]  # part, ok, bytes, seconds
+    notify: Callable[[Address, str, int], None]  # address, transfer id, pullers
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """What one peer sends of a load: heads ``remote_heads`` of its blocks (None: all) into
+    ``local_heads`` here; ``pullers`` decode workers pull this transfer from that peer."""
+
+    spec: LoadSpec
+    remote_heads: tuple[int, int] | None = None
+    local_heads: tuple[int, int] | None = None
+    pullers: int = 1
 
 
 class PeerChannel:
@@ -75,7 +87,7 @@ class PeerChannel:
         self._ctx = ctx
         self.address = address
         self._forget = forget
-        self._jobs: queue.SimpleQueue[LoadSpec | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Part | None] = queue.SimpleQueue()
         self._sock: zmq.Socket | None = None
         self._link: Link | None = None
         self._dead_until = 0.0
@@ -95,8 +107,8 @@ class PeerChannel:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, spec: LoadSpec) -> None:
-        self._jobs.put(spec)
+    def submit(self, part: Part) -> None:
+        self._jobs.put(part)
 
     def stop(self) -> None:
         """Run what is queued, then close the socket and link and end the thread."""
@@ -113,23 +125,24 @@ class PeerChannel:
         try:
             while True:
                 try:
-                    spec = self._jobs.get(timeout=self._ctx.idle_s)
+                    part = self._jobs.get(timeout=self._ctx.idle_s)
                 except queue.Empty:
                     if self._forget(self.address, self):
                         self._stopping = True
                         return
                     continue
-                if spec is None:
+                if part is None:
                     return
-                self._run_load(spec)
+                self._run_load(part)
         finally:
             self._drop()
 
-    def _run_load(self, spec: LoadSpec) -> None:
+    def _run_load(self, part: Part) -> None:
         num_bytes, ok = 0, False
         started_s = time.monotonic()
+        spec = part.spec
         try:
-            num_bytes = self._load(spec)
+            num_bytes = self._load(part)
             ok = True
         except Exception as e:  # a failed load must never end the thread or hang the request
             drop = not isinstance(e, TransferError) or e.drop
@@ -137,36 +150,42 @@ class PeerChannel:
                            *self.address, e)
             if drop:
                 self._drop()
-            self._ctx.notify(self.address, spec.transfer_id)
-        self._ctx.on_result(spec, ok, num_bytes, time.monotonic() - started_s)
+            self._ctx.notify(self.address, spec.transfer_id, part.pullers)
+        self._ctx.on_result(part, ok, num_bytes, time.monotonic() - started_s)
 
-    def _load(self, spec: LoadSpec) -> int:
+    def _load(self, part: Part) -> int:
         ctx = self._ctx
+        spec = part.spec
         if time.monotonic() < self._dead_until:
             raise TransferError("the peer did not answer recently", drop=False)
         tag = ctx.next_tag()
-        reply = self._pull(spec, tag)
-        buffer = empty_buffer(ctx.kv_caches, ctx.layout, len(spec.local_block_ids))
+        reply = self._pull(part, tag)
+        num_heads = None if part.local_heads is None else part.local_heads[1]
+        buffer = empty_buffer(ctx.kv_caches, ctx.layout, len(spec.local_block_ids), num_heads)
         if reply["num_bytes"] != buffer.numel():
             raise TransferError(f"peer sends {reply['num_bytes']} bytes, expected "
                                 f"{buffer.numel()}")
         assert self._link is not None
         self._link.recv(buffer, tag)
-        scatter_blocks(ctx.kv_caches, ctx.layout, spec.local_block_ids, buffer)
+        scatter_blocks(ctx.kv_caches, ctx.layout, spec.local_block_ids, buffer, part.local_heads)
         wait_for_device(ctx.device, time.monotonic() + ctx.timeout_s)
-        self._send(MsgType.DONE, transfer_id=spec.transfer_id)
+        self._send(MsgType.DONE, transfer_id=spec.transfer_id, peer_id=ctx.peer_id,
+                   pullers=part.pullers)
         return buffer.numel()
 
-    def _pull(self, spec: LoadSpec, tag: int) -> dict[str, Any]:
+    def _pull(self, part: Part, tag: int) -> dict[str, Any]:
         """PULL until SENDING; retry while the hold is not registered yet, re-pair once."""
         ctx = self._ctx
+        spec = part.spec
+        heads = {} if part.remote_heads is None else {
+            "first_head": part.remote_heads[0], "num_heads": part.remote_heads[1]}
         give_up_at = time.monotonic() + ctx.unknown_retry_s
         paired_again = False
         while True:
             self._connect()
             self._send(MsgType.PULL, peer_id=ctx.peer_id, transfer_id=spec.transfer_id,
                        first_block=spec.first_block, num_blocks=len(spec.local_block_ids),
-                       tag=tag)
+                       tag=tag, **heads)
             kind, msg = self._recv()
             if msg.get("transfer_id", spec.transfer_id) != spec.transfer_id or (
                     kind is MsgType.SENDING and msg["tag"] != tag):

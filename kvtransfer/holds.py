@@ -1,20 +1,29 @@
 """The prefill side's table of KV blocks held for decode workers.
 
 A finished prefill's blocks stay allocated until the decode side confirms it has them, or until
-the hold's lease runs out. One state machine per held request:
+the hold's lease runs out. Each decode worker that pulls a hold (a *puller*, named by its peer
+id) goes through:
 
-    HELD --pull--> SENDING --sent--> SENT --DONE--> released
-      ^               |   \\                |
-      +---send failed-+    +--DONE meanwhile: released when the send ends (ok or not)
-    HELD or SENT --lease expired--> released
-    HELD --CLAIM--> HELD with lease now + claim_lease_s (never shortened)
+    HELD --pull--> SENDING --sent--> SENT --DONE--> done
+      ^               |
+      +--send failed--+
 
-A SENDING hold does not expire: its blocks are being read. The producer guarantees that every
-``start_send`` is followed by one ``finish_send`` (try/finally), and the link bounds each send
-with a deadline, so no hold stays SENDING forever. Released holds are handed to vLLM, by engine
-request id, through ``take_released`` so that it frees their blocks. The table remembers the
-transfer ids of recently released or expired holds (bounded in number and age) so that a late
-pull gets ``expired`` or ``state`` rather than ``unknown``.
+and the hold is released once every puller is done. With equal TP sizes one decode worker pulls
+each hold, and its DONE (``pullers`` 1, or none) releases it. With another TP size several
+decode workers pull different heads of the same blocks, each at its own pace, and each DONE
+says how many pullers there are (``kvtransfer.heads``); the hold is released when that many
+distinct pullers have said DONE. A DONE without ``pullers`` (the decode side will not pull)
+releases the hold at once. Either way a release waits for sends in flight to end.
+
+    any hold, no send in flight, lease expired --> released
+    CLAIM --> lease now + claim_lease_s (never shortened)
+
+A hold with a send in flight does not expire: its blocks are being read. The producer guarantees
+that every ``start_send`` is followed by one ``finish_send`` (try/finally), and the link bounds
+each send with a deadline, so no send stays in flight forever. Released holds are handed to
+vLLM, by engine request id, through ``take_released`` so that it frees their blocks. The table
+remembers the transfer ids of recently released or expired holds (bounded in number and age) so
+that a late pull gets ``expired`` or ``state`` rather than ``unknown``.
 
 Thread-safe: the endpoint's threads pull, claim and confirm; the worker's main thread adds and
 reaps.
@@ -24,18 +33,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import enum
 import threading
 import time
 from collections.abc import Callable
 
 from kvtransfer.protocol import ErrorCode
-
-
-class HoldState(enum.Enum):
-    HELD = "held"
-    SENDING = "sending"
-    SENT = "sent"
 
 
 class HoldError(Exception):
@@ -51,8 +53,10 @@ class Hold:
     request_id: str
     block_ids: list[int]
     deadline_s: float
-    state: HoldState = HoldState.HELD
-    is_confirmed: bool = False  # DONE came while SENDING: release when the send ends
+    sending: set[str] = dataclasses.field(default_factory=set)  # pullers with a send in flight
+    sent: set[str] = dataclasses.field(default_factory=set)  # pullers that got their blocks
+    done: set[str] = dataclasses.field(default_factory=set)  # pullers that said DONE
+    release_when_idle: bool = False  # released as soon as no send is in flight
 
 
 class HoldTable:
@@ -84,9 +88,9 @@ class HoldTable:
 
     @property
     def num_sending(self) -> int:
-        """Holds being sent right now (each ends within the link's deadline)."""
+        """Sends in flight right now (each ends within the link's deadline)."""
         with self._lock:
-            return sum(hold.state is HoldState.SENDING for hold in self._holds.values())
+            return sum(len(hold.sending) for hold in self._holds.values())
 
     def add(self, transfer_id: str, request_id: str, block_ids: list[int], lease_s: float) -> None:
         with self._lock:
@@ -104,8 +108,9 @@ class HoldTable:
             hold.deadline_s = max(hold.deadline_s, self._clock() + lease_s)
             return True
 
-    def start_send(self, transfer_id: str, first_block: int, num_blocks: int) -> list[int]:
-        """Mark the hold SENDING and return the block ids of the requested range.
+    def start_send(self, transfer_id: str, first_block: int, num_blocks: int,
+                   puller: str = "") -> list[int]:
+        """Mark ``puller``'s send in flight and return the block ids of the requested range.
 
         The caller must call ``finish_send`` once, whatever happens after this returns.
         """
@@ -115,41 +120,44 @@ class HoldTable:
             hold = self._holds.get(transfer_id)
             if hold is None:
                 raise self._not_held(transfer_id)
-            if hold.state is not HoldState.HELD:
-                raise HoldError(f"transfer {transfer_id} is {hold.state.value}, not held",
-                                ErrorCode.STATE)
+            state = ("sending" if puller in hold.sending else "sent" if puller in hold.sent
+                     else "released" if hold.release_when_idle else None)
+            if state is not None:
+                raise HoldError(f"transfer {transfer_id} is {state}, not held", ErrorCode.STATE)
             end = first_block + num_blocks
             if first_block < 0 or num_blocks < 0 or end > len(hold.block_ids):
                 raise HoldError(
                     f"blocks [{first_block}, {end}) out of range for {len(hold.block_ids)} held",
                     ErrorCode.RANGE,
                 )
-            hold.state = HoldState.SENDING
+            hold.sending.add(puller)
             return hold.block_ids[first_block:end]
 
-    def finish_send(self, transfer_id: str, ok: bool) -> None:
+    def finish_send(self, transfer_id: str, ok: bool, puller: str = "") -> None:
         with self._lock:
             hold = self._holds.get(transfer_id)
-            if hold is None or hold.state is not HoldState.SENDING:
+            if hold is None or puller not in hold.sending:
                 return
-            if hold.is_confirmed:
+            hold.sending.discard(puller)
+            if ok:
+                hold.sent.add(puller)
+            if hold.release_when_idle and not hold.sending:
                 self._release(transfer_id, "released")
-            else:
-                hold.state = HoldState.SENT if ok else HoldState.HELD
 
-    def confirm(self, transfer_id: str) -> bool:
-        """The decode side has the blocks (or will not pull them): release the hold.
-
-        While the hold is SENDING the release waits for ``finish_send``. False when not held.
-        """
+    def confirm(self, transfer_id: str, puller: str = "", pullers: int | None = None) -> bool:
+        """``puller`` has the blocks (or will not pull them). Without ``pullers`` the hold is
+        released; with it, once that many distinct pullers have confirmed. A release waits for
+        the sends in flight to end. False when not held."""
         with self._lock:
             hold = self._holds.get(transfer_id)
             if hold is None:
                 return False
-            if hold.state is HoldState.SENDING:
-                hold.is_confirmed = True
-            else:
-                self._release(transfer_id, "released")
+            hold.done.add(puller)
+            if pullers is None or len(hold.done) >= pullers:
+                if hold.sending:
+                    hold.release_when_idle = True
+                else:
+                    self._release(transfer_id, "released")
             return True
 
     def take_released(self) -> set[str]:
@@ -157,7 +165,7 @@ class HoldTable:
         now = self._clock()
         with self._lock:
             for transfer_id, hold in list(self._holds.items()):
-                if hold.state is not HoldState.SENDING and hold.deadline_s <= now:
+                if not hold.sending and hold.deadline_s <= now:
                     self._release(transfer_id, "expired")
                     self.num_expired += 1
             self._forget_old(now)

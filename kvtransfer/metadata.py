@@ -26,21 +26,24 @@ class HoldSpec:
 class ClaimSpec:
     """Decode side: a scheduler took a request of this transfer; extend the hold's lease.
 
-    Worker i sends CLAIM to the prefill engine's worker i, at ``remote_addresses[i]``.
+    Each decode worker sends CLAIM to the prefill workers it pulls from (``kvtransfer.heads``;
+    with equal layouts, worker i to the prefill engine's worker i, at ``remote_addresses[i]``).
     """
 
     transfer_id: str
     remote_addresses: list[Address]
+    remote_tp_size: int | None = None  # the prefill engine's TP; None: the same as ours
 
 
 @dataclasses.dataclass
 class LoadSpec:
     """Decode side: pull a request's prompt blocks from a prefill engine.
 
-    ``remote_block_ids[first_block:]`` are copied into ``local_block_ids``; worker i pulls from
-    the prefill engine's worker i, at ``remote_addresses[i]`` (its own node's host and port). A
-    spec with no local blocks (and no request waiting on it) only tells the prefill side to let
-    go (DONE).
+    ``remote_block_ids[first_block:]`` are copied into ``local_block_ids``. With equal layouts
+    worker i pulls from the prefill engine's worker i, at ``remote_addresses[i]`` (its own
+    node's host and port); with another prefill TP each decode worker pulls its heads from the
+    prefill workers of its stage that hold them (``kvtransfer.heads``). A spec with no local
+    blocks (and no request waiting on it) only tells the prefill side to let go (DONE).
     """
 
     transfer_id: str
@@ -48,6 +51,7 @@ class LoadSpec:
     remote_addresses: list[Address]
     first_block: int
     local_block_ids: list[int]
+    remote_tp_size: int | None = None  # the prefill engine's TP; None: the same as ours
 
     @property
     def is_release_only(self) -> bool:

@@ -240,7 +240,7 @@ class ProducerEndpoint:
             if not self.holds.claim(msg["transfer_id"], self._claim_lease_s):
                 logger.debug("CLAIM of transfer %s, which is not held", msg["transfer_id"])
         elif kind is MsgType.DONE:
-            self.holds.confirm(msg["transfer_id"])
+            self.holds.confirm(msg["transfer_id"], msg.get("peer_id", ""), msg.get("pullers"))
         else:
             self._refuse([identity], ErrorCode.PROTOCOL, "unexpected",
                          f"a prefill worker does not take {kind.value} messages")
@@ -274,8 +274,16 @@ class ProducerEndpoint:
             self._reply([identity], MsgType.ERROR, message="no link with this peer: say HELLO",
                         code=ErrorCode.LINK.value, transfer_id=msg["transfer_id"])
             return
+        heads = None
+        if "first_head" in msg or "num_heads" in msg:
+            heads = (msg.get("first_head", 0), msg.get("num_heads", 0))
+            problem = self.layout.check_heads(*heads)
+            if problem:
+                self._reply([identity], MsgType.ERROR, message=problem,
+                            code=ErrorCode.RANGE.value, transfer_id=msg["transfer_id"])
+                return
         peer.submit(Pull(identity, msg["transfer_id"], msg["first_block"], msg["num_blocks"],
-                         msg["tag"]))
+                         msg["tag"], heads))
 
     def _retire(self, peer: PeerLink) -> None:
         peer.stop()

@@ -65,6 +65,7 @@ class Pull:
     first_block: int
     num_blocks: int
     tag: int
+    heads: tuple[int, int] | None = None  # (first, count) of this worker's heads; None: all
     received_s: float = dataclasses.field(default_factory=time.monotonic)
 
 
@@ -155,13 +156,14 @@ class PeerLink:
                         message=f"the pull waited {waited_s:.1f} s behind this peer's link")
             return
         try:
-            block_ids = ep.holds.start_send(pull.transfer_id, pull.first_block, pull.num_blocks)
+            block_ids = ep.holds.start_send(pull.transfer_id, pull.first_block, pull.num_blocks,
+                                            self.peer_id)
         except HoldError as e:
             self._reply(outbox, pull, MsgType.ERROR, message=str(e), code=e.code.value)
             return
         ok = announced = False
         try:
-            buffer = gather_blocks(ep.kv_caches, ep.layout, block_ids)
+            buffer = gather_blocks(ep.kv_caches, ep.layout, block_ids, pull.heads)
             self._reply(outbox, pull, MsgType.SENDING, num_bytes=buffer.numel(), tag=pull.tag)
             announced = True
             self._link.send(buffer, pull.tag)
@@ -173,7 +175,7 @@ class PeerLink:
                 self._reply(outbox, pull, MsgType.ERROR, message=f"cannot send: {e}",
                             code=ErrorCode.STATE.value)
         finally:
-            ep.holds.finish_send(pull.transfer_id, ok)
+            ep.holds.finish_send(pull.transfer_id, ok, self.peer_id)
         ep.counts.add("num_pulls")
         if ok:
             ep.counts.add("num_bytes_sent", buffer.numel())

@@ -13,15 +13,20 @@ Exchange, decode side first (``->`` decode to prefill, ``<-`` the reply):
     <- WELCOME store_port, group        join this TCPStore prefix to build the pair's link
        (or ERROR layout / busy)
     -> CLAIM   transfer_id              a decode scheduler took the request: extend the lease
-    -> PULL    peer_id, transfer_id, first_block, num_blocks, tag
+    -> PULL    peer_id, transfer_id, first_block, num_blocks, tag [, first_head, num_heads]
+               (no heads: every head of the blocks)
     <- SENDING transfer_id, num_bytes, tag   then that many bytes arrive over the link, with tag
        (or ERROR unknown / expired / state / range / link, with the transfer_id)
-    -> DONE    transfer_id              the blocks may be freed (no reply)
+    -> DONE    transfer_id [, peer_id, pullers]   no reply. Without ``pullers``: the blocks may
+               be freed. With it: this peer is done, one of ``pullers`` decode workers that
+               pull this transfer here (another TP size: each pulls its heads); the blocks
+               are freed when that many have said DONE.
 
 The same version travels in the transfer parameters a prefill engine returns (``protocol``,
 kvtransfer.scheduler), and the decode side refuses parameters of another version. Version 3: the
 parameters list one ``[host, port]`` per prefill worker (``remote_addresses``), where version 2
-had one ``remote_host`` and a list of ports.
+had one ``remote_host`` and a list of ports. Version 4: a PULL names a range of heads, and a
+DONE may count pullers, so prefill and decode may use different TP sizes (kvtransfer.heads).
 
 Replay of a captured signed message is not prevented (there is no nonce): the MAC only proves
 the message was made by a holder of the deployment's secret.
@@ -37,11 +42,12 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_MESSAGE_BYTES = 64 * 1024
 MAC_BYTES = 32
 MAX_ID_CHARS = 256
 MAX_TAG = 2**31 - 1
+MAX_HEADS = 65536  # KV heads of a layer, and decode workers pulling from one prefill worker
 _MAX_INT = 2**63 - 1
 
 
@@ -113,10 +119,12 @@ FIELDS: dict[MsgType, dict[str, tuple[Callable[[Any], bool], bool]]] = {
     MsgType.CLAIM: {"transfer_id": (_ID, True)},
     MsgType.PULL: {"peer_id": (_ID, True), "transfer_id": (_ID, True),
                    "first_block": (_int(0, MAX_TAG), True), "num_blocks": (_int(0, MAX_TAG), True),
-                   "tag": (_int(1, MAX_TAG), True)},
+                   "first_head": (_int(0, MAX_HEADS), False),
+                   "num_heads": (_int(1, MAX_HEADS), False), "tag": (_int(1, MAX_TAG), True)},
     MsgType.SENDING: {"transfer_id": (_ID, True), "num_bytes": (_int(0), True),
                       "tag": (_int(1, MAX_TAG), True)},
-    MsgType.DONE: {"transfer_id": (_ID, True)},
+    MsgType.DONE: {"transfer_id": (_ID, True), "peer_id": (_ID, False),
+                   "pullers": (_int(1, MAX_HEADS), False)},
     MsgType.ERROR: {"message": (_MESSAGE, True), "code": (_is_code, True),
                     "transfer_id": (_ID, False)},
 }

@@ -32,6 +32,7 @@ import logging
 import struct
 from typing import TYPE_CHECKING, Any
 
+from kvtransfer.heads import model_kv_heads, pair_problem
 from kvtransfer.metadata import ClaimSpec, HoldSpec, LoadSpec, PDConnectorMetadata, PDHandshake
 from kvtransfer.params import Address, parse_addresses
 from kvtransfer.protocol import MAX_ID_CHARS, PROTOCOL_VERSION
@@ -74,6 +75,7 @@ class PDScheduler:
         parallel = vllm_config.parallel_config
         self._tp_size = parallel.tensor_parallel_size
         self._pp_size = parallel.pipeline_parallel_size
+        self._num_kv_heads = model_kv_heads(vllm_config)[0]
         self._is_producer = vllm_config.kv_transfer_config.is_kv_producer
         self._addresses: list[Address] | None = None
         if settings.port:  # fixed ports: worker i listens on port + i (until the handshake)
@@ -189,15 +191,25 @@ class PDScheduler:
             return None
         if params["prompt_hash"] != prompt_hash(request.prompt_token_ids):
             problem = "its prompt tokens differ from the ones the prefill engine computed"
-        elif (params.get("tp_size"), params.get("pp_size")) != (self._tp_size, self._pp_size):
-            problem = (f"prefill TPxPP {params.get('tp_size')}x{params.get('pp_size')} differs "
-                       f"from ours {self._tp_size}x{self._pp_size}")
+        else:
+            problem = self._layout_problem(params.get("tp_size", 1), params.get("pp_size", 1))
         if problem:
             self._warn("unusable", "request %s: %s; computing its prompt here", rid, problem)
             if params["transfer_id"] not in self._transfers:
                 self._release(params)
             return None
         return params
+
+    def _layout_problem(self, tp_size: int, pp_size: int) -> str | None:
+        """Why this engine cannot pull from a prefill engine of that TP x PP, if it cannot."""
+        if pp_size != self._pp_size:
+            return f"prefill PP {pp_size} differs from ours ({self._pp_size})"
+        if tp_size == self._tp_size:
+            return None
+        if self._num_kv_heads is None:
+            return f"prefill TP {tp_size} differs from ours ({self._tp_size})"
+        problem = pair_problem(self._num_kv_heads, tp_size, self._tp_size)
+        return None if problem is None else f"prefill TP {tp_size} vs ours: {problem}"
 
     def on_new_request(self, request: Request) -> None:
         """Claim the request's transfer as soon as the request arrives (it may queue long)."""
@@ -237,7 +249,8 @@ class PDScheduler:
         entry = self._transfers.get(transfer_id)
         if entry is None:
             entry = self._transfers[transfer_id] = DecodeTransfer(dict(params), set())
-            self._claims.append(ClaimSpec(transfer_id, parse_addresses(params["remote_addresses"])))
+            self._claims.append(ClaimSpec(transfer_id, parse_addresses(params["remote_addresses"]),
+                                          params.get("tp_size", 1)))
         elif entry.params["prompt_hash"] != params["prompt_hash"]:
             self.counts["num_bad_specs"] += 1
             self._warn("shared_id", "request %s: transfer %s is used by another prompt here; "
@@ -282,7 +295,8 @@ class PDScheduler:
         entry.loader, entry.state = request.request_id, LoadState.LOADING
         self._loading[request.request_id] = transfer_id
         self._loads.append(LoadSpec(transfer_id, request.request_id,
-                                    parse_addresses(params["remote_addresses"]), num_cached, local))
+                                    parse_addresses(params["remote_addresses"]), num_cached, local,
+                                    params.get("tp_size", 1)))
 
     def _on_loaded(self, request_id: str) -> None:
         transfer_id = self._loading.pop(request_id, None)
@@ -301,7 +315,8 @@ class PDScheduler:
 
     def _release(self, params: dict[str, Any]) -> None:
         self._loads.append(LoadSpec(params["transfer_id"], None,
-                                    parse_addresses(params["remote_addresses"]), 0, []))
+                                    parse_addresses(params["remote_addresses"]), 0, [],
+                                    params.get("tp_size", 1)))
 
     # -- both sides ----------------------------------------------------------------------------
 

@@ -7,8 +7,10 @@ scheduler side through vLLM's handshake metadata) and report held requests as fi
 once confirmed or expired, so vLLM frees their blocks.
 Decode role: hand claims and load specs to the ``ConsumerEndpoint`` and report finished and
 failed loads; failed ones fall back to recomputation in vLLM (``kv_load_failure_policy=recompute``).
-Worker i of a prefill engine pairs with worker i of a decode engine (same TP and PP rank); the
-decode worker's link binds its own node address too.
+With equal layouts, worker i of a prefill engine pairs with worker i of a decode engine (same
+TP and PP rank); with different TP sizes each decode worker pulls its KV heads from the prefill
+workers of its PP stage that hold them (kvtransfer.heads). The decode worker's link binds its
+own node address too.
 
 Nothing here raises into the engine on a bad spec: a hold that cannot be registered is reported
 finished sending at once (vLLM frees its blocks), a load that cannot be queued is reported
@@ -21,7 +23,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from kvtransfer.blocks import KVLayout
-from kvtransfer.consumer import ConsumerEndpoint, LoadResults
+from kvtransfer.consumer import ConsumerEndpoint, LoadResults, Place
+from kvtransfer.heads import model_kv_heads
 from kvtransfer.holds import HoldError, HoldTable
 from kvtransfer.metadata import HoldSpec, LoadSpec, PDConnectorMetadata, PDHandshake
 from kvtransfer.params import own_host
@@ -38,15 +41,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def worker_index() -> int:
+def worker_place(num_kv_heads: int | None) -> Place:
+    """This worker's TP rank and size and PP rank, from vLLM's process groups."""
     from vllm.distributed.parallel_state import (
         get_pp_group,
         get_tensor_model_parallel_rank,
         get_tensor_model_parallel_world_size,
     )
 
-    return get_pp_group().rank_in_group * get_tensor_model_parallel_world_size() + \
-        get_tensor_model_parallel_rank()
+    return Place(get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size(),
+                 get_pp_group().rank_in_group, num_kv_heads)
 
 
 class PDWorker:
@@ -59,6 +63,7 @@ class PDWorker:
         self._settings = settings
         self._num_blocks = num_blocks
         self._block_size = vllm_config.cache_config.block_size
+        self._num_kv_heads, self._local_kv_heads = model_kv_heads(vllm_config)
         self.holds = HoldTable()
         self.producer: ProducerEndpoint | None = None
         self.consumer: ConsumerEndpoint | None = None
@@ -68,12 +73,17 @@ class PDWorker:
         self._refused_loads = LoadResults()
         self._load_errors: set[int] = set()
         self._reported: dict[str, int] = {}
-        self._index = 0
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor],
                            index: int | None = None) -> None:
-        layout = KVLayout.from_caches(kv_caches, self._num_blocks, self._block_size)
-        index = worker_index() if index is None else index
+        """``index``: this worker's index (tests); by default from vLLM's process groups."""
+        layout = KVLayout.from_caches(kv_caches, self._num_blocks, self._block_size,
+                                      self._local_kv_heads)
+        if index is None:
+            place = worker_place(self._num_kv_heads)
+            index = place.pp_rank * place.tp_size + place.tp_rank
+        else:
+            place = Place(index, self._num_workers, 0, self._num_kv_heads)
         s = self._settings
         host = own_host(s.host)
         codec = Codec.from_env()
@@ -86,9 +96,8 @@ class PDWorker:
         if self._is_consumer:
             self.consumer = ConsumerEndpoint(
                 host, index, kv_caches, layout, s.timeout_s, s.unknown_retry_s,
-                num_workers=self._num_workers, control_timeout_s=s.control_timeout_s,
+                num_workers=self._num_workers, place=place, control_timeout_s=s.control_timeout_s,
                 idle_s=s.link_idle_s, codec=codec)
-        self._index = index
 
     def handshake(self) -> PDHandshake | None:
         """This worker's bound control endpoint, for the scheduler side (prefill role only)."""
@@ -128,10 +137,7 @@ class PDWorker:
                 raise ValueError("this worker is not a KV consumer")
             if load.request_id is not None and not load.local_block_ids:
                 raise ValueError("a load for a request with no local blocks")
-            if not load.is_release_only and not 0 <= self._index < len(load.remote_addresses):
-                raise ValueError(f"{len(load.remote_addresses)} remote addresses for worker "
-                                 f"{self._index}")
-            self.consumer.submit(load)
+            self.consumer.submit(load)  # ValueError when the remote layout does not fit
         except Exception as e:
             self._bad("load", "request %s: cannot load transfer %s: %s", load.request_id,
                       load.transfer_id, e)

@@ -195,3 +195,63 @@ def test_mismatch_of_an_empty_wire() -> None:
     ours = layout_of(make_kv_caches("cpu", NUM_BLOCKS))
     assert ours.mismatch({}) is not None
     assert ours.mismatch({"block_size": BLOCK_SIZE}) is not None
+
+
+# -- head ranges (prefill and decode of different TP sizes) ------------------------------------
+
+
+def head_of(tensor: torch.Tensor, kind: LayoutKind, block_id: int, head: int) -> torch.Tensor:
+    """One head of one block, by plain indexing."""
+    return tensor[block_id, head] if kind == "cpu" else tensor[:, block_id, :, head]
+
+
+def heads_layout(caches: dict[str, torch.Tensor], num_heads: int) -> KVLayout:
+    return KVLayout.from_caches(caches, NUM_BLOCKS, BLOCK_SIZE, num_heads=num_heads)
+
+
+@pytest.mark.parametrize(("kind", "axis"), [("cpu", 0), ("flash", 2)])
+def test_the_head_axis_is_found_on_both_layouts(kind: LayoutKind, axis: int) -> None:
+    layout = heads_layout(make_kv_caches(kind, NUM_BLOCKS), NUM_HEADS)
+    assert [ly.head_axis for ly in layout.layers] == [axis, axis]
+    assert layout.num_heads == NUM_HEADS
+    assert layout.nbytes(3, 1) * NUM_HEADS == layout.nbytes(3) == 3 * layout.bytes_per_block
+    # Not known: no head axis, and only whole blocks move.
+    assert layout_of(make_kv_caches(kind, NUM_BLOCKS)).num_heads is None
+
+
+def test_an_ambiguous_head_axis_is_left_unknown() -> None:
+    # K/V outermost, and heads equal to the block size: two axes could be the heads.
+    caches = make_kv_caches("flash", NUM_BLOCKS, num_heads=BLOCK_SIZE)
+    assert heads_layout(caches, BLOCK_SIZE).num_heads is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_head_moves_into_the_other_sides_head(kind: LayoutKind) -> None:
+    """Head 1 of a 2-head worker's blocks goes to a 1-head worker (fan-out), and back into head
+    1 of a zeroed 2-head worker (fan-in), leaving head 0 untouched."""
+    two = make_kv_caches(kind, NUM_BLOCKS, seed=5)
+    one = make_kv_caches(kind, NUM_BLOCKS, num_heads=1, fill="zeros")
+    two_layout, one_layout = heads_layout(two, 2), heads_layout(one, 1)
+    assert two_layout.mismatch(one_layout.to_wire()) is None  # only the heads differ
+    buffer = gather_blocks(two, two_layout, [4, 7], heads=(1, 1))
+    assert buffer.numel() == two_layout.nbytes(2, 1)
+    scatter_blocks(one, one_layout, [0, 9], buffer)
+    back = make_kv_caches(kind, NUM_BLOCKS, fill="zeros")
+    scatter_blocks(back, two_layout, [2, 3], gather_blocks(one, one_layout, [0, 9]),
+                   heads=(1, 1))
+    for name in two:
+        for src, mid, dst in ((4, 0, 2), (7, 9, 3)):
+            assert torch.equal(head_of(one[name], kind, mid, 0), head_of(two[name], kind, src, 1))
+            assert torch.equal(head_of(back[name], kind, dst, 1), head_of(two[name], kind, src, 1))
+            assert not torch.any(head_of(back[name], kind, dst, 0))
+
+
+@pytest.mark.parametrize(("first", "count", "problem"), [
+    (0, 2, None), (1, 1, None), (0, 1, None),
+    (1, 2, "out of range"), (2, 1, "out of range"), (0, 0, "out of range"), (-1, 1, "out of range"),
+])
+def test_head_ranges_are_checked(first: int, count: int, problem: str | None) -> None:
+    layout = heads_layout(make_kv_caches("cpu", NUM_BLOCKS), NUM_HEADS)
+    got = layout.check_heads(first, count)
+    assert got is None if problem is None else problem in got
+    assert "unknown" in layout_of(make_kv_caches("cpu", NUM_BLOCKS)).check_heads(1, 1)

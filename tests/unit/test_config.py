@@ -33,7 +33,6 @@ def test_served_model_name_is_the_model_name() -> None:
     [
         ("model", "/models/a", "/models/b"),
         ("block_size", 16, 32),
-        ("tensor_parallel_size", 2, 1),
         ("pipeline_parallel_size", 1, 2),
         ("dtype", "bfloat16", "float32"),
         ("max_model_len", 2048, 1024),
@@ -49,6 +48,46 @@ def test_pools_must_agree(field: str, prefill_value: Any, decode_value: Any) -> 
     message = str(info.value)
     assert f"prefill and decode must agree on {field}" in message
     assert f"{prefill_value!r} != {decode_value!r}" in message
+
+
+def write_checkpoint(path: Path, kv_heads: int) -> str:
+    path.mkdir()
+    (path / "config.json").write_text(
+        f'{{"num_attention_heads": 8, "num_key_value_heads": {kv_heads}}}')
+    return str(path)
+
+
+@pytest.mark.parametrize(("kv_heads", "prefill_tp", "decode_tp"),
+                         [(8, 2, 4), (8, 4, 1), (2, 4, 1), (1, 1, 2)])
+def test_tp_sizes_may_differ_when_the_kv_heads_split(
+        tmp_path: Path, kv_heads: int, prefill_tp: int, decode_tp: int) -> None:
+    model = write_checkpoint(tmp_path / "m", kv_heads)
+    cfg = PDConfig.model_validate({
+        "prefill": {"engine": {"model": model, "tensor_parallel_size": prefill_tp}},
+        "decode": {"engine": {"model": model, "tensor_parallel_size": decode_tp}}})
+    assert cfg.prefill.engine.tensor_parallel_size == prefill_tp
+
+
+def test_tp_sizes_whose_heads_do_not_split_are_refused(tmp_path: Path) -> None:
+    model = write_checkpoint(tmp_path / "m", 6)
+    with pytest.raises(ValidationError, match="prefill: 6 KV heads do not split over TP 4"):
+        PDConfig.model_validate({
+            "prefill": {"engine": {"model": model, "tensor_parallel_size": 4}},
+            "decode": {"engine": {"model": model, "tensor_parallel_size": 2}}})
+
+
+@pytest.mark.parametrize(("pool", "message"), [
+    ({"engine": {"pipeline_parallel_size": 2}, "cpu_cores": "0|1"}, "enforce_eager: false"),
+    ({"engine": {"tensor_parallel_size": 2}, "cpu_cores": "0"}, "one core list per worker"),
+    ({"engine": {"tensor_parallel_size": 2}, "cpu_cores": "0|1|1"}, "one core list per worker"),
+])
+def test_cpu_parallel_replicas_need_what_vllm_cpu_needs(pool: dict[str, Any],
+                                                       message: str) -> None:
+    engine = pool["engine"]
+    with pytest.raises(ValidationError, match=message):
+        PDConfig.model_validate({"prefill": pool, "decode": {"engine": engine}})
+    ok = {**pool, "cpu_cores": "0|1", "engine": {**engine, "enforce_eager": False}}
+    PDConfig.model_validate({"prefill": ok, "decode": {"engine": ok["engine"]}})
 
 
 def test_one_sided_block_size_disagrees_with_the_default() -> None:

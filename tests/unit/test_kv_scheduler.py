@@ -20,8 +20,13 @@ PREFILL_PORT = 41000
 LEASE_S = 12.5
 
 
-def make_vllm_config(tp: int = 1, pp: int = 1) -> SimpleNamespace:
+def make_vllm_config(tp: int = 1, pp: int = 1, kv_heads: int | None = None) -> SimpleNamespace:
+    """``kv_heads``: the model's KV heads (None: a config without a model, as in most tests)."""
+    model = None if kv_heads is None else SimpleNamespace(
+        use_mla=False, get_total_num_kv_heads=lambda: kv_heads,
+        get_num_kv_heads=lambda parallel: max(1, kv_heads // parallel.tensor_parallel_size))
     return SimpleNamespace(
+        model_config=model,
         cache_config=SimpleNamespace(block_size=BLOCK_SIZE),
         parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp),
         # One scheduler plays both roles in these tests (vLLM's kv_both).
@@ -29,9 +34,10 @@ def make_vllm_config(tp: int = 1, pp: int = 1) -> SimpleNamespace:
     )
 
 
-def make_scheduler(tp: int = 1, pp: int = 1, **settings: Any) -> PDScheduler:
+def make_scheduler(tp: int = 1, pp: int = 1, kv_heads: int | None = None,
+                   **settings: Any) -> PDScheduler:
     settings = {"host": PREFILL_HOST, "port": PREFILL_PORT, "lease_s": LEASE_S, **settings}
-    return PDScheduler(make_vllm_config(tp, pp), ConnectorSettings(**settings))
+    return PDScheduler(make_vllm_config(tp, pp, kv_heads), ConnectorSettings(**settings))
 
 
 def make_request(
@@ -75,9 +81,10 @@ def make_blocks(block_ids: list[int], num_hashed: int) -> SimpleNamespace:
     return SimpleNamespace(blocks=(group,))
 
 
-def release_spec(transfer_id: str = "xfer-1",
-                 addresses: list[tuple[str, int]] | None = None) -> LoadSpec:
-    return LoadSpec(transfer_id, None, addresses or [(PREFILL_HOST, PREFILL_PORT)], 0, [])
+def release_spec(transfer_id: str = "xfer-1", addresses: list[tuple[str, int]] | None = None,
+                 remote_tp: int = 1) -> LoadSpec:
+    return LoadSpec(transfer_id, None, addresses or [(PREFILL_HOST, PREFILL_PORT)], 0, [],
+                    remote_tp)
 
 
 # -- prefill side ------------------------------------------------------------------------------
@@ -251,8 +258,36 @@ def test_parallel_mismatch_computes_locally_and_releases(tp: int, pp: int) -> No
     assert sched.request_finished(request, [1]) == (False, None)
     meta = sched.build_connector_meta()
     # exactly one release, to every worker at its own address
-    assert meta.loads == [release_spec(addresses=[tuple(a) for a in addresses])]
+    assert meta.loads == [release_spec(addresses=[tuple(a) for a in addresses], remote_tp=tp)]
     assert meta.holds == [] and meta.claims == []
+
+
+@pytest.mark.parametrize(("ours", "theirs"), [(1, 2), (2, 1), (2, 8), (8, 2), (4, 16)])
+def test_another_tp_size_loads_when_the_heads_split(ours: int, theirs: int) -> None:
+    sched = make_scheduler(tp=ours, kv_heads=8)
+    addresses = addresses_for(theirs)
+    request = make_request("dec-1", params=remote_params(tp_size=theirs,
+                                                         remote_addresses=addresses))
+    assert sched.get_num_new_matched_tokens(request, 0) == (64, True)
+    sched.update_state_after_alloc(request, make_blocks([1, 2, 3, 4], 0), 64)
+    meta = sched.build_connector_meta()
+    remote = [tuple(a) for a in addresses]
+    assert meta.claims == [ClaimSpec("xfer-1", remote, theirs)]
+    assert meta.loads == [LoadSpec("xfer-1", "dec-1", remote, 0, [1, 2, 3, 4], theirs)]
+
+
+@pytest.mark.parametrize(("kv_heads", "tp", "pp", "why"), [
+    (6, 4, 1, "6 KV heads do not split over TP 4"),  # decode TP 2 splits 6 heads; prefill's 4 not
+    (8, 2, 2, "prefill PP 2 differs from ours"),
+])
+def test_a_layout_that_cannot_pair_computes_locally(
+        kv_heads: int, tp: int, pp: int, why: str, caplog: pytest.LogCaptureFixture) -> None:
+    sched = make_scheduler(tp=2, kv_heads=kv_heads)
+    request = make_request(params=remote_params(tp_size=tp, pp_size=pp,
+                                                remote_addresses=addresses_for(tp * pp)))
+    assert sched.get_num_new_matched_tokens(request, 0) == (0, False)
+    assert why in caplog.text
+    assert [spec.local_block_ids for spec in sched.build_connector_meta().loads] == [[]]
 
 
 def test_parallel_match_with_tp2() -> None:
@@ -270,7 +305,7 @@ def test_a_new_request_claims_its_transfer_once() -> None:
     request = make_request("dec-1", params=remote_params())
     sched.on_new_request(request)  # long before it reaches the head of the queue
     assert sched.build_connector_meta().claims == [
-        ClaimSpec("xfer-1", [(PREFILL_HOST, PREFILL_PORT)])]
+        ClaimSpec("xfer-1", [(PREFILL_HOST, PREFILL_PORT)], 1)]
     assert sched.get_num_new_matched_tokens(request, 0) == (64, True)
     sched.on_new_request(request)
     assert sched.build_connector_meta().claims == []
@@ -281,7 +316,7 @@ def test_a_request_first_seen_when_matched_is_claimed_then() -> None:
     request = make_request("dec-1", params=remote_params())
     assert sched.get_num_new_matched_tokens(request, 0) == (64, True)
     assert sched.build_connector_meta().claims == [
-        ClaimSpec("xfer-1", [(PREFILL_HOST, PREFILL_PORT)])]
+        ClaimSpec("xfer-1", [(PREFILL_HOST, PREFILL_PORT)], 1)]
 
 
 # -- decode side: after allocation -------------------------------------------------------------
@@ -308,7 +343,8 @@ def test_alloc_builds_a_load_spec(
     sched.update_state_after_alloc(request, make_blocks(local_ids, num_hashed), num_external)
     meta = sched.build_connector_meta()
     assert meta.loads == [
-        LoadSpec("xfer-1", "dec-1", [(PREFILL_HOST, PREFILL_PORT)], first_block, expected_local)
+        LoadSpec("xfer-1", "dec-1", [(PREFILL_HOST, PREFILL_PORT)], first_block, expected_local,
+                 1)
     ]
     assert sched.build_connector_meta().loads == []
     # One transfer per request: a second allocation (e.g. after preemption) loads nothing.
@@ -487,7 +523,7 @@ def test_addresses_come_from_the_workers_handshake() -> None:
     assert decode.get_num_new_matched_tokens(waiting, 0) == (64, True)
     decode.update_state_after_alloc(waiting, make_blocks([4, 5, 6, 7], 0), 64)
     meta = decode.build_connector_meta()
-    assert meta.claims == [ClaimSpec("t-2", expected)]
+    assert meta.claims == [ClaimSpec("t-2", expected, 2)]
     assert meta.loads[0].remote_addresses == expected
 
 
@@ -509,7 +545,7 @@ def test_siblings_of_one_transfer_load_it_once() -> None:
     for request in (a, b, c):
         sched.on_new_request(request)
     assert sched.build_connector_meta().claims == [
-        ClaimSpec("xfer-1", [(PREFILL_HOST, PREFILL_PORT)])]  # one claim for the three
+        ClaimSpec("xfer-1", [(PREFILL_HOST, PREFILL_PORT)], 1)]  # one claim for the three
     assert sched.get_num_new_matched_tokens(a, 0) == (64, True)
     assert sched.get_num_new_matched_tokens(b, 0) == (64, True)  # nobody loads yet
     sched.update_state_after_alloc(a, make_blocks([1, 2, 3, 4], 0), 64)

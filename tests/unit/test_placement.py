@@ -23,7 +23,8 @@ SHARE = WORKER_RESOURCE_SHARE
 
 def make_config(device: str = "cpu", tp: int = 1, pp: int = 1, **pool: Any) -> PDConfig:
     """Both pools with the same engine layout and the same pool settings."""
-    engine = {"tensor_parallel_size": tp, "pipeline_parallel_size": pp}
+    engine = {"tensor_parallel_size": tp, "pipeline_parallel_size": pp,
+              "enforce_eager": pp == 1}  # CPU PP needs compiled mode
     return PDConfig.model_validate({
         "device": device,
         "prefill": {"engine": engine, **pool},

@@ -32,9 +32,9 @@ SAMPLES: dict[MsgType, dict[str, Any]] = {
     MsgType.WELCOME: {"store_port": 29517, "group": "0f0f"},
     MsgType.CLAIM: {"transfer_id": "t-1"},
     MsgType.PULL: {"peer_id": "p", "transfer_id": "t-1", "first_block": 2, "num_blocks": 5,
-                   "tag": 17},
+                   "tag": 17, "first_head": 1, "num_heads": 2},
     MsgType.SENDING: {"transfer_id": "t-1", "num_bytes": 1 << 33, "tag": 17},
-    MsgType.DONE: {"transfer_id": "t-1"},
+    MsgType.DONE: {"transfer_id": "t-1", "peer_id": "p", "pullers": 2},
     MsgType.ERROR: {"message": "blocks [0, 9) out of range", "code": "range",
                     "transfer_id": "t-1"},
 }
@@ -69,8 +69,8 @@ def test_samples_cover_every_type() -> None:
     assert set(SAMPLES) == set(MsgType) == set(REQUIRED)
 
 
-def test_current_version_is_three() -> None:
-    assert PROTOCOL_VERSION == 3
+def test_current_version_is_four() -> None:
+    assert PROTOCOL_VERSION == 4
 
 
 @pytest.mark.parametrize("codec", [PLAIN, SIGNED], ids=["plain", "signed"])
@@ -95,18 +95,19 @@ def test_error_codes_are_distinct_strings() -> None:
 @pytest.mark.parametrize("kind", list(MsgType), ids=lambda k: k.value)
 def test_wire_form_is_a_versioned_map(kind: MsgType) -> None:
     raw = msgpack.unpackb(PLAIN.encode(kind, **SAMPLES[kind]))
-    assert raw == {"v": 3, "type": WIRE_NAMES[kind], **SAMPLES[kind]}
+    assert raw == {"v": 4, "type": WIRE_NAMES[kind], **SAMPLES[kind]}
 
 
 @pytest.mark.parametrize("kind", list(MsgType), ids=lambda k: k.value)
 def test_signed_wire_form_matches_an_independent_hmac(kind: MsgType) -> None:
-    fields = {"v": 3, "type": WIRE_NAMES[kind], **SAMPLES[kind]}
+    fields = {"v": 4, "type": WIRE_NAMES[kind], **SAMPLES[kind]}
     assert msgpack.unpackb(SIGNED.encode(kind, **SAMPLES[kind])) == msgpack.unpackb(
         _signed(**fields))
     assert SIGNED.decode(_signed(**fields))[0] is kind
 
 
-@pytest.mark.parametrize("version", [0, 2, 4, None, "3", 3.0, True])  # 2: before remote_addresses
+# 2: before remote_addresses; 3: before head ranges and pullers
+@pytest.mark.parametrize("version", [0, 2, 3, 5, None, "4", 4.0, True])
 def test_wrong_version_is_refused(version: Any) -> None:
     with pytest.raises(ProtocolError, match="version"):
         PLAIN.decode(_packed(v=version, type="done", transfer_id="t"))
@@ -169,7 +170,14 @@ BAD_VALUES = [
     (MsgType.SENDING, "num_bytes", -1),
     (MsgType.SENDING, "num_bytes", 1e3),
     (MsgType.SENDING, "tag", True),
+    (MsgType.PULL, "first_head", -1),
+    (MsgType.PULL, "first_head", True),
+    (MsgType.PULL, "num_heads", 0),
+    (MsgType.PULL, "num_heads", 65537),
     (MsgType.DONE, "transfer_id", None),
+    (MsgType.DONE, "pullers", 0),
+    (MsgType.DONE, "pullers", 2.0),
+    (MsgType.DONE, "peer_id", 3),
     (MsgType.CLAIM, "transfer_id", {"id": "t"}),
     (MsgType.ERROR, "code", "hold"),
     (MsgType.ERROR, "code", 1),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from kvtransfer.blocks import KVLayout
-from kvtransfer.consumer import ConsumerEndpoint, LoadResults
+from kvtransfer.consumer import ConsumerEndpoint, LoadResults, Place
 from kvtransfer.holds import HoldError, HoldTable
 from kvtransfer.link import DECODE_RANK, PREFILL_RANK, TorchDistLink, backend_for
 from kvtransfer.metadata import LoadSpec
@@ -95,9 +96,10 @@ class CountingHoldTable(HoldTable):
         super().__init__()
         self.num_refused = 0
 
-    def start_send(self, transfer_id: str, first_block: int, num_blocks: int) -> list[int]:
+    def start_send(self, transfer_id: str, first_block: int, num_blocks: int,
+                   puller: str = "") -> list[int]:
         try:
-            return super().start_send(transfer_id, first_block, num_blocks)
+            return super().start_send(transfer_id, first_block, num_blocks, puller)
         except HoldError:
             self.num_refused += 1
             raise
@@ -357,3 +359,121 @@ def test_each_decode_worker_pulls_from_its_counterpart_at_its_own_address() -> N
     finally:
         for side in consumers + producers:
             side.endpoint.close()
+
+
+# -- different TP sizes: heads from several prefill workers, or for several decode workers -------
+
+
+def heads_caches(caches: dict[str, torch.Tensor], first: int,
+                 count: int) -> dict[str, torch.Tensor]:
+    """What a TP rank holding heads [first, first + count) of ``caches`` (CPU layout) holds."""
+    return {name: t[:, first:first + count].clone() for name, t in caches.items()}
+
+
+def head_layout(caches: dict[str, torch.Tensor]) -> KVLayout:
+    num_heads = next(iter(caches.values())).shape[1]
+    return KVLayout.from_caches(caches, NUM_BLOCKS, BLOCK_SIZE, num_heads=num_heads)
+
+
+def test_a_decode_worker_pulls_its_heads_from_two_prefill_workers() -> None:
+    """Prefill TP 2, decode TP 1: each prefill worker holds one of the two heads; the decode
+    worker's blocks end up equal to the whole model's, head for head, and each prefill worker
+    sent exactly its head's bytes."""
+    whole = make_kv_caches("cpu", NUM_BLOCKS, seed=31)  # 2 heads
+    remote, local = [7, 2, 9], [0, 5, 8]
+    producers = []
+    consumer = None
+    try:
+        for rank in range(2):
+            caches = heads_caches(whole, rank, 1)
+            holds = CountingHoldTable()
+            holds.add("t-in", f"engine-req-{rank}", remote, LEASE_S)
+            endpoint = ProducerEndpoint(HOST, 0, caches, head_layout(caches), holds, TIMEOUT_S)
+            producers.append(ProducerSide(endpoint, caches, head_layout(caches), holds,
+                                          endpoint.address[1]))
+        caches = make_kv_caches("cpu", NUM_BLOCKS, fill="zeros")
+        consumer = ConsumerEndpoint(HOST, 0, caches, head_layout(caches), TIMEOUT_S, 2.0,
+                                    place=Place(0, 1, 0, num_kv_heads=2))
+        addresses = [p.endpoint.address for p in producers]
+        consumer.submit(LoadSpec("t-in", "req-in", addresses, 0, local, remote_tp_size=2))
+        assert wait_for_result(consumer, "req-in").failed == set()
+        for name, tensor in whole.items():
+            for s, t in zip(remote, local, strict=True):
+                assert torch.equal(caches[name][t], tensor[s]), (name, s, t)
+        for rank, producer in enumerate(producers):
+            assert wait_for_release(producer.holds, f"engine-req-{rank}")
+            assert producer.endpoint.counts["num_bytes_sent"] == \
+                len(remote) * producer.layout.bytes_per_block  # one head of each block
+        assert consumer.counts["num_bytes_received"] == len(remote) * head_layout(
+            caches).bytes_per_block
+        assert consumer.counts["num_loads"] == 1
+    finally:
+        for endpoint in [p.endpoint for p in producers] + [consumer]:
+            if endpoint is not None:
+                endpoint.close()
+
+
+def test_two_decode_workers_pull_one_head_each_and_the_hold_waits_for_both() -> None:
+    """Prefill TP 1, decode TP 2: the prefill worker's hold is released only when both decode
+    workers said DONE, and each got its own head (not the other's)."""
+    whole = make_kv_caches("cpu", NUM_BLOCKS, seed=41)
+    remote, local = [3, 6], [1, 4]
+    holds = CountingHoldTable()
+    holds.add("t-out", "engine-req", remote, LEASE_S)
+    producer = ProducerEndpoint(HOST, 0, whole, head_layout(whole), holds, TIMEOUT_S)
+    consumers: list[ConsumerEndpoint] = []
+    try:
+        for rank in range(2):
+            caches = make_kv_caches("cpu", NUM_BLOCKS, num_heads=1, fill="zeros")
+            endpoint = ConsumerEndpoint(HOST, rank, caches, head_layout(caches), TIMEOUT_S, 2.0,
+                                        place=Place(rank, 2, 0, num_kv_heads=2))
+            consumers.append(endpoint)
+            endpoint.submit(LoadSpec("t-out", "req-out", [producer.address], 0, local,
+                                     remote_tp_size=1))
+            assert wait_for_result(endpoint, "req-out").failed == set()
+            for name, tensor in whole.items():
+                for s, t in zip(remote, local, strict=True):
+                    assert torch.equal(caches[name][t, 0], tensor[s, rank]), (name, rank, s)
+            if rank == 0:  # one of two pullers is done: still held
+                time.sleep(0.2)
+                assert holds.take_released() == set() and len(holds) == 1
+        assert wait_for_release(holds, "engine-req") == {"engine-req"}
+        assert producer.counts["num_bytes_sent"] == \
+            len(remote) * head_layout(whole).bytes_per_block  # two halves, once each
+    finally:
+        for endpoint in [*consumers, producer]:
+            endpoint.close()
+
+
+def test_a_pull_of_heads_the_worker_lacks_fails_the_load_and_counts_as_done() -> None:
+    """Decode workers that think the model has 4 KV heads (TP 2: heads 0-1 and 2-3) pull from a
+    2-head prefill worker. Rank 1's pull of heads 2-3 is refused as out of range: its load fails
+    (vLLM recomputes) and writes nothing, but its DONE counts, so once rank 0 has its heads the
+    blocks are freed rather than held to the lease's end."""
+    whole = make_kv_caches("cpu", NUM_BLOCKS, seed=43)
+    holds = CountingHoldTable()
+    holds.add("t-bad", "engine-req", [2], LEASE_S)
+    producer = ProducerEndpoint(HOST, 0, whole, head_layout(whole), holds, TIMEOUT_S)
+    consumers = []
+    try:
+        for rank in (1, 0):
+            caches = make_kv_caches("cpu", NUM_BLOCKS, num_heads=2, fill="zeros")
+            consumer = ConsumerEndpoint(HOST, rank, caches, head_layout(caches), TIMEOUT_S, 2.0,
+                                        place=Place(rank, 2, 0, num_kv_heads=4))
+            consumers.append(consumer)
+            consumer.submit(LoadSpec("t-bad", "req-bad", [producer.address], 0, [5],
+                                     remote_tp_size=1))
+            failed = wait_for_result(consumer, "req-bad").failed
+            if rank == 1:
+                assert failed == {"req-bad"}
+                assert not any(torch.any(t) for t in caches.values())
+                time.sleep(0.2)
+                assert len(holds) == 1  # one of two pullers done
+            else:
+                assert failed == set()
+                for name, tensor in whole.items():
+                    assert torch.equal(caches[name][5], tensor[2])
+        assert wait_for_release(holds, "engine-req") == {"engine-req"}
+    finally:
+        for endpoint in [*consumers, producer]:
+            endpoint.close()
