@@ -13,7 +13,9 @@ has a GPU, ranks the workers by node (the replica's node first), and so gives ea
 the TP workers of one node. Bundle 0 has no GPU, so vLLM never puts a worker there. With the
 ``mp`` executor (CPU pools) the worker bundles reserve CPUs on the replica's node. Every
 bundle carries a share of the pool's resources, its accelerator type and its label selector,
-so no worker of a replica lands outside the replica's pool.
+so no worker of a replica lands outside the replica's pool; the shares add up to the
+replica's configured amount, so a node offering one unit of the pool's resource holds one
+replica, workers and all.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
 
 ROLES = ("prefill", "decode")
 # What a worker bundle asks of each of the pool's resources: enough to need a node of the
-# pool, too little to count against the replicas a node's resource amount allows.
+# pool. Bundle 0 asks the rest, so a replica takes exactly its configured amount in all.
 WORKER_RESOURCE_SHARE = 0.001
 
 
@@ -48,6 +50,16 @@ def replica_resources(pool: PoolConfig, role: str) -> dict[str, float]:
     return {pool_resource(role): 1}
 
 
+def replica_bundle_resources(pool: PoolConfig, role: str) -> dict[str, float]:
+    """What the replica itself asks of the pool's resources: all of them, or, in a placement
+    group, what its workers' shares leave (a node offering 1 unit holds a whole replica)."""
+    resources = replica_resources(pool, role)
+    if not uses_placement_group(pool):
+        return resources
+    workers = WORKER_RESOURCE_SHARE * pool.engine.world_size
+    return {name: round(amount - workers, 4) for name, amount in resources.items()}
+
+
 def uses_placement_group(pool: PoolConfig) -> bool:
     """A replica with more than one worker reserves them a placement group."""
     return pool.engine.world_size > 1
@@ -63,7 +75,7 @@ def replica_actor_options(pool: PoolConfig, role: str,
     environment (its ``runtime_env``), which the processes it starts inherit. In a placement
     group the accelerator type and label selector are on the bundles instead."""
     options: dict[str, Any] = {"num_cpus": pool.num_cpus,
-                               "resources": replica_resources(pool, role)}
+                               "resources": replica_bundle_resources(pool, role)}
     if env_vars:
         options["runtime_env"] = {"env_vars": dict(env_vars)}
     if pool.num_gpus and not uses_ray_executor(pool):
@@ -79,7 +91,7 @@ def replica_actor_options(pool: PoolConfig, role: str,
 
 def placement_bundles(pool: PoolConfig, role: str) -> list[dict[str, float]]:
     """One replica's placement group: the replica's bundle, then one bundle per worker."""
-    replica = {"CPU": pool.num_cpus, **replica_resources(pool, role)}
+    replica = {"CPU": pool.num_cpus, **replica_bundle_resources(pool, role)}
     worker = {"CPU": pool.num_cpus_per_worker,
               **dict.fromkeys(replica_resources(pool, role), WORKER_RESOURCE_SHARE)}
     if uses_ray_executor(pool):

@@ -3,9 +3,12 @@
 The head node runs Serve's controller, proxy and the router; a prefill node has the
 ``pdserve_prefill`` resource and a decode node ``pdserve_decode``. Each worker node has its own
 loopback address (Ray's own multi-node tests do the same), so the KV cache really moves from one
-node's address to another's. Checked: every replica runs on its pool's node (the node id its
-``health()`` reports), the prefill engine's workers report their node's address in the transfer
-parameters, and greedy completions equal a plain engine's, each prompt loaded by transfer.
+node's address to another's. The prefill replica runs TP=2 (two worker processes in the
+placement group Ray Serve makes for it), the decode replica TP=1: its one worker pulls each
+head from the prefill worker holding it. Checked: every replica runs on its pool's node (the
+node id its ``health()`` reports), both prefill workers report their node's address in the
+transfer parameters, and greedy completions equal a plain engine's, each prompt loaded by
+transfer.
 
 Run alone (it starts its own cluster), about 2 minutes here:
 
@@ -50,7 +53,7 @@ def nodes():
     cluster.add_node(num_cpus=1)  # the head: Serve's controller, its proxy, the router
     node_ids = {}
     for role, ip in NODE_IPS.items():
-        node = cluster.add_node(num_cpus=1, node_ip_address=ip,
+        node = cluster.add_node(num_cpus=2 if role == "prefill" else 1, node_ip_address=ip,
                                 resources={pool_resource(role): 1})
         node_ids[role] = node.node_id
     cluster.wait_for_nodes()
@@ -71,7 +74,12 @@ def app(nodes, engine_config):
     from cluster.ports import free_port_block
     from deploy.app import build_app_from_config
 
-    cfg = one_pair_config(engine_config, APP)
+    from cluster.config import PDConfig
+
+    base = one_pair_config(engine_config, APP).model_dump()
+    base["prefill"].update(cpu_cores="0|1")
+    base["prefill"]["engine"].update(tensor_parallel_size=2)
+    cfg = PDConfig.model_validate(base)
     # The secret where the app is built: the test may then release a hold it made itself.
     previous = os.environ.get("PDSERVE_KV_SECRET")
     os.environ["PDSERVE_KV_SECRET"] = secrets.token_hex(32)
@@ -110,8 +118,9 @@ async def test_prefill_workers_report_their_nodes_address(app, engine_config,
     body = completion_body(engine_config, prompt)
     out = await handle("prefill").prefill.remote("completion", body, "multinode-probe")
     params = out["kv_transfer_params"]
-    [(host, port)] = params["remote_addresses"]
-    assert host == NODE_IPS["prefill"] and 0 < port < 65536
+    assert params["tp_size"] == 2
+    [(host, port), (host_1, port_1)] = params["remote_addresses"]
+    assert host == host_1 == NODE_IPS["prefill"] and port != port_1
     assert release_transfer(params)  # nobody will pull it
 
 

@@ -63,7 +63,9 @@ def test_one_node_is_the_local_default() -> None:
 def test_gpu_cluster_places_each_pool_its_own_way() -> None:
     cfg = app_config(load("gpu-cluster", "serve.yaml"))
     assert cfg.device == "cuda"
-    assert (cfg.prefill.num_replicas, cfg.decode.num_replicas) == (2, 2)
+    assert (cfg.prefill.num_replicas, cfg.decode.num_replicas) == (4, 2)
+    assert (cfg.prefill.engine.tensor_parallel_size, cfg.decode.engine.tensor_parallel_size,
+            cfg.decode.engine.pipeline_parallel_size) == (2, 4, 2)
     assert cfg.prefill.pipeline_across_nodes and not cfg.decode.pipeline_across_nodes
     assert cfg.prefill.engine.distributed_executor_backend == "ray"
     assert (cfg.prefill.accelerator_type, cfg.decode.accelerator_type) == ("L40S", "H100")

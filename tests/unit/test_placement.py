@@ -54,9 +54,9 @@ def test_a_cpu_replica_reserves_its_workers_on_one_node() -> None:
     assert cfg.decode.engine.distributed_executor_backend == "mp"
     options = deployment_options(cfg.decode, "decode")
     assert options == {
-        "ray_actor_options": {"num_cpus": 0, "resources": {"pdserve_decode": 1}},
+        "ray_actor_options": {"num_cpus": 0, "resources": {"pdserve_decode": 1 - 2 * SHARE}},
         "placement_group_bundles": [
-            {"pdserve_decode": 1},
+            {"pdserve_decode": 1 - 2 * SHARE},  # a replica takes 1 in all
             {"CPU": 0.5, "pdserve_decode": SHARE},
             {"CPU": 0.5, "pdserve_decode": SHARE},
         ],
@@ -73,9 +73,10 @@ def test_a_gpu_replica_gets_one_gpu_bundle_per_worker() -> None:
     options = deployment_options(pool, "decode", {"X": "1"})
     # The workers hold the GPUs; accelerator and labels are asked of every bundle instead.
     assert options["ray_actor_options"] == {
-        "num_cpus": 1, "resources": {"pdserve_decode": 1}, "runtime_env": {"env_vars": {"X": "1"}}}
+        "num_cpus": 1, "resources": {"pdserve_decode": 1 - 8 * SHARE},
+        "runtime_env": {"env_vars": {"X": "1"}}}
     replica, *workers = options["placement_group_bundles"]
-    assert replica == {"CPU": 1, "pdserve_decode": 1, "accelerator_type:H100": SHARE}
+    assert replica == {"CPU": 1, "pdserve_decode": 1 - 8 * SHARE, "accelerator_type:H100": SHARE}
     assert workers == [{"CPU": 1, "GPU": 1, "pdserve_decode": SHARE,
                         "accelerator_type:H100": SHARE}] * 8
     assert options["placement_group_strategy"] == "PACK"
@@ -85,7 +86,7 @@ def test_a_gpu_replica_gets_one_gpu_bundle_per_worker() -> None:
 def test_custom_resources_reach_every_bundle() -> None:
     cfg = make_config(tp=2, resources={"node_a": 0.5, "fast_disk": 1})
     assert placement_bundles(cfg.prefill, "prefill") == [
-        {"node_a": 0.5, "fast_disk": 1},
+        {"node_a": 0.5 - 2 * SHARE, "fast_disk": 1 - 2 * SHARE},
         {"CPU": 1, "node_a": SHARE, "fast_disk": SHARE},
         {"CPU": 1, "node_a": SHARE, "fast_disk": SHARE},
     ]
@@ -97,7 +98,7 @@ def test_mp_on_gpus_keeps_the_gpus_on_the_replica() -> None:
                                    "decode": {"engine": engine, "num_gpus": 2}})
     options = deployment_options(cfg.prefill, "prefill")
     assert options["ray_actor_options"]["num_gpus"] == 2
-    assert options["placement_group_bundles"][0] == {"GPU": 2, "pdserve_prefill": 1}
+    assert options["placement_group_bundles"][0] == {"GPU": 2, "pdserve_prefill": 1 - 2 * SHARE}
     assert all("GPU" not in bundle for bundle in options["placement_group_bundles"][1:])
 
 
@@ -127,7 +128,8 @@ def test_local_cluster_has_room_for_the_worker_bundles() -> None:
         "prefill": {"num_replicas": 2, "engine": {"tensor_parallel_size": 2}},
         "decode": {"num_replicas": 1, "engine": {"tensor_parallel_size": 2}},
     })
-    assert local_resources(cfg) == {"pdserve_prefill": 2.004, "pdserve_decode": 1.002}
+    # Each replica takes exactly 1 of its pool's resource, its workers' shares included.
+    assert local_resources(cfg) == {"pdserve_prefill": 2, "pdserve_decode": 1}
     assert local_num_cpus(cfg) == 6  # three replicas of two one-CPU workers
     assert local_num_cpus(PDConfig()) == 0
 
