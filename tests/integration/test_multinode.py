@@ -71,10 +71,9 @@ def app(nodes, engine_config):
     """The app deployed on ``nodes``, its HTTP proxy on the head only; yields its base URL."""
     from ray import serve
 
+    from cluster.config import PDConfig
     from cluster.ports import free_port_block
     from deploy.app import build_app_from_config
-
-    from cluster.config import PDConfig
 
     base = one_pair_config(engine_config, APP).model_dump()
     base["prefill"].update(cpu_cores="0|1")
