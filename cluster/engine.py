@@ -37,6 +37,20 @@ logger = logging.getLogger(__name__)
 CONNECTOR = {"kv_connector": "PDConnector", "kv_connector_module_path": "kvtransfer.connector"}
 
 
+# Requests whose engine-side times are kept (``StatsSnapshot.timings``): their OpenAI request id
+# starts with this (``request_id`` in the body; vLLM prepends "cmpl-" and appends "-<prompt>").
+TIMED_REQUEST_PREFIX = "pdt-"
+TIMINGS_KEPT = 1024  # the newest finished requests' timings, until their caller takes them
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestTiming:
+    """One finished request's time inside its engine, from vLLM's own per-request stats."""
+
+    queue_s: float  # queued, until first scheduled
+    compute_s: float  # first scheduled, until its first token
+
+
 @dataclasses.dataclass
 class StatsSnapshot:
     """The engine's latest scheduler figures and its prompt-token counters since start."""
@@ -64,6 +78,19 @@ class StatsSnapshot:
     transfer: dict[str, int] = dataclasses.field(default_factory=dict)
     # Decode step time and prefill speed measured on the engine's own steps (for the router).
     speeds: EngineSpeeds = dataclasses.field(default_factory=EngineSpeeds)
+    # Engine request id -> its timing, for timed requests (TIMED_REQUEST_PREFIX) only.
+    timings: collections.OrderedDict[str, RequestTiming] = dataclasses.field(
+        default_factory=collections.OrderedDict, repr=False)
+
+    def record_timing(self, request_id: str | None, timing: RequestTiming) -> None:
+        if request_id is None or TIMED_REQUEST_PREFIX not in request_id:
+            return
+        self.timings[request_id] = timing
+        while len(self.timings) > TIMINGS_KEPT:
+            self.timings.popitem(last=False)
+
+    def take_timing(self, request_id: str) -> RequestTiming | None:
+        return self.timings.pop(request_id, None)
 
 
 def apply_connector_stats(snapshot: StatsSnapshot, stats: dict[str, Any]) -> None:
@@ -105,6 +132,9 @@ def make_stats_logger_class(snapshot: StatsSnapshot, transfer: TransferMetrics |
                 if transfer is not None:
                     transfer.record(scheduler_stats.kv_connector_stats or {})
             if iteration_stats is not None:
+                for done in iteration_stats.finished_requests:
+                    snapshot.record_timing(done.request_id, RequestTiming(
+                        done.queued_time, done.prefill_time))
                 snapshot.speeds.record(iteration_stats)
                 snapshot.generation_tokens_total += iteration_stats.num_generation_tokens
                 pts = iteration_stats.prompt_token_stats

@@ -17,9 +17,16 @@ none) is answered busy too: the router tries another replica or prefills on deco
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from cluster.engine import EngineServer, OpenAIEngine, error_body, is_error
+from cluster.engine import (
+    TIMED_REQUEST_PREFIX,
+    EngineServer,
+    OpenAIEngine,
+    error_body,
+    is_error,
+)
 
 # Fields that only shape the output; a prefill produces none worth keeping.
 DROPPED_FIELDS = ("stream_options", "logprobs", "top_logprobs", "echo", "min_tokens", "n",
@@ -29,9 +36,15 @@ DROPPED_FIELDS = ("stream_options", "logprobs", "top_logprobs", "echo", "min_tok
 def prefill_body(body: dict[str, Any], transfer_id: str) -> dict[str, Any]:
     """The request body a prefill engine runs for ``body``: one token, no streaming."""
     out = {k: v for k, v in body.items() if k not in DROPPED_FIELDS}
-    out.update(max_tokens=1, stream=False, kv_transfer_params={
-        "do_remote_decode": True, "transfer_id": transfer_id})
+    out.update(max_tokens=1, stream=False, request_id=TIMED_REQUEST_PREFIX + transfer_id,
+               kv_transfer_params={"do_remote_decode": True, "transfer_id": transfer_id})
     return out
+
+
+def engine_request_id(kind: str, transfer_id: str) -> str:
+    """The id vLLM's OpenAI layer gives the engine request ``prefill_body`` makes."""
+    base = TIMED_REQUEST_PREFIX + transfer_id
+    return f"cmpl-{base}-0" if kind == "completion" else f"chatcmpl-{base}"
 
 
 def _is_token_ids(value: Any) -> bool:
@@ -104,7 +117,12 @@ class PrefillServer(EngineServer):
             return self._busy("its scheduler did not hold the prompt's KV blocks "
                               f"(max_held_blocks {self.max_held_blocks} reached)" if params
                               else "its engine returned no transfer parameters")
-        return {"kv_transfer_params": params}
+        answer: dict[str, Any] = {"kv_transfer_params": params}
+        await asyncio.sleep(0)  # the engine's stat loggers record the finished request
+        timing = self.engine.stats.take_timing(engine_request_id(kind, transfer_id))
+        if timing is not None:  # where its time went, for the router's TTFT breakdown
+            answer["timing"] = {"queue_s": timing.queue_s, "compute_s": timing.compute_s}
+        return answer
 
     async def _run(self, kind: str, body: dict[str, Any], transfer_id: str) -> Any:
         prompt = body.get("prompt")

@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cluster.engine import DONE_EVENT, error_body, error_event
 from router.coordinator import RoutingCoordinator
-from router.metrics import RequestTimer
+from router.metrics import FirstTokenPhases, RequestTimer
 from router.openai_api import status_of
 from router.policy import RoutingContext
 
@@ -97,6 +97,15 @@ def _check_answer(result: Any) -> Any:
     return result
 
 
+@dataclasses.dataclass
+class _Request:
+    """One client request across its replica calls."""
+
+    arrival_s: float  # time.monotonic
+    fell_back: bool = False  # its prefill failed or was refused: prefilled on decode
+    phases: FirstTokenPhases = dataclasses.field(default_factory=FirstTokenPhases)
+
+
 class ReplicaCalls:
     def __init__(self, prefill: Any, decode: Any, coordinator: RoutingCoordinator,
                  limits: CallLimits) -> None:
@@ -104,8 +113,8 @@ class ReplicaCalls:
         self._decode = decode
         self._coordinator = coordinator
         self.limits = limits
-        # id(ctx) -> [arrival time, whether its prefill fell back]; an entry goes with its ctx.
-        self._requests: dict[int, list[Any]] = {}
+        # id(ctx) -> what happened to its request so far; an entry goes with its ctx.
+        self._requests: dict[int, _Request] = {}
 
     # -- prefill ------------------------------------------------------------------------------
 
@@ -118,11 +127,13 @@ class ReplicaCalls:
         id serves one engine request). ``arrival_s``: when the request arrived
         (``time.monotonic``)."""
         request = self._track(ctx, arrival_s)
+        phases = request.phases
+        phases.prefill_sent_s = time.monotonic()
         tried: list[str | None] = []
         is_all_busy = True
         for _ in range(1 + self.limits.prefill_retries):
             try:
-                result = await self._prefill_once(kind, body, pin)
+                result = await self._prefill_once(kind, body, pin, phases)
             except CallFailed as e:
                 is_all_busy = is_all_busy and e.is_busy
                 self._failed("prefill", pin, e)
@@ -136,11 +147,11 @@ class ReplicaCalls:
                 used.append(pin)
             return result
         self._coordinator.count_local_prefill("busy" if is_all_busy else "prefill_failed")
-        request[1] = True
+        request.fell_back = True
         return None
 
-    async def _prefill_once(self, kind: str, body: dict[str, Any],
-                            pin: str | None) -> dict[str, Any] | Response:
+    async def _prefill_once(self, kind: str, body: dict[str, Any], pin: str | None,
+                            phases: FirstTokenPhases) -> dict[str, Any] | Response:
         transfer_id = uuid.uuid4().hex
         response = self._prefill.prefill.remote(kind, body, transfer_id, pin=pin)
         result = _check_answer(await self._bounded(response, self.limits.prefill_timeout_s))
@@ -149,6 +160,11 @@ class ReplicaCalls:
             return JSONResponse(result, status_code=status)
         if not isinstance(result, dict) or not result.get("kv_transfer_params"):
             raise CallFailed(f"answered without transfer parameters: {str(result)[:200]}")
+        phases.prefill_done_s = time.monotonic()
+        timing = result.get("timing")
+        if isinstance(timing, dict):
+            phases.prefill_queue_s = timing.get("queue_s")
+            phases.prefill_compute_s = timing.get("compute_s")
         return result["kv_transfer_params"]
 
     # -- decode -------------------------------------------------------------------------------
@@ -160,10 +176,12 @@ class ReplicaCalls:
 
         Calls ``coordinator.done(ctx, used)`` once the request is over (for a stream: when it
         ends or the client leaves)."""
-        arrival_s, fell_back = self._track(ctx, arrival_s)
+        request = self._track(ctx, arrival_s)
+        request.phases.decode_sent_s = time.monotonic()
         path = "disaggregated" if kv_params is not None else \
-            "fallback" if fell_back else "prefilled_on_decode"
-        timer = RequestTimer(self._coordinator.metrics, path, arrival_s)
+            "fallback" if request.fell_back else "prefilled_on_decode"
+        timer = RequestTimer(self._coordinator.metrics, path, request.arrival_s,
+                             phases=request.phases)
         try:
             return await self._decode_attempts(kind, body, kv_params, ctx, pin, used, timer)
         except asyncio.CancelledError:  # the client went away
@@ -250,20 +268,20 @@ class ReplicaCalls:
 
     # -- shared -------------------------------------------------------------------------------
 
-    def _track(self, ctx: RoutingContext, arrival_s: float | None) -> list[Any]:
-        """``[arrival time, whether its prefill fell back]`` of ``ctx``'s request, kept from
-        its first call until the ctx is gone."""
+    def _track(self, ctx: RoutingContext, arrival_s: float | None) -> _Request:
+        """What happened to ``ctx``'s request so far, kept from its first call until the ctx
+        is gone."""
         key = id(ctx)
         request = self._requests.get(key)
         if request is None:
-            request = [time.monotonic() if arrival_s is None else arrival_s, False]
+            request = _Request(time.monotonic() if arrival_s is None else arrival_s)
             try:
                 weakref.finalize(ctx, self._requests.pop, key, None)
             except TypeError:  # not weakly referenceable: time this call alone
                 return request
             self._requests[key] = request
         elif arrival_s is not None:
-            request[0] = arrival_s
+            request.arrival_s = arrival_s
         return request
 
     @staticmethod

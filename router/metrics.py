@@ -13,6 +13,7 @@ Outside a Ray worker (unit tests, the simulator) every call is a no-op.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -30,7 +31,14 @@ PATHS = ("disaggregated", "prefilled_on_decode", "fallback")
 
 # vLLM's bucket families (vllm/v1/metrics/buckets.py) of the latency histograms.
 LATENCY_BUCKETS = {"ttft": "time_to_first_token", "itl": "inter_token_latency",
-                   "e2e": "request_latency"}
+                   "e2e": "request_latency", "ttft_phase": "time_to_first_token"}
+# Where a stream's time to first token goes (``RouterMetrics.ttft_phases``): the router itself
+# (parse, tokenize, choose the pair), the prefill engine's queue and compute (its own stats),
+# the rest of the prefill call (Ray Serve's hops, the replica's own work, failed attempts), or
+# the whole prefill call when its engine did not tell, and the decode call until its first
+# chunk (the KV load, the decode queue, the first step, the hops).
+TTFT_PHASES = ("route", "prefill_queue", "prefill_compute", "prefill_hops", "prefill_call",
+               "decode")
 DECISION_BUCKETS = [1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025,
                     0.05, 0.1]
 
@@ -67,6 +75,11 @@ ROUTER_FAMILIES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
             ("path",)),
     "decision": ("pdserve_router_decision_latency_seconds", "histogram", "Time the "
                  "coordinator took to choose a prefill/decode pair.", ()),
+    "ttft_phase": ("pdserve_router_ttft_phase_seconds", "histogram", "A stream's time to "
+                   "first token by phase: route (the router's own work), prefill_queue and "
+                   "prefill_compute (the prefill engine's), prefill_hops (the rest of the "
+                   "prefill call), prefill_call (the whole call, when the engine did not "
+                   "tell), decode (decode call to first chunk).", ("phase",)),
 }
 
 
@@ -142,6 +155,12 @@ class RouterMetrics:
         if self._m:
             self._m["replica_failures"].inc(1, tags={"role": role})
 
+    def ttft_phases(self, phases: dict[str, float]) -> None:
+        """One stream's time to first token, split by ``TTFT_PHASES`` (those it went through)."""
+        if self._m:
+            for phase, seconds in phases.items():
+                self._m["ttft_phase"].observe(max(0.0, seconds), tags={"phase": phase})
+
     def latency(self, kind: str, path: str, seconds: float) -> None:
         """One client-side observation: ``kind`` ttft, itl or e2e, on ``path`` (``PATHS``)."""
         if kind not in LATENCY_BUCKETS:
@@ -153,29 +172,67 @@ class RouterMetrics:
             self._m[kind].observe(max(0.0, seconds), tags={"path": path})
 
 
+@dataclasses.dataclass
+class FirstTokenPhases:
+    """When a request's calls went out and came back (``time.monotonic``), and what the prefill
+    engine said of its own time; ``split`` turns them into ``TTFT_PHASES``."""
+
+    prefill_sent_s: float | None = None
+    prefill_done_s: float | None = None
+    prefill_queue_s: float | None = None  # from the prefill engine, when it told
+    prefill_compute_s: float | None = None
+    decode_sent_s: float | None = None
+
+    def split(self, arrival_s: float, first_chunk_s: float) -> dict[str, float]:
+        first_call_s = self.prefill_sent_s if self.prefill_sent_s is not None \
+            else self.decode_sent_s
+        phases: dict[str, float] = {}
+        if first_call_s is not None:
+            phases["route"] = first_call_s - arrival_s
+        if self.prefill_sent_s is not None:  # done, or failed (then until decode was called)
+            done_s = self.prefill_done_s if self.prefill_done_s is not None else \
+                self.decode_sent_s if self.decode_sent_s is not None else first_chunk_s
+            call_s = done_s - self.prefill_sent_s
+            if self.prefill_queue_s is not None and self.prefill_compute_s is not None:
+                phases["prefill_queue"] = self.prefill_queue_s
+                phases["prefill_compute"] = self.prefill_compute_s
+                phases["prefill_hops"] = call_s - self.prefill_queue_s - self.prefill_compute_s
+            else:
+                phases["prefill_call"] = call_s
+        if self.decode_sent_s is not None:
+            phases["decode"] = first_chunk_s - self.decode_sent_s
+        return phases
+
+
 class RequestTimer:
     """One request's client-side latencies: ``chunk()`` as each chunk of a stream goes out,
     ``end()`` when the answer is complete. Times run from ``arrival_s`` (``time.monotonic``),
     by default the timer's creation."""
 
     def __init__(self, metrics: RouterMetrics, path: str, arrival_s: float | None = None,
-                 clock: Any = time.monotonic) -> None:
+                 clock: Any = time.monotonic, phases: FirstTokenPhases | None = None) -> None:
         if path not in PATHS:
             raise ValueError(f"unknown request path {path!r}; expected one of {list(PATHS)}")
         self.metrics = metrics
         self.path = path
         self._clock = clock
         self.arrival_s = clock() if arrival_s is None else arrival_s
+        self.phases = phases
         self._last_s: float | None = None
         self.num_chunks = 0
         self.is_ended = False
 
     def chunk(self) -> None:
         """A chunk of the stream goes to the client: the first gives the time to first
-        token, every later one an inter-token latency."""
+        token (and its phases), every later one an inter-token latency."""
         now = self._clock()
         if self._last_s is None:
             self.metrics.latency("ttft", self.path, now - self.arrival_s)
+            if self.phases is not None:
+                split = self.phases.split(self.arrival_s, now)
+                self.metrics.ttft_phases(split)
+                logger.debug("TTFT %.1f ms (%s): %s", 1e3 * (now - self.arrival_s), self.path,
+                             ", ".join(f"{k} {1e3 * v:.1f}" for k, v in split.items()))
         else:
             self.metrics.latency("itl", self.path, now - self._last_s)
         self._last_s = now

@@ -133,6 +133,9 @@ def expected_values(received: dict[str, int], prefill: dict, decode: dict) -> di
     }
 
 
+TRANSFER_PHASES = ("route", "prefill_queue", "prefill_compute", "prefill_hops", "decode")
+
+
 async def test_metrics_follow_the_traffic(app, engine_config, vocab_size, capsys):
     async with httpx.AsyncClient(base_url=app.url, timeout=120) as client, \
             grpc.aio.insecure_channel(app.grpc_target) as channel:
@@ -165,6 +168,10 @@ async def test_metrics_follow_the_traffic(app, engine_config, vocab_size, capsys
                if (got := total(samples, name, role=role, ReplicaId=replica[role])) != want]
         bad += [(name, path, got, want) for (name, path), want in router_expected.items()
                 if (got := total(samples, name, path=path)) != want]
+        # Each stream's first token split by phase, the prefill engine's own times included.
+        bad += [("ttft_phase", phase, got, received["streams"]) for phase in TRANSFER_PHASES
+                if (got := total(samples, "ray_pdserve_router_ttft_phase_seconds_count",
+                                 phase=phase)) != received["streams"]]
         # Every family the dashboard reads exists, but those this traffic cannot make.
         bad += sorted(used - NOT_PROVOKED - {name for name, _, _ in samples})
         return not bad

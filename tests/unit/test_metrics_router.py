@@ -8,7 +8,14 @@ from typing import Any
 
 import pytest
 
-from router.metrics import PATHS, ROUTER_FAMILIES, RequestTimer, RouterMetrics
+from router.metrics import (
+    PATHS,
+    ROUTER_FAMILIES,
+    TTFT_PHASES,
+    FirstTokenPhases,
+    RequestTimer,
+    RouterMetrics,
+)
 from tests.unit.test_router_app import completion, make, model_dir  # noqa: F401 (fixtures)
 
 
@@ -17,9 +24,13 @@ class Recorder:
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, str, float]] = []
+        self.phases: list[dict[str, float]] = []
 
     def latency(self, kind: str, path: str, seconds: float) -> None:
         self.seen.append((kind, path, seconds))
+
+    def ttft_phases(self, phases: dict[str, float]) -> None:
+        self.phases.append(phases)
 
     def kinds(self) -> list[tuple[str, str]]:
         return [(kind, path) for kind, path, _ in self.seen]
@@ -174,3 +185,47 @@ async def test_request_state_goes_with_the_request(routed) -> None:
         await h.client.post("/v1/completions", json=completion())
     gc.collect()
     assert h.pd.calls._requests == {}
+
+
+# -- where the time to first token goes --------------------------------------------------------
+
+
+def test_phases_of_a_transferred_request_add_up_to_the_ttft() -> None:
+    phases = FirstTokenPhases(prefill_sent_s=10.002, prefill_done_s=10.5, prefill_queue_s=0.1,
+                              prefill_compute_s=0.3, decode_sent_s=10.501)
+    split = phases.split(arrival_s=10.0, first_chunk_s=10.8)
+    assert split == pytest.approx({"route": 0.002, "prefill_queue": 0.1, "prefill_compute": 0.3,
+                                   "prefill_hops": 0.098, "decode": 0.299})
+    assert sum(split.values()) == pytest.approx(0.8 - 0.001)  # 1 ms between the two calls
+    assert set(split) <= set(TTFT_PHASES)
+
+
+def test_phases_without_the_engines_times_or_a_prefill() -> None:
+    untold = FirstTokenPhases(prefill_sent_s=1.0, prefill_done_s=1.5, decode_sent_s=1.5)
+    assert untold.split(0.9, 2.0) == pytest.approx(
+        {"route": 0.1, "prefill_call": 0.5, "decode": 0.5})
+    failed = FirstTokenPhases(prefill_sent_s=1.0, decode_sent_s=1.75)  # then prefilled on decode
+    assert failed.split(0.9, 2.0) == pytest.approx(
+        {"route": 0.1, "prefill_call": 0.75, "decode": 0.25})
+    local = FirstTokenPhases(decode_sent_s=1.0)
+    assert local.split(0.5, 2.0) == pytest.approx({"route": 0.5, "decode": 1.0})
+
+
+async def test_a_stream_records_its_ttft_phases(routed) -> None:
+    h, recorder = routed
+    r = await h.client.post("/v1/completions", json=completion(stream=True))
+    assert r.status_code == 200
+    [phases] = recorder.phases
+    assert list(phases) == ["route", "prefill_queue", "prefill_compute", "prefill_hops",
+                            "decode"]
+    assert (phases["prefill_queue"], phases["prefill_compute"]) == (0.125, 0.25)  # the fake's
+    ttft = recorder.seen[0][2]
+    assert 0 <= phases["route"] < ttft
+    # The engine's times exceed the fake call's real duration: the hops come out negative.
+    assert sum(phases.values()) <= ttft + 1e-6
+
+
+async def test_a_non_streaming_request_records_no_phases(routed) -> None:
+    h, recorder = routed
+    r = await h.client.post("/v1/completions", json=completion())
+    assert r.status_code == 200 and recorder.phases == []

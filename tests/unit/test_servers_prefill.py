@@ -131,3 +131,31 @@ def test_health_names_the_ray_node_it_runs_on(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(
         is_initialized=lambda: True, get_runtime_context=lambda: context))
     assert server.health()["node_id"] == "ab12"
+
+
+async def test_the_engines_own_times_come_back_with_the_parameters() -> None:
+    """The prefill engine's queue and compute time for this request (vLLM's per-request stats,
+    found by the request id the prefill body sets) go back to the router; others' do not."""
+    from cluster.engine import RequestTiming
+
+    engine = FakeEngine()
+    server = PrefillServer(engine)
+    engine.stats.record_timing("cmpl-pdt-other-0", RequestTiming(9.0, 9.0))
+    engine.stats.record_timing("cmpl-pdt-t1-0", RequestTiming(0.25, 0.5))
+    engine.stats.record_timing("cmpl-not-timed-0", RequestTiming(1.0, 1.0))  # not kept
+    out = await prefill(server, {"prompt": [1, 2, 3]})
+    assert out == {"kv_transfer_params": PARAMS, "timing": {"queue_s": 0.25, "compute_s": 0.5}}
+    assert engine.bodies[0]["request_id"] == "pdt-t1"
+    assert list(engine.stats.timings) == ["cmpl-pdt-other-0"]  # taken once, others kept
+    assert await prefill(server, {"prompt": [1, 2, 3]}) == {"kv_transfer_params": PARAMS}
+
+
+def test_timings_kept_are_bounded() -> None:
+    from cluster.engine import TIMINGS_KEPT, RequestTiming
+
+    stats = StatsSnapshot()
+    for i in range(TIMINGS_KEPT + 5):
+        stats.record_timing(f"cmpl-pdt-{i}-0", RequestTiming(0.0, 0.0))
+    assert len(stats.timings) == TIMINGS_KEPT
+    assert stats.take_timing("cmpl-pdt-0-0") is None  # the oldest went first
+    assert stats.take_timing(f"cmpl-pdt-{TIMINGS_KEPT + 4}-0") is not None
