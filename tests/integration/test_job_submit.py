@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).with_name("ray")
 SERVE = Path(sys.executable).with_name("serve")
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _ray(*args: str, timeout_s: float = 120, command: Path = RAY

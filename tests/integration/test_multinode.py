@@ -36,7 +36,7 @@ APP = "pdserve-multinode"
 NODE_IPS = {"prefill": "127.0.0.2", "decode": "127.0.0.3"}
 NUM_PROMPTS = 6
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,8 @@ LAYOUTS = {
 }
 NUM_PROMPTS = 6
 
+pytestmark = pytest.mark.slow
+
 
 def worker_bytes(worker: Any) -> tuple[int, int, int]:
     """Runs inside each engine worker (``collective_rpc``): (worker index, bytes sent, bytes
