@@ -35,7 +35,7 @@ def _corpus() -> list[str]:
     return list(pydoc_data.topics.topics.values())
 
 
-def build_tokenizer(out_dir: Path) -> int:
+def build_tokenizer(out_dir: Path, max_positions: int = MAX_POSITIONS) -> int:
     """Train the tokenizer, save it in Hugging Face format; return its vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -55,7 +55,7 @@ def build_tokenizer(out_dir: Path) -> int:
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
-        model_max_length=MAX_POSITIONS,
+        model_max_length=max_positions,
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
