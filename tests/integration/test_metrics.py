@@ -8,13 +8,13 @@ import asyncio
 import json
 import random
 import re
-import urllib.request
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
 
+from cluster.scrape import scrape, total
 from router.grpc_api import pdserve_pb2_grpc
 from tests.integration.support import (
     MAX_TOKENS,
@@ -42,30 +42,6 @@ def app(engine_config):
     """Deploy the app once for the module; yield where it serves HTTP and gRPC."""
     with deployed(one_pair_config(engine_config, APP)) as d:
         yield d
-
-
-def scrape() -> list[tuple[str, dict[str, str], float]]:
-    """Every sample of every node's Prometheus endpoint."""
-    import ray
-    from prometheus_client.parser import text_string_to_metric_families
-
-    samples = []
-    for node in ray.nodes():
-        if not node["Alive"]:
-            continue
-        url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as r:
-            text = r.read().decode()
-        for family in text_string_to_metric_families(text):
-            samples += [(s.name, s.labels, s.value) for s in family.samples]
-    return samples
-
-
-def total(samples, name: str, **labels: str) -> float | None:
-    """The sum of ``name``'s samples with ``labels``; None when there is none."""
-    values = [v for n, lab, v in samples
-              if n == name and all(lab.get(k) == want for k, want in labels.items())]
-    return sum(values) if values else None
 
 
 async def send_traffic(client: httpx.AsyncClient, stub, cfg, vocab_size: int) -> dict[str, int]:
