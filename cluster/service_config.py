@@ -142,3 +142,10 @@ class KVTransferConfig(_Strict):
     link_idle_s: float = Field(
         600.0, gt=0, description="A prefill worker closes a link to a decode worker idle this long."
     )
+    shared_memory: bool = Field(
+        False,
+        description="Move KV blocks through shared memory (/dev/shm) when a prefill worker and a "
+        "decode worker share a host and their caches are in CPU memory "
+        "(kvtransfer/link_shm.py); pairs on different hosts, or on GPUs, keep "
+        "torch.distributed (Gloo, NCCL).",
+    )

@@ -141,10 +141,11 @@ def _blocks(tensor: torch.Tensor, ly: LayerLayout, index: torch.Tensor,
 
 def gather_blocks(
     kv_caches: dict[str, torch.Tensor], layout: KVLayout, block_ids: list[int],
-    heads: tuple[int, int] | None = None,
+    heads: tuple[int, int] | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Copy ``block_ids`` of every layer (only heads ``(first, count)`` when given) into one
-    new flat uint8 tensor on the cache's device."""
+    flat uint8 tensor on the cache's device: ``out`` (exactly ``layout.nbytes`` long, e.g. a
+    link's shared memory), or a new one."""
     import torch
 
     parts = []
@@ -153,7 +154,9 @@ def gather_blocks(
         index = torch.tensor(block_ids, dtype=torch.long, device=tensor.device)
         picked = _blocks(tensor, ly, index, heads)
         parts.append(picked.contiguous().view(torch.uint8).reshape(-1))
-    return torch.cat(parts)
+    if out is None:
+        return torch.cat(parts)
+    return torch.cat(parts, out=out)
 
 
 def empty_buffer(kv_caches: dict[str, torch.Tensor], layout: KVLayout, num_blocks: int,

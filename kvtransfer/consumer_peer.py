@@ -161,17 +161,25 @@ class PeerChannel:
         tag = ctx.next_tag()
         reply = self._pull(part, tag)
         num_heads = None if part.local_heads is None else part.local_heads[1]
-        buffer = empty_buffer(ctx.kv_caches, ctx.layout, len(spec.local_block_ids), num_heads)
-        if reply["num_bytes"] != buffer.numel():
-            raise TransferError(f"peer sends {reply['num_bytes']} bytes, expected "
-                                f"{buffer.numel()}")
+        num_bytes = ctx.layout.nbytes(len(spec.local_block_ids), num_heads)
+        if reply["num_bytes"] != num_bytes:
+            raise TransferError(f"peer sends {reply['num_bytes']} bytes, expected {num_bytes}")
         assert self._link is not None
-        self._link.recv(buffer, tag)
-        scatter_blocks(ctx.kv_caches, ctx.layout, spec.local_block_ids, buffer, part.local_heads)
+        recv_view = getattr(self._link, "recv_view", None)
+        if recv_view is not None:  # scatter straight from the link's shared memory
+            with recv_view(num_bytes, tag) as view:
+                scatter_blocks(ctx.kv_caches, ctx.layout, spec.local_block_ids, view,
+                               part.local_heads)
+        else:
+            buffer = empty_buffer(ctx.kv_caches, ctx.layout, len(spec.local_block_ids),
+                                  num_heads)
+            self._link.recv(buffer, tag)
+            scatter_blocks(ctx.kv_caches, ctx.layout, spec.local_block_ids, buffer,
+                           part.local_heads)
         wait_for_device(ctx.device, time.monotonic() + ctx.timeout_s)
         self._send(MsgType.DONE, transfer_id=spec.transfer_id, peer_id=ctx.peer_id,
                    pullers=part.pullers)
-        return buffer.numel()
+        return num_bytes
 
     def _pull(self, part: Part, tag: int) -> dict[str, Any]:
         """PULL until SENDING; retry while the hold is not registered yet, re-pair once."""

@@ -162,11 +162,19 @@ class PeerLink:
             self._reply(outbox, pull, MsgType.ERROR, message=str(e), code=e.code.value)
             return
         ok = announced = False
+        num_bytes = ep.layout.nbytes(len(block_ids), None if pull.heads is None
+                                     else pull.heads[1])
         try:
-            buffer = gather_blocks(ep.kv_caches, ep.layout, block_ids, pull.heads)
-            self._reply(outbox, pull, MsgType.SENDING, num_bytes=buffer.numel(), tag=pull.tag)
+            send_view = getattr(self._link, "send_view", None)
+            if send_view is None:
+                buffer = gather_blocks(ep.kv_caches, ep.layout, block_ids, pull.heads)
+            self._reply(outbox, pull, MsgType.SENDING, num_bytes=num_bytes, tag=pull.tag)
             announced = True
-            self._link.send(buffer, pull.tag)
+            if send_view is None:
+                self._link.send(buffer, pull.tag)
+            else:  # gather straight into the link's shared memory
+                with send_view(num_bytes, pull.tag) as view:
+                    gather_blocks(ep.kv_caches, ep.layout, block_ids, pull.heads, out=view)
             ok = True
         except Exception as e:
             ep.counts.problem("num_failed_sends", "send", "KV send of transfer %s to %s failed: %s",
@@ -178,7 +186,7 @@ class PeerLink:
             ep.holds.finish_send(pull.transfer_id, ok, self.peer_id)
         ep.counts.add("num_pulls")
         if ok:
-            ep.counts.add("num_bytes_sent", buffer.numel())
+            ep.counts.add("num_bytes_sent", num_bytes)
         elif announced:  # the link may be half-way through a send: the peer must pair again
             self._failed.set()
             self._close_link()

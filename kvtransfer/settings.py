@@ -61,6 +61,13 @@ class ConnectorSettings(BaseModel):
         description="A prefill worker closes a link to a decode worker idle this long (and "
         "deletes its rendezvous keys); the peer pairs again on its next pull.",
     )
+    shared_memory: bool = Field(
+        False,
+        description="Move KV blocks through shared memory (/dev/shm) when a prefill worker and a "
+        "decode worker share a host and their caches are in CPU memory "
+        "(kvtransfer/link_shm.py); pairs on different hosts, or on GPUs, keep "
+        "torch.distributed (Gloo, NCCL).",
+    )
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> ConnectorSettings:

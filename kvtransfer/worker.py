@@ -26,6 +26,8 @@ from kvtransfer.blocks import KVLayout
 from kvtransfer.consumer import ConsumerEndpoint, LoadResults, Place
 from kvtransfer.heads import model_kv_heads
 from kvtransfer.holds import HoldError, HoldTable
+from kvtransfer.link import TorchDistLink
+from kvtransfer.link_shm import same_host_link
 from kvtransfer.metadata import HoldSpec, LoadSpec, PDConnectorMetadata, PDHandshake
 from kvtransfer.params import own_host
 from kvtransfer.producer import ProducerEndpoint
@@ -87,17 +89,19 @@ class PDWorker:
         s = self._settings
         host = own_host(s.host)
         codec = Codec.from_env()
+        links = same_host_link if s.shared_memory else TorchDistLink
         if self._is_producer:
             self.producer = ProducerEndpoint(
                 host, s.port + index if s.port else 0, kv_caches, layout, self.holds,
                 s.timeout_s, control_timeout_s=s.control_timeout_s,
-                claim_lease_s=s.claim_lease_s, link_idle_s=s.link_idle_s, codec=codec)
+                claim_lease_s=s.claim_lease_s, link_idle_s=s.link_idle_s, codec=codec,
+                link_factory=links)
             logger.info("KV producer worker %d serving on %s:%d", index, *self.producer.address)
         if self._is_consumer:
             self.consumer = ConsumerEndpoint(
                 host, index, kv_caches, layout, s.timeout_s, s.unknown_retry_s,
                 num_workers=self._num_workers, place=place, control_timeout_s=s.control_timeout_s,
-                idle_s=s.link_idle_s, codec=codec)
+                idle_s=s.link_idle_s, codec=codec, link_factory=links)
 
     def handshake(self) -> PDHandshake | None:
         """This worker's bound control endpoint, for the scheduler side (prefill role only)."""

@@ -31,15 +31,18 @@ LAYOUTS = {
     "pp2-pp2": ((1, 2), (1, 2), [Fraction(1, 2)] * 2, [Fraction(1, 2)] * 2),
     "tp2-tp1": ((2, 1), (1, 1), [Fraction(1, 2)] * 2, [Fraction(1)]),  # fan-in
     "tp1-tp2": ((1, 1), (2, 1), [Fraction(1)], [Fraction(1, 2)] * 2),  # fan-out: both halves
+    # Fan-in again, through shared memory (kv_transfer.shared_memory): the two parts are
+    # gathered into and scattered from /dev/shm.
+    "tp2-tp1-shm": ((2, 1), (1, 1), [Fraction(1, 2)] * 2, [Fraction(1)]),
 }
 NUM_PROMPTS = 6
 
 pytestmark = pytest.mark.slow
 
 
-def worker_bytes(worker: Any) -> tuple[int, int, int]:
+def worker_bytes(worker: Any) -> tuple[int, int, int, list[str]]:
     """Runs inside each engine worker (``collective_rpc``): (worker index, bytes sent, bytes
-    received) of its KV connector."""
+    received, the kinds of link it holds) of its KV connector."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     side = get_kv_transfer_group().worker_side
@@ -50,15 +53,20 @@ def worker_bytes(worker: Any) -> tuple[int, int, int]:
         from kvtransfer.worker import worker_place
 
         place = worker_place(None)
-    return place.pp_rank * place.tp_size + place.tp_rank, sent, received
+    links = [type(p._link).__name__ for p in side.producer._peers.values()] \
+        if side.producer is not None else \
+        [type(c._link).__name__ for c in side.consumer._channels.values()]
+    return place.pp_rank * place.tp_size + place.tp_rank, sent, received, sorted(links)
 
 
 def cores(tp: int, pp: int, single: str) -> str:
     return "0|1" if tp * pp == 2 else single
 
 
-async def start_pair(engine_config, prefill: tuple[int, int], decode: tuple[int, int]):
-    extra = {"host": "127.0.0.1", "lease_s": 20, "timeout_s": 10, "unknown_retry_s": 2}
+async def start_pair(engine_config, prefill: tuple[int, int], decode: tuple[int, int],
+                     shared_memory: bool = False):
+    extra = {"host": "127.0.0.1", "lease_s": 20, "timeout_s": 10, "unknown_retry_s": 2,
+             "shared_memory": shared_memory}
     engines = []
     for role, (tp, pp), core, options in (("kv_producer", prefill, "0", {"port": 0}),
                                           ("kv_consumer", decode, "1", {})):
@@ -75,7 +83,11 @@ async def start_pair(engine_config, prefill: tuple[int, int], decode: tuple[int,
 async def test_layout_parity_and_each_workers_share(layout, engine_config, vocab_size,
                                                     reference_outputs):
     prefill_layout, decode_layout, sent_share, received_share = LAYOUTS[layout]
-    prefill, decode = await start_pair(engine_config, prefill_layout, decode_layout)
+    from kvtransfer.link_shm import shm_files
+
+    files_before = shm_files()
+    prefill, decode = await start_pair(engine_config, prefill_layout, decode_layout,
+                                       shared_memory=layout.endswith("-shm"))
     try:
         block_bytes = bytes_per_block(engine_config.model, engine_config)
         num_blocks = 0
@@ -102,8 +114,8 @@ async def test_layout_parity_and_each_workers_share(layout, engine_config, vocab
         async def moved():
             sent = sorted(await prefill.engine.collective_rpc(worker_bytes))
             received = sorted(await decode.engine.collective_rpc(worker_bytes))
-            return ([s for _, s, _ in sent] == expected_sent and
-                    [r for _, _, r in received] == expected_received), sent, received
+            return ([s for _, s, _, _ in sent] == expected_sent and
+                    [r for _, _, r, _ in received] == expected_received), sent, received
 
         async def settled():
             return (await moved())[0]
@@ -113,6 +125,10 @@ async def test_layout_parity_and_each_workers_share(layout, engine_config, vocab
         assert ok, (layout, sent, expected_sent, received, expected_received)
         assert decode.stats.num_failed_loads == 0
         assert decode.stats.num_loads == NUM_PROMPTS * len(received_share)  # one per worker
+        link = "ShmLink" if layout.endswith("-shm") else "TorchDistLink"
+        assert all(set(links) == {link} for *_, links in sent + received), (sent, received)
+        if layout.endswith("-shm"):  # the links mapped their files and removed them
+            assert shm_files() == files_before
     finally:
         prefill.shutdown()
         decode.shutdown()

@@ -477,3 +477,57 @@ def test_a_pull_of_heads_the_worker_lacks_fails_the_load_and_counts_as_done() ->
     finally:
         for endpoint in [*consumers, producer]:
             endpoint.close()
+
+
+# -- the same endpoints over shared memory (same host, CPU caches) -------------------------------
+
+
+def test_pulls_over_shared_memory_copy_blocks_and_heads_and_leave_no_files() -> None:
+    """With ``same_host_link`` both ends pick the shared-memory link: whole blocks, then one
+    head into a 2-head decode cache (gathered into and scattered from shared memory), exact
+    bytes, and no /dev/shm file left once the endpoints close."""
+    from kvtransfer.link_shm import ShmLink, same_host_link, shm_files
+
+    files_before = shm_files()
+    whole = make_kv_caches("cpu", NUM_BLOCKS, seed=51)
+    holds = CountingHoldTable()
+    holds.add("t-shm", "engine-1", [7, 2, 9], LEASE_S)
+    holds.add("t-shm-head", "engine-2", [4], LEASE_S)
+    one_head = heads_caches(whole, 1, 1)  # a prefill rank of TP 2 holding head 1
+    head_holds = CountingHoldTable()
+    head_holds.add("t-shm-head", "engine-2", [4], LEASE_S)
+    producer = ProducerEndpoint(HOST, 0, whole, head_layout(whole), holds, TIMEOUT_S,
+                                link_factory=same_host_link)
+    head_producer = ProducerEndpoint(HOST, 0, one_head, head_layout(one_head), head_holds,
+                                     TIMEOUT_S, link_factory=same_host_link)
+    caches = make_kv_caches("cpu", NUM_BLOCKS, fill="zeros")
+    consumer = ConsumerEndpoint(HOST, 0, caches, head_layout(caches), TIMEOUT_S, 2.0,
+                                link_factory=same_host_link)
+    try:
+        consumer.submit(LoadSpec("t-shm", "req-1", [producer.address], 0, [0, 5, 8]))
+        assert wait_for_result(consumer, "req-1").failed == set()
+        for name, tensor in whole.items():
+            for s, t in ((7, 0), (2, 5), (9, 8)):
+                assert torch.equal(caches[name][t], tensor[s])
+        channel = next(iter(consumer._channels.values()))
+        assert isinstance(channel._link, ShmLink)
+        # Decode TP 1 with 2 heads, prefill TP 2: this part is head 1, from prefill rank 1.
+        head_consumer = ConsumerEndpoint(HOST, 0, caches, head_layout(caches), TIMEOUT_S, 2.0,
+                                         place=Place(0, 1, 0, num_kv_heads=2),
+                                         link_factory=same_host_link)
+        try:
+            # Prefill rank 0 is the whole-cache producer (head 0 of block 4), rank 1 the other.
+            head_consumer.submit(LoadSpec("t-shm-head", "req-2",
+                                          [producer.address, head_producer.address], 0, [3],
+                                          remote_tp_size=2))
+            assert wait_for_result(head_consumer, "req-2").failed == set()
+        finally:
+            head_consumer.close()
+        for name, tensor in whole.items():
+            assert torch.equal(caches[name][3], tensor[4])  # head 0 from one, head 1 the other
+        assert producer.counts["num_bytes_sent"] == \
+            3 * head_layout(whole).bytes_per_block + head_layout(whole).nbytes(1, 1)
+    finally:
+        for endpoint in (consumer, producer, head_producer):
+            endpoint.close()
+    wait_until(lambda: shm_files() == files_before, 5.0, what="shared memory files removed")
