@@ -42,7 +42,7 @@ import zmq
 
 from kvtransfer.blocks import KVLayout
 from kvtransfer.consumer_peer import LoadContext, Part, PeerChannel
-from kvtransfer.heads import pull_plan, released_by
+from kvtransfer.heads import heads_of, pull_plan, released_by
 from kvtransfer.link import Link, TorchDistLink
 from kvtransfer.metadata import ClaimSpec, LoadSpec
 from kvtransfer.params import Address
@@ -178,10 +178,16 @@ class ConsumerEndpoint:
             raise ValueError(f"prefill TP {remote_tp} differs from ours ({place.tp_size}) and "
                              "this worker does not know the model's KV heads")
         else:
-            plan = [(seg.source, Part(spec, (seg.first_head, seg.num_heads),
-                                      (seg.local_first_head, seg.num_heads), seg.pullers))
-                    for seg in pull_plan(place.num_kv_heads, remote_tp, place.tp_size,
-                                         place.tp_rank)]
+            heads = place.num_kv_heads
+            ours = len(heads_of(heads, place.tp_size, place.tp_rank))
+            plan = []
+            for seg in pull_plan(heads, remote_tp, place.tp_size, place.tp_rank):
+                if seg.num_heads == ours == len(heads_of(heads, remote_tp, seg.source)):
+                    part = Part(spec, pullers=seg.pullers)  # all its heads are all of ours
+                else:
+                    part = Part(spec, (seg.first_head, seg.num_heads),
+                                (seg.local_first_head, seg.num_heads), seg.pullers)
+                plan.append((seg.source, part))
         if base + remote_tp > len(spec.remote_addresses):
             raise ValueError(f"{len(spec.remote_addresses)} remote addresses, stage "
                              f"{place.pp_rank} of prefill TP {remote_tp} needs {base + remote_tp}")

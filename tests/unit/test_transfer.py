@@ -531,3 +531,35 @@ def test_pulls_over_shared_memory_copy_blocks_and_heads_and_leave_no_files() -> 
         for endpoint in (consumer, producer, head_producer):
             endpoint.close()
     wait_until(lambda: shm_files() == files_before, 5.0, what="shared memory files removed")
+
+
+def test_a_replicated_kv_cache_moves_whole_from_one_rank_and_the_other_is_released() -> None:
+    """One KV head (or an MLA latent) on prefill TP 2: both ranks hold the same cache, whose
+    head axis need not be known. The decode worker (TP 1) pulls whole blocks from rank 0 and
+    releases rank 1's hold at once."""
+    whole = make_kv_caches("cpu", NUM_BLOCKS, seed=61, num_heads=1)
+    producers = []
+    caches = make_kv_caches("cpu", NUM_BLOCKS, num_heads=1, fill="zeros")
+    consumer = ConsumerEndpoint(HOST, 0, caches, KVLayout.from_caches(caches, NUM_BLOCKS,
+                                                                      BLOCK_SIZE),
+                                TIMEOUT_S, 2.0, place=Place(0, 1, 0, num_kv_heads=1))
+    try:
+        for rank in range(2):
+            holds = CountingHoldTable()
+            holds.add("t-rep", f"engine-{rank}", [6, 1], LEASE_S)
+            layout = KVLayout.from_caches(whole, NUM_BLOCKS, BLOCK_SIZE)  # head axis unknown
+            endpoint = ProducerEndpoint(HOST, 0, whole, layout, holds, TIMEOUT_S)
+            producers.append(ProducerSide(endpoint, whole, layout, holds, endpoint.address[1]))
+        consumer.submit(LoadSpec("t-rep", "req-rep", [p.endpoint.address for p in producers],
+                                 0, [2, 3], remote_tp_size=2))
+        assert wait_for_result(consumer, "req-rep").failed == set()
+        for name, tensor in whole.items():
+            assert torch.equal(caches[name][2], tensor[6])
+            assert torch.equal(caches[name][3], tensor[1])
+        for rank, producer in enumerate(producers):
+            assert wait_for_release(producer.holds, f"engine-{rank}")
+        sent = [p.endpoint.counts["num_bytes_sent"] for p in producers]
+        assert sent == [2 * producers[0].layout.bytes_per_block, 0]
+    finally:
+        for endpoint in [consumer, *(p.endpoint for p in producers)]:
+            endpoint.close()
