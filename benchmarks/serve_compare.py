@@ -98,7 +98,8 @@ class RunResult:
     num_failed: int
     ttfts_ms: list[float]  # per successful request
     itls_ms: list[float]  # every gap between tokens of successful requests
-    phases_ms: dict[str, float] = dataclasses.field(default_factory=dict)  # pdserve's TTFT split
+    # pdserve's TTFT split: phase -> (mean ms, streams that went through it)
+    phases_ms: dict[str, tuple[float, int]] = dataclasses.field(default_factory=dict)
 
 
 def load_result(path: Path) -> RunResult:
@@ -199,13 +200,26 @@ def engine_config(model: Path) -> EngineConfig:
     return EngineConfig(model=str(model), dtype="bfloat16", max_model_len=MAX_MODEL_LEN)
 
 
-def pdserve_config(engine: EngineConfig) -> PDConfig:
-    """pdserve's defaults (prefill on core 0, decode on core 1) serving ``engine``."""
+def pdserve_config(engine: EngineConfig, overrides: dict[str, Any] | None = None) -> PDConfig:
+    """pdserve's defaults (prefill on core 0, decode on core 1) serving ``engine``, with
+    ``overrides`` (PDConfig fields, merged key by key: ``--pdserve-config``) on top."""
     from cluster.config import PDConfig, PoolConfig
 
     defaults = PDConfig()
-    return PDConfig(prefill=PoolConfig(engine=engine, cpu_cores=defaults.prefill.cpu_cores),
+    base = PDConfig(prefill=PoolConfig(engine=engine, cpu_cores=defaults.prefill.cpu_cores),
                     decode=PoolConfig(engine=engine, cpu_cores=defaults.decode.cpu_cores))
+    return PDConfig.model_validate(_merged(base.model_dump(), overrides or {}))
+
+
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and \
+            isinstance(out.get(key), dict) else value
+    return out
+
+
+PDSERVE_OVERRIDES: dict[str, Any] = {}  # set from --pdserve-config
 
 
 def start_pdserve(engine: EngineConfig) -> Any:
@@ -213,7 +227,7 @@ def start_pdserve(engine: EngineConfig) -> Any:
     from cluster.local import connect_or_start
     from deploy.app import build_app_from_config
 
-    cfg = pdserve_config(engine)
+    cfg = pdserve_config(engine, PDSERVE_OVERRIDES)
     connect_or_start(cfg)
     return build_app_from_config(cfg)
 
@@ -296,14 +310,14 @@ def phase_totals() -> dict[str, tuple[float, float]]:
 
 
 def phase_means_ms(before: dict[str, tuple[float, float]],
-                   after: dict[str, tuple[float, float]]) -> dict[str, float]:
-    """Each phase's mean (ms) over the observations between two ``phase_totals``; the phases
-    no request went through are left out."""
+                   after: dict[str, tuple[float, float]]) -> dict[str, tuple[float, int]]:
+    """Each phase's mean (ms) over the observations between two ``phase_totals``, and how
+    many streams went through it; the phases none went through are left out."""
     means = {}
     for phase, (sum_s, count) in after.items():
         num = count - before[phase][1]
         if num > 0:
-            means[phase] = 1e3 * (sum_s - before[phase][0]) / num
+            means[phase] = (1e3 * (sum_s - before[phase][0]) / num, round(num))
     return means
 
 
@@ -352,12 +366,12 @@ def format_phases(results: dict[str, list[RunResult]]) -> str:
     if not runs:
         return ""
     phases = [p for p in TTFT_PHASES if any(p in r for r in runs)]
-    lines = ["pdserve's time to first token by phase (mean ms over the run's streams; "
-             "router/metrics.py TTFT_PHASES)",
-             "".ljust(12) + "".join(p.rjust(17) for p in phases)]
+    lines = ["pdserve's time to first token by phase (mean ms over the streams that went "
+             "through it, and how many did; router/metrics.py TTFT_PHASES)",
+             "".ljust(12) + "".join(p.rjust(22) for p in phases)]
     for i, r in enumerate(runs, 1):
-        lines.append(f"run {i}".ljust(12) + "".join(f"{r.get(p, float('nan')):17.1f}"
-                                                   for p in phases))
+        cells = [f"{r[p][0]:.1f} ({r[p][1]})" if p in r else "-" for p in phases]
+        lines.append(f"run {i}".ljust(12) + "".join(c.rjust(22) for c in cells))
     return "\n".join(lines)
 
 
@@ -387,6 +401,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=1, help="times each side is measured")
     parser.add_argument("--results-dir", type=Path, help="where results go (default: a new "
                         "directory under the system's temporary directory)")
+    parser.add_argument("--pdserve-config", type=Path, help="a YAML of PDConfig fields to set "
+                        "on pdserve's side (e.g. router: {pairing: {prefill_saturation_s: 2}})")
     parser.add_argument("--smoke", action="store_true", help=f"one short workload of "
                         f"{SMOKE_NUM_PROMPTS} prompts, to check the setup")
     args = parser.parse_args(argv)
@@ -401,6 +417,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO)
     args = parse_args(argv)
+    if args.pdserve_config:
+        import yaml
+
+        PDSERVE_OVERRIDES.update(yaml.safe_load(args.pdserve_config.read_text()) or {})
+        pdserve_config(engine_config(Path("unused")), PDSERVE_OVERRIDES)  # fail early
     workloads = [SMOKE] if args.smoke else [WORKLOADS[n] for n in args.workloads.split(",")]
     traffic = Traffic(SMOKE_NUM_PROMPTS if args.smoke else args.num_prompts,
                       args.request_rate, args.seed)

@@ -149,7 +149,8 @@ def test_phase_means_come_from_the_histograms_difference() -> None:
 
     before = {"route": (0.5, 10.0), "decode": (2.0, 10.0), "prefill_call": (0.0, 0.0)}
     after = {"route": (0.53, 13.0), "decode": (2.6, 13.0), "prefill_call": (0.0, 0.0)}
-    assert phase_means_ms(before, after) == pytest.approx({"route": 10.0, "decode": 200.0})
+    assert phase_means_ms(before, after) == {"route": (pytest.approx(10.0), 3),
+                                             "decode": (pytest.approx(200.0), 3)}
 
 
 def test_phases_table_lists_each_run_and_only_the_phases_seen() -> None:
@@ -158,9 +159,20 @@ def test_phases_table_lists_each_run_and_only_the_phases_seen() -> None:
     def run(phases: dict[str, float]) -> RunResult:
         return RunResult({}, 1, 0, [], [], phases)
 
-    text = format_phases({"pdserve": [run({"route": 1.25, "decode": 50.0}), run({})],
-                          "colocated": [run({})]})
+    text = format_phases({"pdserve": [run({"route": (1.25, 60), "decode": (50.0, 58)}),
+                                      run({})], "colocated": [run({})]})
     header, row = text.splitlines()[1:]
     assert header.split() == ["route", "decode"]
-    assert row.split() == ["run", "1", "1.2", "50.0"]
+    assert row.split() == ["run", "1", "1.2", "(60)", "50.0", "(58)"]
     assert format_phases({"pdserve": [run({})]}) == ""
+
+
+def test_pdserve_overrides_merge_into_the_bench_config() -> None:
+    from benchmarks.serve_compare import engine_config, pdserve_config
+
+    cfg = pdserve_config(engine_config(Path("/models/bench")), {
+        "router": {"pairing": {"prefill_saturation_s": 2.0}}, "decode": {"num_replicas": 1}})
+    assert cfg.router.pairing == {"prefill_saturation_s": 2.0}  # PairingSettings' fields
+    assert cfg.decode.num_replicas == 1 and cfg.prefill.num_replicas == 1
+    assert cfg.prefill.engine.model == cfg.decode.engine.model == "/models/bench"
+    assert cfg.prefill.cpu_cores == "0" and cfg.decode.cpu_cores == "1"
