@@ -176,6 +176,7 @@ def table_title(workload: str, traffic: Traffic, results: dict[str, list[RunResu
 def plot_cdfs(results: dict[str, dict[str, list[RunResult]]], path: Path) -> None:
     """One row per workload: the TTFT and the ITL CDFs of both sides (all runs pooled)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     fig = Figure(figsize=(11, 3.6 * len(results)), layout="constrained")
     axes = fig.subplots(len(results), 2, squeeze=False)
@@ -188,6 +189,7 @@ def plot_cdfs(results: dict[str, dict[str, list[RunResult]]], path: Path) -> Non
                     ax.ecdf(samples, label=side)
             ax.set(xscale="log", xlabel=f"{name} (ms)", ylabel="fraction",
                    title=f"{workload}: {name}")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # labels at powers of ten only
             ax.grid(alpha=0.3)
             ax.legend()
     fig.savefig(path, dpi=110)

@@ -255,7 +255,11 @@ def _pair(store: Any, rank: int, timeout_s: float) -> tuple[str, Any]:
     timeout = datetime.timedelta(seconds=timeout_s)
     if rank == 0:
         base = os.path.join(SHM_DIR, f"{NAME_PREFIX}{uuid.uuid4().hex}")
-        header = np.memmap(base + "-header", dtype=np.int64, mode="w+", shape=(2 * _SLOT,))
+        try:
+            header = np.memmap(base + "-header", dtype=np.int64, mode="w+", shape=(2 * _SLOT,))
+        except OSError as e:  # no usable SHM_DIR here: tell the peer, so both use Gloo
+            store.set(_STORE_KEY, "")
+            raise LinkError(f"cannot make shared memory in {SHM_DIR}: {e}") from e
         try:
             store.set(_STORE_KEY, base)
             _store_wait(store, _ATTACHED_KEY, timeout)
@@ -266,6 +270,8 @@ def _pair(store: Any, rank: int, timeout_s: float) -> tuple[str, Any]:
         return base, header
     _store_wait(store, _STORE_KEY, timeout)
     base = store.get(_STORE_KEY).decode()
+    if not base:
+        raise LinkError("the peer has no shared memory to offer")
     try:
         header = _map_existing(base + "-header").view(np.int64)
     except LinkError:

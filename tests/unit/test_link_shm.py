@@ -234,6 +234,17 @@ def test_same_host_link_falls_back_to_gloo_when_the_peer_cannot_map(
     receiver.close()
 
 
+def test_same_host_link_falls_back_to_gloo_without_a_shared_memory_directory(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    monkeypatch.setattr(link_shm, "SHM_DIR", str(tmp_path / "missing"))
+    sender, receiver = pair(same_host_link)
+    assert isinstance(sender, TorchDistLink) and isinstance(receiver, TorchDistLink)
+    data = payload(1000, seed=3)
+    assert torch.equal(transfer(sender, receiver, data, 5), data)
+    sender.close()
+    receiver.close()
+
+
 def test_a_cuda_device_is_refused() -> None:
     with pytest.raises(LinkError, match="host memory"):
         ShmLink(None, "g", PREFILL_RANK, torch.device("cuda"), HOST, 1.0)
