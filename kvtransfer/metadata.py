@@ -4,6 +4,8 @@ report back once at start-up (their bound addresses, through vLLM's handshake me
 from __future__ import annotations
 
 import dataclasses
+import logging
+from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorHandshakeMetadata,
@@ -73,3 +75,27 @@ class PDHandshake(KVConnectorHandshakeMetadata):
 
     host: str
     port: int
+
+
+@dataclasses.dataclass
+class Outbox:
+    """The scheduler side's specs for its workers' next step, and its counters: shared by its
+    prefill and decode halves (``kvtransfer.scheduler``, ``kvtransfer.scheduler_decode``)."""
+
+    counts: dict[str, int]
+    holds: list[HoldSpec] = dataclasses.field(default_factory=list)
+    loads: list[LoadSpec] = dataclasses.field(default_factory=list)
+    claims: list[ClaimSpec] = dataclasses.field(default_factory=list)
+    warned: set[str] = dataclasses.field(default_factory=set)
+
+    def warn(self, kind: str, message: str, *args: Any) -> None:
+        """Log the first problem of each kind as a warning, later ones at debug level."""
+        logging.getLogger("kvtransfer.scheduler").log(
+            logging.DEBUG if kind in self.warned else logging.WARNING, message, *args)
+        self.warned.add(kind)
+
+    def take(self, lease_s: float) -> PDConnectorMetadata:
+        """This step's specs (and the queues emptied for the next)."""
+        meta = PDConnectorMetadata(self.holds, self.loads, self.claims, lease_s)
+        self.holds, self.loads, self.claims = [], [], []
+        return meta

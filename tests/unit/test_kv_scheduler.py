@@ -412,7 +412,7 @@ def test_finished_after_loading_releases_nothing_more() -> None:
     assert sched.request_finished(request, [1, 2, 3, 4]) == (False, None)
     meta = sched.build_connector_meta()
     assert meta.loads == [] and meta.holds == []
-    assert sched._transfers == {} and sched._request_transfer == {}  # nothing leaks
+    assert sched.decode._transfers == {} and sched.decode._request_transfer == {}  # nothing leaks
 
 
 def test_finished_with_bad_params_releases_nothing() -> None:
@@ -562,7 +562,7 @@ def test_siblings_of_one_transfer_load_it_once() -> None:
     meta = sched.build_connector_meta()
     assert meta.loads == [] and meta.claims == []  # the load's own DONE released it
     assert sched.counts["num_duplicate_loads"] == 2
-    assert sched._transfers == {} and sched._request_transfer == {} and sched._loading == {}
+    assert sched.decode._transfers == {} and sched.decode._request_transfer == {} and sched.decode._loading == {}
 
 
 def test_siblings_wait_for_an_aborted_loader_then_compute() -> None:
@@ -578,7 +578,7 @@ def test_siblings_wait_for_an_aborted_loader_then_compute() -> None:
     b.status = RequestStatus.FINISHED_STOPPED
     sched.request_finished(b, [1])
     assert sched.build_connector_meta().loads[1:] == []
-    assert sched._transfers == {}
+    assert sched.decode._transfers == {}
 
 
 def test_a_sibling_with_everything_cached_does_not_release_the_others_transfer() -> None:
