@@ -562,7 +562,8 @@ def test_siblings_of_one_transfer_load_it_once() -> None:
     meta = sched.build_connector_meta()
     assert meta.loads == [] and meta.claims == []  # the load's own DONE released it
     assert sched.counts["num_duplicate_loads"] == 2
-    assert sched.decode._transfers == {} and sched.decode._request_transfer == {} and sched.decode._loading == {}
+    decode = sched.decode
+    assert decode._transfers == {} and decode._request_transfer == {} and decode._loading == {}
 
 
 def test_siblings_wait_for_an_aborted_loader_then_compute() -> None:
