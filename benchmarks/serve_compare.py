@@ -10,6 +10,8 @@ in turn with each side, each on a Ray cluster of its own that is shut down befor
 side starts:
 
 - pdserve: one prefill replica pinned to core 0, one decode replica on core 1, its router;
+  Ray's processes, the router, the proxy and the replicas' front ends run on the decode core
+  (``serving_cores``), so the prefill core computes only prefills;
 - colocated: two plain vLLM engines with the same settings, one per core, behind Ray Serve
   (benchmarks/colocated.py).
 
@@ -44,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from benchmarks.cpu_usage import Usage
     from cluster.config import EngineConfig, PDConfig
 
 SIDES = ("pdserve", "colocated")
@@ -100,6 +103,7 @@ class RunResult:
     itls_ms: list[float]  # every gap between tokens of successful requests
     # pdserve's TTFT split: phase -> (mean ms, streams that went through it)
     phases_ms: dict[str, tuple[float, int]] = dataclasses.field(default_factory=dict)
+    cpu: Usage | None = None  # where the CPU went while the workload ran
 
 
 def load_result(path: Path) -> RunResult:
@@ -203,13 +207,15 @@ def engine_config(model: Path) -> EngineConfig:
 
 
 def pdserve_config(engine: EngineConfig, overrides: dict[str, Any] | None = None) -> PDConfig:
-    """pdserve's defaults (prefill on core 0, decode on core 1) serving ``engine``, with
-    ``overrides`` (PDConfig fields, merged key by key: ``--pdserve-config``) on top."""
+    """pdserve's defaults (prefill on core 0, decode on core 1, everything else on the decode
+    core) serving ``engine``, with ``overrides`` (PDConfig fields, merged key by key:
+    ``--pdserve-config``) on top."""
     from cluster.config import PDConfig, PoolConfig
 
     defaults = PDConfig()
     base = PDConfig(prefill=PoolConfig(engine=engine, cpu_cores=defaults.prefill.cpu_cores),
-                    decode=PoolConfig(engine=engine, cpu_cores=defaults.decode.cpu_cores))
+                    decode=PoolConfig(engine=engine, cpu_cores=defaults.decode.cpu_cores),
+                    serving_cores=defaults.decode.cpu_cores)
     return PDConfig.model_validate(_merged(base.model_dump(), overrides or {}))
 
 
@@ -340,6 +346,8 @@ def measure_side(side: str, engine: EngineConfig, workloads: list[Workload],
                  traffic: Traffic, out_dir: Path, run: int) -> dict[str, RunResult]:
     """Start ``side``, warm it up, send every workload, tear it down; results by workload.
     For pdserve, each result also holds the mean of each TTFT phase (router/metrics.py)."""
+    from benchmarks import cpu_usage
+
     model = Path(engine.model)
     results = {}
     with serving(side, engine) as url:
@@ -350,8 +358,10 @@ def measure_side(side: str, engine: EngineConfig, workloads: list[Workload],
         for workload in workloads:
             path = out_dir / f"{workload.name}-{side}-run{run}.json"
             before = wait_for_phases(num_streams) if side == "pdserve" else None
+            cpu_before = cpu_usage.snapshot()
             run_client(client_argv(workload, traffic, url, model, path))
-            result = load_result(path)
+            result = dataclasses.replace(
+                load_result(path), cpu=cpu_usage.usage(cpu_before, cpu_usage.snapshot()))
             num_streams += result.num_completed
             if before is not None:
                 after = wait_for_phases(num_streams)
@@ -375,6 +385,14 @@ def format_phases(results: dict[str, list[RunResult]]) -> str:
         cells = [f"{r[p][0]:.1f} ({r[p][1]})" if p in r else "-" for p in phases]
         lines.append(f"run {i}".ljust(12) + "".join(c.rjust(22) for c in cells))
     return "\n".join(lines)
+
+
+def format_cpu(workload: str, results: dict[str, list[RunResult]]) -> str:
+    """Each side's CPU use while the workload ran, one block per run."""
+    from benchmarks.cpu_usage import format_usage
+
+    return "\n".join(format_usage(f"{workload}, {side} run {i}: CPU while measured", r.cpu)
+                     for side in SIDES for i, r in enumerate(results[side], 1) if r.cpu)
 
 
 def measure(workloads: list[Workload], traffic: Traffic, num_runs: int, out_dir: Path
@@ -433,7 +451,8 @@ def main(argv: list[str] | None = None) -> None:
     results = measure(workloads, traffic, args.runs, out_dir)
     tables = "\n\n".join(
         "\n\n".join(filter(None, (format_table(table_title(name, traffic, by_side),
-                                               table_rows(by_side)), format_phases(by_side))))
+                                               table_rows(by_side)), format_phases(by_side),
+                                format_cpu(name, by_side))))
         for name, by_side in results.items())
     (out_dir / "tables.txt").write_text(tables + "\n")
     plot = out_dir / "latency_cdfs.png"

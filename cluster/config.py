@@ -152,6 +152,13 @@ class PDConfig(_Strict):
     enable_metrics: bool = Field(
         True, description="Export the engines', the KV transfer's and the router's metrics "
         "through Ray (Prometheus, the Ray dashboard). Off, only what routing needs is kept.")
+    serving_cores: str | None = Field(
+        None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$",
+        description="CPU cores (e.g. '1' or '1-3,6') for every process of a Ray cluster that "
+        "pdserve starts itself but the engines: Ray's own processes, the HTTP proxy, the router "
+        "and the replicas; each engine (its EngineCore and workers) runs on its pool's "
+        "cpu_cores. On a small machine this keeps the prefill core for prefills. None: the "
+        "OS spreads them over every core. Ignored when joining a running cluster.")
 
     @model_validator(mode="after")
     def _pools_agree(self) -> PDConfig:

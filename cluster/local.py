@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from cluster.pools import local_num_cpus, local_resources
@@ -39,4 +41,31 @@ def connect_or_start(cfg: PDConfig, address: str | None = None) -> None:
     # Logical CPUs: at least what the replicas' workers reserve, even past the cores there are.
     num_cpus = max(os.cpu_count() or 1, math.ceil(local_num_cpus(cfg)))
     logger.info("starting a local Ray cluster with %d CPUs and resources %s", num_cpus, resources)
-    ray.init(num_cpus=num_cpus, resources=resources, include_dashboard=True)
+    with affinity(parse_cores(cfg.serving_cores) if cfg.serving_cores else None):
+        ray.init(num_cpus=num_cpus, resources=resources, include_dashboard=True)
+
+
+def parse_cores(text: str) -> set[int]:
+    """'1-3,6' -> {1, 2, 3, 6}."""
+    cores = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cores.update(range(int(first), int(last or first) + 1))
+    return cores
+
+
+@contextlib.contextmanager
+def affinity(cores: set[int] | None) -> Iterator[None]:
+    """Run the block on ``cores`` (None: unchanged), then restore the calling thread's
+    affinity; the processes it started keep ``cores`` and hand them down to theirs."""
+    if cores is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    logger.info("Ray's processes, the router and the replicas run on cores %s",
+                sorted(cores))
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)

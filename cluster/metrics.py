@@ -55,6 +55,9 @@ TRANSFER_FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "gauge", "KV blocks the prefill engine holds for decode now.", ()),
     "pdserve_kv_xfer_time_seconds": (
         "histogram", "Duration of one KV transfer (a decode load), in seconds.", ()),
+    "pdserve_kv_pull_wait_seconds": (
+        "histogram", "Part of a KV transfer: from a decode worker's PULL to the prefill "
+        "worker's SENDING (its queue and, over Gloo, its gather), in seconds.", ()),
     "pdserve_kv_num_blocks_per_transfer": (
         "histogram", "KV blocks moved by one transfer.", ()),
 }
@@ -86,6 +89,7 @@ COUNTER_FAMILIES: dict[str, tuple[str, dict[str, str]]] = {
 GAUGE_FAMILIES = {"num_held_blocks": "pdserve_kv_num_held_blocks"}
 # Per-transfer samples (a list of values per report) -> histogram family.
 SAMPLE_FAMILIES = {"xfer_time_seconds": "pdserve_kv_xfer_time_seconds",
+                   "pull_wait_seconds": "pdserve_kv_pull_wait_seconds",
                    "num_blocks_per_transfer": "pdserve_kv_num_blocks_per_transfer"}
 # vLLM's NIXL buckets: 5 ms .. 5 s for transfer times.
 XFER_TIME_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 5.0]

@@ -52,6 +52,7 @@ class UnhealthyError(RuntimeError):
     """The replica cannot serve: Ray Serve should replace it."""
 
 
+PROBE_PERIOD_S = 20.0  # at most one worker probe this often while the workers answer healthy
 DEATH_POLL_S = 0.1  # how often a check waiting for the workers looks whether the engine died
 ENGINE_DEAD = "engine dead: its EngineCore process exited or failed (EngineDeadError)"
 
@@ -59,19 +60,27 @@ ENGINE_DEAD = "engine dead: its EngineCore process exited or failed (EngineDeadE
 class EngineHealth:
     """Health checks of one ``AsyncLLM`` (``errored``, ``check_health``, ``collective_rpc``).
 
-    With ``probe_workers`` (the engine runs our KV connector) every check also asks each
-    worker for its transfer threads; one probe is in flight at a time, and a check waits at
-    most ``probe_timeout_s`` for it.
+    With ``probe_workers`` (the engine runs our KV connector) a check also asks each worker
+    for its transfer threads, unless the workers answered healthy less than
+    ``probe_period_s`` ago; one probe is in flight at a time, and a check waits at most
+    ``probe_timeout_s`` for it. Probes are spaced out because each one costs a worker a
+    core: a message on vLLM's worker queue (``shm_broadcast.MessageQueue``) makes the worker
+    spin (``sched_yield``) for ``busy_loop_s``, 1 s, after it, idle or not.
     """
 
     def __init__(self, engine: Any, probe_workers: bool, probe_timeout_s: float = 5.0,
-                 max_probe_failures: int = 2) -> None:
-        if probe_timeout_s <= 0 or max_probe_failures < 1:
-            raise ValueError("probe_timeout_s must be > 0 and max_probe_failures >= 1")
+                 max_probe_failures: int = 2, probe_period_s: float = PROBE_PERIOD_S,
+                 clock: Any = time.monotonic) -> None:
+        if probe_timeout_s <= 0 or max_probe_failures < 1 or probe_period_s < 0:
+            raise ValueError("probe_timeout_s must be > 0, max_probe_failures >= 1 and "
+                             "probe_period_s >= 0")
         self._engine = engine
         self._probe_workers = probe_workers
         self._probe_timeout_s = probe_timeout_s
         self._max_probe_failures = max_probe_failures
+        self._probe_period_s = probe_period_s
+        self._clock = clock
+        self._healthy_probe_at: float | None = None  # when workers last answered all healthy
         self._probe: asyncio.Task | None = None
         self.reason: str | None = None
         self.num_checks = 0
@@ -111,9 +120,15 @@ class EngineHealth:
             await self._engine.check_health()
         except Exception as e:
             return f"engine dead: {type(e).__name__}: {e}"
-        if not self._probe_workers:
+        if not self._probe_workers or self._recently_probed():
             return None
         return await self._probe_once()
+
+    def _recently_probed(self) -> bool:
+        """Whether the workers answered healthy within ``probe_period_s`` (and no probe is in
+        flight: a hung one is waited on at every check)."""
+        return self._probe is None and self._healthy_probe_at is not None and \
+            self._clock() - self._healthy_probe_at < self._probe_period_s
 
     async def _probe_once(self) -> str | None:
         if self._probe is None:
@@ -136,7 +151,10 @@ class EngineHealth:
             return ENGINE_DEAD if self.is_engine_dead else self._probe_failed(error)
         self.num_probe_failures = 0
         dead = [f"worker {i}: {answer}" for i, answer in enumerate(probe.result()) if answer]
-        return "KV transfer thread dead: " + "; ".join(dead) if dead else None
+        if dead:
+            return "KV transfer thread dead: " + "; ".join(dead)
+        self._healthy_probe_at = self._clock()
+        return None
 
     def _probe_failed(self, error: BaseException) -> str | None:
         self.num_probe_failures += 1

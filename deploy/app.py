@@ -16,7 +16,9 @@ workers stopped answering (cluster/worker_health.py); a check without an answer 
 marks the replica unhealthy, stops it (waiting up to ``GRACEFUL_SHUTDOWN_TIMEOUT_S`` for its
 requests, then calling ``__del__``, which stops the engine), and starts a replacement. So a dead
 engine is found about 3 x 2 s after it died; the replacement then needs the old replica's stop
-and its own engine's start.
+and its own engine's start. The workers' transfer threads are asked at most every
+``cluster.worker_health.PROBE_PERIOD_S`` while they answer healthy, so a dead one is found
+within that much more.
 
 Secret: every build makes one KV transport secret (``secrets.token_hex(32)``, unless
 ``PDSERVE_KV_SECRET`` is set where the app is built) and gives it to the prefill and decode
@@ -26,16 +28,21 @@ inherit it, and ``kvtransfer.env.kv_secret()`` reads it. It is in no config and 
 
 from __future__ import annotations
 
+import logging
+import os
 import secrets
 from typing import Any
 
 from cluster.config import PDConfig, PoolConfig
 from cluster.engine import OpenAIEngine, kv_transfer_config
+from cluster.local import parse_cores
 from cluster.pools import deployment_options
 from decode.server import DecodeServer
 from kvtransfer.env import KV_SECRET_ENV, kv_secret_text
 from prefill.server import PrefillServer
 from router.app import ROUTES, PDRouter
+
+logger = logging.getLogger(__name__)
 
 ROUTER_CLASS = "router.serve_router:PolicyRequestRouter"
 # What Ray Serve's gRPC proxy adds to its server: pdserve's service (router/grpc_api).
@@ -69,6 +76,18 @@ def kv_secret_env() -> dict[str, str]:
     return {KV_SECRET_ENV: kv_secret_text() or secrets.token_hex(32)}
 
 
+def _join_pool_cores(cfg: PDConfig, pool: PoolConfig) -> None:
+    """With ``serving_cores``, move the thread that starts the engine, and so the EngineCore
+    process it spawns, onto the pool's ``cpu_cores`` (the replica's other threads stay on the
+    serving cores): the engine's scheduling loop then shares its workers' cores rather than
+    waiting behind the router and the proxy."""
+    if cfg.serving_cores is None or pool.cpu_cores is None:
+        return
+    cores = parse_cores(pool.cpu_cores.replace("|", ","))
+    logger.info("this replica's EngineCore runs on cores %s", sorted(cores))
+    os.sched_setaffinity(0, cores)  # 0: the calling thread
+
+
 class _Replica:
     def __del__(self) -> None:
         """Ray Serve's graceful stop calls this: stop the engine (its EngineCore too)."""
@@ -82,6 +101,7 @@ class PrefillReplica(_Replica, PrefillServer):
     async def __init__(self, config: dict[str, Any]) -> None:
         cfg = PDConfig.model_validate(config)
         host = _node_ip()
+        _join_pool_cores(cfg, cfg.prefill)
         engine = await OpenAIEngine.start(
             cfg.prefill.engine, kv_transfer_config("kv_producer", connector_extra(cfg, host)),
             cfg.prefill.cpu_cores, kv_events_host=host,
@@ -95,6 +115,7 @@ class DecodeReplica(_Replica, DecodeServer):
     async def __init__(self, config: dict[str, Any]) -> None:
         cfg = PDConfig.model_validate(config)
         host = _node_ip()
+        _join_pool_cores(cfg, cfg.decode)
         engine = await OpenAIEngine.start(
             cfg.decode.engine, kv_transfer_config("kv_consumer", connector_extra(cfg, host)),
             cfg.decode.cpu_cores, kv_events_host=host,

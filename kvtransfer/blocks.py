@@ -149,9 +149,10 @@ def gather_blocks(
     import torch
 
     parts = []
+    indexes: dict[Any, torch.Tensor] = {}
     for ly in layout.layers:
         tensor = kv_caches[ly.name]
-        index = torch.tensor(block_ids, dtype=torch.long, device=tensor.device)
+        index = _index(indexes, block_ids, tensor.device)
         picked = _blocks(tensor, ly, index, heads)
         parts.append(picked.contiguous().view(torch.uint8).reshape(-1))
     if out is None:
@@ -167,13 +168,23 @@ def empty_buffer(kv_caches: dict[str, torch.Tensor], layout: KVLayout, num_block
     return torch.empty(layout.nbytes(num_blocks, num_heads), dtype=torch.uint8, device=device)
 
 
+def _index(cache: dict[Any, torch.Tensor], block_ids: list[int], device: Any) -> torch.Tensor:
+    """``block_ids`` as an index tensor on ``device``, made once per call of gather or
+    scatter (every torch call of a transfer thread may wait for the GIL)."""
+    import torch
+
+    index = cache.get(device)
+    if index is None:
+        index = cache[device] = torch.tensor(block_ids, dtype=torch.long, device=device)
+    return index
+
+
 def scatter_blocks(
     kv_caches: dict[str, torch.Tensor], layout: KVLayout, block_ids: list[int], buffer,
     heads: tuple[int, int] | None = None,
 ) -> None:
     """Write a buffer made by ``gather_blocks`` into ``block_ids`` of every layer (into local
     heads ``(first, count)`` when given; the sender's head count must equal ``count``)."""
-    import torch
 
     num_heads = None if heads is None else heads[1]
     expected = layout.nbytes(len(block_ids), num_heads)
@@ -181,11 +192,12 @@ def scatter_blocks(
         raise ValueError(f"buffer holds {buffer.numel()} bytes, {len(block_ids)} blocks need "
                          f"{expected}")
     offset = 0
+    indexes: dict[Any, torch.Tensor] = {}
     for ly in layout.layers:
         tensor = kv_caches[ly.name]
         nbytes = ly.nbytes(len(block_ids), num_heads)
         chunk = buffer[offset : offset + nbytes].view(tensor.dtype)
-        index = torch.tensor(block_ids, dtype=torch.long, device=tensor.device)
+        index = _index(indexes, block_ids, tensor.device)
         shape = list(ly.block_shape)
         if heads is not None and heads[1] != ly.num_heads:
             # Write into a view of only these heads: pulls from several prefill workers fill

@@ -22,7 +22,10 @@ Scheduler side (engine-core process) -> ``kvtransfer.scheduler.PDScheduler``:
 Worker side (each TP x PP worker process) -> ``kvtransfer.worker.PDWorker``:
     ``register_kv_caches``        start the endpoint threads (bind, then report the address)
     ``get_handshake_metadata``    this worker's bound host and port (``PDHandshake``)
-    ``start_load_kv``             register holds, send claims, queue loads
+    ``bind_connector_metadata``   register holds, send claims, queue loads, before the forward
+                                   (vLLM calls ``start_load_kv`` after the forward when no load
+                                   is synchronous: on a CPU, a whole prefill step later, while
+                                   decode already pulls the hold; ``start_load_kv`` is a no-op)
     ``get_transfer_results``      finished sends, finished and failed loads
     ``get_block_ids_with_load_errors``  blocks of failed loads (vLLM recomputes them)
     ``get_kv_connector_stats``    counter deltas; ``shutdown`` joins the threads
@@ -58,6 +61,7 @@ from kvtransfer.worker import PDWorker
 if TYPE_CHECKING:
     import torch
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -121,12 +125,18 @@ class PDConnector(KVConnectorBase_V1):
     def get_handshake_metadata(self) -> PDHandshake | None:
         return None if self.worker_side is None else self.worker_side.handshake()
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        self._start_step(connector_metadata)
+
     @never_raises(lambda: None)
-    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        meta = self._get_connector_metadata()
+    def _start_step(self, meta: KVConnectorMetadata) -> None:
         if not isinstance(meta, PDConnectorMetadata):
             raise TypeError(f"connector metadata is a {type(meta).__name__}")
         self.worker_side.start(meta)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        return  # done in bind_connector_metadata
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return

@@ -249,9 +249,12 @@ class ConsumerEndpoint:
 
     # -- callbacks from the channels ------------------------------------------------------------
 
-    def _on_result(self, part: Part, ok: bool, num_bytes: int, duration_s: float) -> None:
+    def _on_result(self, part: Part, ok: bool, num_bytes: int, duration_s: float,
+                   pull_wait_s: float = 0.0) -> None:
         spec = part.spec
         with self._lock:
+            if ok:
+                self._samples["pull_wait_seconds"].append(pull_wait_s)
             pending = self._pending.get(id(spec))
             if pending is not None:  # one part of several
                 pending.parts_left -= 1

@@ -66,7 +66,8 @@ class LoadContext:
     zmq_ctx: zmq.Context
     link_factory: Callable[..., Link]
     next_tag: Callable[[], int]
-    on_result: Callable[[Part, bool, int, float], None]  # part, ok, bytes, seconds
+    # part, ok, bytes, seconds in all, seconds waiting for the peer's SENDING (0 if none)
+    on_result: Callable[[Part, bool, int, float, float], None]
     notify: Callable[[Address, str, int], None]  # address, transfer id, pullers
 
 
@@ -140,6 +141,7 @@ class PeerChannel:
     def _run_load(self, part: Part) -> None:
         num_bytes, ok = 0, False
         started_s = time.monotonic()
+        self._pull_wait_s = 0.0
         spec = part.spec
         try:
             num_bytes = self._load(part)
@@ -151,7 +153,7 @@ class PeerChannel:
             if drop:
                 self._drop()
             self._ctx.notify(self.address, spec.transfer_id, part.pullers)
-        self._ctx.on_result(part, ok, num_bytes, time.monotonic() - started_s)
+        self._ctx.on_result(part, ok, num_bytes, time.monotonic() - started_s, self._pull_wait_s)
 
     def _load(self, part: Part) -> int:
         ctx = self._ctx
@@ -159,7 +161,9 @@ class PeerChannel:
         if time.monotonic() < self._dead_until:
             raise TransferError("the peer did not answer recently", drop=False)
         tag = ctx.next_tag()
+        pulled_s = time.monotonic()
         reply = self._pull(part, tag)
+        self._pull_wait_s = time.monotonic() - pulled_s
         num_heads = None if part.local_heads is None else part.local_heads[1]
         num_bytes = ctx.layout.nbytes(len(spec.local_block_ids), num_heads)
         if reply["num_bytes"] != num_bytes:

@@ -39,6 +39,7 @@ COUNTERS = (
 GAUGES = ("num_held_blocks",)  # prefill scheduler: KV blocks held for decode right now
 # Per-transfer samples (lists, concatenated when stats merge), from decode workers:
 SAMPLES = ("xfer_time_seconds",  # one successful load's duration, PULL to scattered blocks
+           "pull_wait_seconds",  # one successful part's wait from PULL to the peer's SENDING
            "num_blocks_per_transfer")  # one successful load's blocks
 
 

@@ -39,6 +39,7 @@ class FakeAsyncLLM:
 def make(answers=None, probe=True, **kwargs) -> tuple[FakeAsyncLLM, EngineHealth]:
     engine = FakeAsyncLLM(answers)
     kwargs.setdefault("probe_timeout_s", 0.05)
+    kwargs.setdefault("probe_period_s", 0.0)
     return engine, EngineHealth(engine, probe_workers=probe, **kwargs)
 
 
@@ -48,6 +49,26 @@ async def test_healthy_engine_and_workers() -> None:
     assert engine.rpc_calls == [(PROBE_METHOD, 0.05)]
     assert health.summary()["healthy"] is True
     assert health.summary()["num_checks"] == 1
+
+
+async def test_workers_probed_at_most_once_a_period_while_healthy() -> None:
+    now = [100.0]
+    engine, health = make([[None], [None], ["thread died"], ["thread died"]],
+                          probe_period_s=20.0, clock=lambda: now[0])
+    await health.check()
+    now[0] += 19.9
+    await health.check()  # answered healthy 19.9 s ago: not asked again
+    assert len(engine.rpc_calls) == 1
+    now[0] += 0.1
+    await health.check()
+    assert len(engine.rpc_calls) == 2
+    now[0] += 20.0
+    with pytest.raises(UnhealthyError, match="worker 0: thread died"):
+        await health.check()
+    now[0] += 1.0
+    with pytest.raises(UnhealthyError):  # an unhealthy answer is not kept for a period
+        await health.check()
+    assert len(engine.rpc_calls) == 4
 
 
 async def test_dead_engine_raises_without_asking_the_workers() -> None:
@@ -139,6 +160,8 @@ def test_bad_settings_are_refused() -> None:
         EngineHealth(FakeAsyncLLM(), probe_workers=True, probe_timeout_s=0)
     with pytest.raises(ValueError):
         EngineHealth(FakeAsyncLLM(), probe_workers=True, max_probe_failures=0)
+    with pytest.raises(ValueError):
+        EngineHealth(FakeAsyncLLM(), probe_workers=True, probe_period_s=-1)
 
 
 def test_summary_sees_a_death_before_the_next_check() -> None:

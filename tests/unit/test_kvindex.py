@@ -269,3 +269,20 @@ def test_memory_estimate_grows_with_blocks() -> None:
     empty = index.estimate_memory_bytes()
     index.insert("a", hash_token_blocks(list(range(1600)), 16))
     assert index.estimate_memory_bytes() > empty + 100 * 64
+
+
+def test_match_depths_past_gaps() -> None:
+    """Each replica's matched depth, wherever it stops; blocks past a gap do not count."""
+    rng = random.Random(3)
+    index = KVIndex()
+    chains = [rng.getrandbits(64) for _ in range(20)]
+    depths = {"a": 0, "b": 1, "c": 3, "d": 7, "e": 20, "f": 13}
+    for replica, depth in depths.items():
+        index.add_replica(replica, is_event_fed=False)
+        index.insert(replica, chains[:depth])
+    index.insert("a", chains[5:9])
+    want = {r: d for r, d in depths.items() if d}
+    assert index.match(chains) == want
+    assert index.match(chains[:10]) == {r: min(d, 10) for r, d in want.items()}
+    assert index.match([]) == {}
+    assert index.match([rng.getrandbits(64)] + chains) == {}

@@ -255,7 +255,10 @@ def test_two_loads_over_one_pair(
     assert sorted(samples["num_blocks_per_transfer"]) == [1, 2]
     assert len(samples["xfer_time_seconds"]) == 2
     assert all(0 < s < 10 for s in samples["xfer_time_seconds"])
-    assert consumer.endpoint.take_samples() == {"xfer_time_seconds": [],
+    assert len(samples["pull_wait_seconds"]) == 2
+    assert all(0 < w <= s for w, s in zip(sorted(samples["pull_wait_seconds"]),
+                                          sorted(samples["xfer_time_seconds"]), strict=True))
+    assert consumer.endpoint.take_samples() == {"xfer_time_seconds": [], "pull_wait_seconds": [],
                                                 "num_blocks_per_transfer": []}
 
 

@@ -157,3 +157,24 @@ def test_samples_concatenate_and_log_as_their_mean() -> None:
     assert total.reduce()["xfer_time_seconds"] == 0.5 and total.reduce()["num_loads"] == 3
     assert not TransferStats.from_counts({"xfer_time_seconds": [0.1]}).is_empty()
     assert TransferStats.from_counts({"xfer_time_seconds": []}).is_empty()
+
+
+def test_holds_register_when_the_metadata_is_bound_not_after_the_forward(
+        producer_worker: PDWorker) -> None:
+    """vLLM binds a step's metadata before its forward and calls start_load_kv after it (when
+    no load is synchronous): a hold registered only then would answer decode's pull
+    'unknown' for a whole prefill step."""
+    from kvtransfer.connector import PDConnector
+
+    connector = PDConnector.__new__(PDConnector)  # the worker side only, no vLLM config
+    connector.worker_side = producer_worker
+    connector.num_hook_errors = 0
+    connector._failed_hooks = set()
+    connector._connector_metadata = None
+    connector.bind_connector_metadata(
+        PDConnectorMetadata(holds=[HoldSpec("t-1", "req-1", [1, 2])], lease_s=60))
+    assert len(producer_worker.holds) == 1  # before any forward
+    connector.start_load_kv(SimpleNamespace())
+    assert len(producer_worker.holds) == 1  # not registered twice
+    connector.bind_connector_metadata(object())  # a foreign metadata: counted, not raised
+    assert connector.num_hook_errors == 1
