@@ -164,11 +164,12 @@ async def replaced_and_serving(client, role: str, killed: str, killed_at: float,
     (new,) = [rid for rid in ids if rid != killed and rid not in _seen[role]]
     before = await replica_stats(role, new)
     key = "prompt_tokens_total" if role == "prefill" else "generation_tokens_total"
-    # The router may send one round of short requests all to the older replica (equal load,
-    # nothing cached): a few rounds, until the new one has taken some.
+    # Prompts that share no block (the router sends a shared prefix where it is cached, the
+    # older replica), concurrent so that load spreads them; a few rounds, until the new
+    # replica has taken some.
     for round_ in range(4):
-        bodies = [completion_body(engine_config, f"after the {role} replica was replaced "
-                                  f"{round_}-{i}") for i in range(12)]
+        bodies = [completion_body(engine_config, f"{round_}-{i}: after the {role} replica was "
+                                  "replaced") for i in range(12)]
         results = await asyncio.gather(*(one_request(client, b) for b in bodies))
         assert all(status == "ok" for status, _ in results), results
         after = await replica_stats(role, new)
