@@ -149,11 +149,9 @@ def gather_blocks(
     import torch
 
     parts = []
-    indexes: dict[Any, torch.Tensor] = {}
+    index = _block_index(kv_caches, block_ids)
     for ly in layout.layers:
-        tensor = kv_caches[ly.name]
-        index = _index(indexes, block_ids, tensor.device)
-        picked = _blocks(tensor, ly, index, heads)
+        picked = _blocks(kv_caches[ly.name], ly, index, heads)
         parts.append(picked.contiguous().view(torch.uint8).reshape(-1))
     if out is None:
         return torch.cat(parts)
@@ -164,19 +162,21 @@ def empty_buffer(kv_caches: dict[str, torch.Tensor], layout: KVLayout, num_block
                  num_heads: int | None = None):
     import torch
 
-    device = next(iter(kv_caches.values())).device
-    return torch.empty(layout.nbytes(num_blocks, num_heads), dtype=torch.uint8, device=device)
+    return torch.empty(layout.nbytes(num_blocks, num_heads), dtype=torch.uint8,
+                       device=_device(kv_caches))
 
 
-def _index(cache: dict[Any, torch.Tensor], block_ids: list[int], device: Any) -> torch.Tensor:
-    """``block_ids`` as an index tensor on ``device``, made once per call of gather or
-    scatter (every torch call of a transfer thread may wait for the GIL)."""
+def _device(kv_caches: dict[str, torch.Tensor]) -> torch.device:
+    """The device of a worker's KV caches (all its layers share one)."""
+    return next(iter(kv_caches.values())).device
+
+
+def _block_index(kv_caches: dict[str, torch.Tensor], block_ids: list[int]) -> torch.Tensor:
+    """``block_ids`` as an index tensor on the caches' device, made once per gather or
+    scatter rather than once per layer."""
     import torch
 
-    index = cache.get(device)
-    if index is None:
-        index = cache[device] = torch.tensor(block_ids, dtype=torch.long, device=device)
-    return index
+    return torch.tensor(block_ids, dtype=torch.long, device=_device(kv_caches))
 
 
 def scatter_blocks(
@@ -185,19 +185,17 @@ def scatter_blocks(
 ) -> None:
     """Write a buffer made by ``gather_blocks`` into ``block_ids`` of every layer (into local
     heads ``(first, count)`` when given; the sender's head count must equal ``count``)."""
-
     num_heads = None if heads is None else heads[1]
     expected = layout.nbytes(len(block_ids), num_heads)
     if buffer.numel() != expected:
         raise ValueError(f"buffer holds {buffer.numel()} bytes, {len(block_ids)} blocks need "
                          f"{expected}")
     offset = 0
-    indexes: dict[Any, torch.Tensor] = {}
+    index = _block_index(kv_caches, block_ids)
     for ly in layout.layers:
         tensor = kv_caches[ly.name]
         nbytes = ly.nbytes(len(block_ids), num_heads)
         chunk = buffer[offset : offset + nbytes].view(tensor.dtype)
-        index = _index(indexes, block_ids, tensor.device)
         shape = list(ly.block_shape)
         if heads is not None and heads[1] != ly.num_heads:
             # Write into a view of only these heads: pulls from several prefill workers fill

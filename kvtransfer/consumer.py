@@ -250,7 +250,7 @@ class ConsumerEndpoint:
     # -- callbacks from the channels ------------------------------------------------------------
 
     def _on_result(self, part: Part, ok: bool, num_bytes: int, duration_s: float,
-                   pull_wait_s: float = 0.0) -> None:
+                   pull_wait_s: float) -> None:
         spec = part.spec
         with self._lock:
             if ok:

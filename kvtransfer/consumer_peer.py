@@ -139,12 +139,11 @@ class PeerChannel:
             self._drop()
 
     def _run_load(self, part: Part) -> None:
-        num_bytes, ok = 0, False
+        num_bytes, pull_wait_s, ok = 0, 0.0, False
         started_s = time.monotonic()
-        self._pull_wait_s = 0.0
         spec = part.spec
         try:
-            num_bytes = self._load(part)
+            num_bytes, pull_wait_s = self._load(part)
             ok = True
         except Exception as e:  # a failed load must never end the thread or hang the request
             drop = not isinstance(e, TransferError) or e.drop
@@ -153,9 +152,10 @@ class PeerChannel:
             if drop:
                 self._drop()
             self._ctx.notify(self.address, spec.transfer_id, part.pullers)
-        self._ctx.on_result(part, ok, num_bytes, time.monotonic() - started_s, self._pull_wait_s)
+        self._ctx.on_result(part, ok, num_bytes, time.monotonic() - started_s, pull_wait_s)
 
-    def _load(self, part: Part) -> int:
+    def _load(self, part: Part) -> tuple[int, float]:
+        """Pull and scatter one part: (bytes received, seconds waited for SENDING)."""
         ctx = self._ctx
         spec = part.spec
         if time.monotonic() < self._dead_until:
@@ -163,7 +163,7 @@ class PeerChannel:
         tag = ctx.next_tag()
         pulled_s = time.monotonic()
         reply = self._pull(part, tag)
-        self._pull_wait_s = time.monotonic() - pulled_s
+        pull_wait_s = time.monotonic() - pulled_s
         num_heads = None if part.local_heads is None else part.local_heads[1]
         num_bytes = ctx.layout.nbytes(len(spec.local_block_ids), num_heads)
         if reply["num_bytes"] != num_bytes:
@@ -183,7 +183,7 @@ class PeerChannel:
         wait_for_device(ctx.device, time.monotonic() + ctx.timeout_s)
         self._send(MsgType.DONE, transfer_id=spec.transfer_id, peer_id=ctx.peer_id,
                    pullers=part.pullers)
-        return num_bytes
+        return num_bytes, pull_wait_s
 
     def _pull(self, part: Part, tag: int) -> dict[str, Any]:
         """PULL until SENDING; retry while the hold is not registered yet, re-pair once."""
