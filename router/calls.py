@@ -127,8 +127,16 @@ class ReplicaCalls:
         id serves one engine request). ``arrival_s``: when the request arrived
         (``time.monotonic``)."""
         request = self._track(ctx, arrival_s)
+        request.phases.prefill_sent_s = time.monotonic()
+        try:
+            return await self._prefill_attempts(kind, body, ctx, pin, used, request)
+        finally:
+            self._coordinator.prefill_done(ctx)
+
+    async def _prefill_attempts(self, kind: str, body: dict[str, Any], ctx: RoutingContext,
+                                pin: str | None, used: list[str],
+                                request: _Request) -> dict[str, Any] | Response | None:
         phases = request.phases
-        phases.prefill_sent_s = time.monotonic()
         tried: list[str | None] = []
         is_all_busy = True
         for _ in range(1 + self.limits.prefill_retries):
@@ -233,6 +241,7 @@ class ReplicaCalls:
             gen.cancel()
             self._coordinator.done(ctx, used)
             return JSONResponse(first, status_code=status_of(first))
+        self._coordinator.prefill_done(ctx)  # a local prefill is over once a token came
         used.extend([pin] if pin else [])
         return StreamingResponse(self._relay(first, gen, ctx, pin, used, timer),
                                  media_type="text/event-stream")

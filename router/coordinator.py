@@ -6,7 +6,9 @@ Ray Serve request routers of the prefill and decode handles report the replicas 
 (``observe``) and send a request where the coordinator pinned it; the ingress asks it for a
 pair per request (``choose``), another replica after a failure (``choose_prefill``,
 ``choose_decode``), and reports failures (``mark_failed``), fallbacks (``count_local_prefill``,
-``count_decode_retry``) and completions (``done``). A replica whose call failed is left out of
+``count_decode_retry``), computed prompts (``prefill_done``) and completions (``done``). What
+it sent and is not done yet counts in the replicas' load until their next report shows it
+(``router.routed_work``). A replica whose call failed is left out of
 both choices (``router.health``) for ``failed_replica_s`` (``busy_replica_s`` after a 503), or
 until Ray Serve stops listing it.
 
@@ -32,6 +34,7 @@ from router.metrics import RouterMetrics
 from router.pairing import PairChoice, PairingSettings, PairSelector
 from router.policies import make_policy
 from router.policy import Candidate, ReplicaLoad, RoutingContext, RoutingPolicy
+from router.routed_work import RoutedWork, fill_speeds
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -83,6 +86,7 @@ class RoutingCoordinator:
         self.metrics = RouterMetrics(settings.enable_metrics)
         self.degradations = Degradations(self.metrics)
         self._events_reported: dict[str, int] = {}
+        self.routed = RoutedWork()
 
     # -- what the request routers report ------------------------------------------------------
 
@@ -137,7 +141,8 @@ class RoutingCoordinator:
     def candidates(self, role: str, exclude: Sequence[str | None] = ()) -> list[Candidate]:
         """The live, healthy replicas of ``role``, but ``exclude``."""
         now = time.monotonic()
-        return [Candidate(rid, load) for rid, load in self._loads[role].items()
+        return [Candidate(rid, self.routed.load(rid, load))
+                for rid, load in fill_speeds(self._loads[role]).items()
                 if rid not in exclude and self.health.is_healthy(rid, now)]
 
     @_locked
@@ -158,6 +163,11 @@ class RoutingCoordinator:
         prefill = self.candidates("prefill")
         choice = self.pairs.select(prefill, decode, ctx)
         self.metrics.decision_latency(time.perf_counter() - started_s)
+        now = time.monotonic()
+        computed_on = choice.decode if choice.is_local_prefill else choice.prefill
+        self.routed.prefill(ctx.request_id, computed_on.replica_id,
+                            ctx.uncached_tokens(computed_on.replica_id), now)
+        self.routed.decode(ctx.request_id, choice.decode.replica_id, now)
         if choice.is_local_prefill:
             self.count_local_prefill("policy" if prefill else "no_prefill_replica")
         else:
@@ -182,14 +192,29 @@ class RoutingCoordinator:
                        exclude: Sequence[str | None] = ()) -> Candidate | None:
         """Another prefill replica for a retry (failed ones and ``exclude`` are left out)."""
         prefill = self.candidates("prefill", exclude)
-        return self.pairs.prefill_policy.select(prefill, ctx) if prefill else None
+        if not prefill:
+            return None
+        choice = self.pairs.prefill_policy.select(prefill, ctx)
+        self.routed.prefill(ctx.request_id, choice.replica_id,
+                            ctx.uncached_tokens(choice.replica_id), time.monotonic())
+        return choice
 
     @_locked
     def choose_decode(self, ctx: RoutingContext,
                       exclude: Sequence[str | None] = ()) -> Candidate | None:
         """A decode replica (for a request that skips the pairing, or a retry)."""
         decode = self.candidates("decode", exclude)
-        return self.pairs.decode_policy.select(decode, ctx) if decode else None
+        if not decode:
+            return None
+        choice = self.pairs.decode_policy.select(decode, ctx)
+        self.routed.decode(ctx.request_id, choice.replica_id, time.monotonic())
+        return choice
+
+    @_locked
+    def prefill_done(self, ctx: RoutingContext) -> None:
+        """The request's prompt was computed (or its prefill call ended): it no longer counts
+        as queued prefill work on the replica it went to."""
+        self.routed.prefill_done(ctx.request_id)
 
     @_locked
     def mark_failed(self, role: str, replica_id: str, reason: str, is_busy: bool = False) -> None:
@@ -227,6 +252,7 @@ class RoutingCoordinator:
         for rid in replica_ids:
             self._policy("prefill" if rid in self._loads["prefill"] else "decode") \
                 .on_request_done(rid, ctx)
+        self.routed.done(ctx.request_id)
 
     def _policy(self, role: str) -> RoutingPolicy:
         return self.pairs.prefill_policy if role == "prefill" else self.pairs.decode_policy

@@ -191,25 +191,34 @@ async def idle() -> bool:
 
 async def test_cancelled_stream_frees_blocks(app, stub, engine_config, vocab_size):
     """A client that cancels a stream mid-way: both replicas drop the request and its blocks,
-    well before the lease (20 s) could free them, and the request was stopped, not run out."""
-    assert await wait_until(idle, timeout_s=30)
+    well before the lease (20 s) could free them, and the request was stopped, not run out.
+
+    Ray Serve's gRPC proxy drops a cancel that arrives while it writes a message to the client
+    (the README says so): that request runs out. So a second stream is tried when the first
+    ran out; two in a row would not be that race."""
     # 95 tokens (3 blocks), so up to 929 may be generated: the cancel has a few seconds to
     # arrive before half of them are out, even on a loaded machine.
     prompt = make_prompts(engine_config, vocab_size, seed=33)[8]
     max_tokens = engine_config.max_model_len - len(prompt)
-    generated_before = (await replica_stats("decode"))["generation_tokens_total"]
-    call = stub.StreamCompletion(completion_request(engine_config.name, prompt, max_tokens))
-    num_messages = 0
-    async for _ in call:
-        num_messages += 1
-        if num_messages >= 3:
-            break
-    call.cancel()
-    assert await wait_until(idle, timeout_s=8), [await replica_stats(r) for r in
-                                                  ("prefill", "decode")]
-    generated = (await replica_stats("decode"))["generation_tokens_total"] - generated_before
-    assert 3 <= generated < max_tokens // 2, (generated, max_tokens)
-    assert call.cancelled()
+    for attempt in range(2):
+        assert await wait_until(idle, timeout_s=30)
+        generated_before = (await replica_stats("decode"))["generation_tokens_total"]
+        call = stub.StreamCompletion(completion_request(engine_config.name, prompt, max_tokens))
+        num_messages = 0
+        async for _ in call:
+            num_messages += 1
+            if num_messages >= 3:
+                break
+        call.cancel()
+        assert await wait_until(idle, timeout_s=8), [await replica_stats(r) for r in
+                                                      ("prefill", "decode")]
+        assert call.cancelled()
+        generated = (await replica_stats("decode"))["generation_tokens_total"] - \
+            generated_before
+        assert generated >= 3
+        if generated < max_tokens // 2:
+            return
+    raise AssertionError(f"two cancelled streams ran out: {generated} of {max_tokens}")
 
 
 def test_readme_client_runs_as_is(app, engine_config):

@@ -154,3 +154,85 @@ def test_baseline_policies_see_the_prompt_blocks(policy: str) -> None:
         assert again == first
     finally:
         c.events.close()
+
+
+def test_a_burst_between_two_reports_spreads_over_the_pool() -> None:
+    """Ray Serve refreshes the replicas' reports once a second: twelve cold prompts routed
+    between two refreshes all see the same figures: on those alone, every one would go to p0,
+    which reports twice p1's speed. Counting what it sent, the router queues them on p0 until
+    p1 is the better choice, and alternates the decode replicas. A prefill that is over, or a
+    request that is done, no longer counts."""
+    from cluster.service_config import RouterConfig
+
+    shipped = RouterConfig()
+    coordinator = RoutingCoordinator(CoordinatorSettings(
+        block_size=BLOCK, prefill_policy_kwargs=shipped.prefill_policy_kwargs,
+        decode_policy_kwargs=shipped.decode_policy_kwargs, pairing=shipped.pairing))
+    coordinator.observe("prefill", {"p0": {"prefill_tokens_per_s": 2000.0},
+                                    "p1": {"prefill_tokens_per_s": 1000.0}})
+    coordinator.observe("decode", {"d0": {}, "d1": {}})
+    ctxs = [coordinator.context(f"r{k}", [t + 1000 * k for t in PROMPT]) for k in range(12)]
+    choices = [coordinator.choose(ctx) for ctx in ctxs]
+    prefills = [c.prefill.replica_id for c in choices]
+    decodes = [c.decode.replica_id for c in choices]
+    assert 1 <= prefills.count("p1") < prefills.count("p0"), prefills
+    assert decodes.count("d0") == 6, decodes
+    assert {c.replica_id: c.load.queued_prefill_tokens
+            for c in coordinator.candidates("prefill")} == {
+        "p0": 40 * prefills.count("p0"), "p1": 40 * prefills.count("p1")}
+    for ctx, choice in zip(ctxs, choices, strict=True):
+        coordinator.prefill_done(ctx)
+        coordinator.done(ctx, [choice.prefill.replica_id, choice.decode.replica_id])
+    assert all(c.load.queued_prefill_tokens == 0 for c in coordinator.candidates("prefill"))
+    assert all(c.load.num_running == 0 for c in coordinator.candidates("decode"))
+    assert len(coordinator.routed) == 0
+    coordinator.events.close()
+
+
+def test_a_replica_report_above_what_was_sent_counts(coordinator) -> None:
+    """Another ingress replica's requests show only in the report: the larger figure wins."""
+    coordinator.observe("prefill", {"p0": {"queued_prefill_tokens": 500}, "p1": {}})
+    ctx = coordinator.context("r", PROMPT)
+    assert coordinator.choose(ctx).prefill.replica_id == "p1"
+    loads = {c.replica_id: c.load for c in coordinator.candidates("prefill")}
+    assert (loads["p0"].queued_prefill_tokens, loads["p1"].queued_prefill_tokens) == (500, 40)
+
+
+def test_a_retry_moves_the_sent_work(coordinator) -> None:
+    ctx = coordinator.context("r", PROMPT)
+    first = coordinator.choose(ctx).prefill.replica_id
+    coordinator.mark_failed("prefill", first, "test")
+    retry = coordinator.choose_prefill(ctx, exclude=[first])
+    assert retry.replica_id != first
+    assert coordinator.routed.load(first, coordinator.replicas("prefill")[first]) == \
+        coordinator.replicas("prefill")[first]
+    assert coordinator.routed.load(retry.replica_id, coordinator.replicas("prefill")[
+        retry.replica_id]).queued_prefill_tokens == 40
+
+
+def test_a_new_replica_gets_the_pools_measured_speed(coordinator) -> None:
+    """A replacement replica has measured nothing yet: it is costed at its pool's mean speed,
+    not at the nominal one, which may be far from this hardware's."""
+    coordinator.observe("prefill", {"p0": {"prefill_tokens_per_s": 30000.0},
+                                    "p1": {"prefill_tokens_per_s": 50000.0}, "p2": {}})
+    speeds = {c.replica_id: c.load.prefill_tokens_per_s
+              for c in coordinator.candidates("prefill")}
+    assert speeds == {"p0": 30000.0, "p1": 50000.0, "p2": 40000.0}
+    coordinator.observe("prefill", {"p2": {}})  # nothing measured anywhere: as reported
+    assert coordinator.candidates("prefill")[0].load.prefill_tokens_per_s == 0.0
+
+
+def test_a_request_whose_end_never_came_expires() -> None:
+    from router.routed_work import RoutedWork
+
+    work = RoutedWork(ttl_s=10.0)
+    work.prefill("a", "p0", 100, now_s=0.0)
+    work.decode("a", "d0", now_s=0.0)
+    work.prefill("b", "p0", 50, now_s=5.0)
+    from router.policy import ReplicaLoad
+
+    assert work.load("p0", ReplicaLoad()).queued_prefill_tokens == 150
+    work.expire(11.0)
+    assert work.load("p0", ReplicaLoad()).queued_prefill_tokens == 50
+    assert work.load("d0", ReplicaLoad()) == ReplicaLoad()
+    assert len(work) == 1
