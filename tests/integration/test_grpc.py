@@ -200,7 +200,7 @@ async def test_cancelled_stream_frees_blocks(app, stub, engine_config, vocab_siz
     # arrive before half of them are out, even on a loaded machine.
     prompt = make_prompts(engine_config, vocab_size, seed=33)[8]
     max_tokens = engine_config.max_model_len - len(prompt)
-    for attempt in range(2):
+    for _ in range(2):
         assert await wait_until(idle, timeout_s=30)
         generated_before = (await replica_stats("decode"))["generation_tokens_total"]
         call = stub.StreamCompletion(completion_request(engine_config.name, prompt, max_tokens))
