@@ -14,12 +14,16 @@ selector keeps each decode replica's stall budget (``router.stall_budget``).
 
    - it holds the prompt: at most ``local_prefill_max_uncached_tokens`` are not cached there
      (and some are);
-   - it holds most of it (at most ``local_prefill_max_uncached_fraction`` is not cached there)
-     and much more than any prefill replica: each would compute at least
-     ``local_prefill_cost_factor`` times its remainder (a conversation whose history the prefill
-     pool has evicted but its decode replica still holds); a cold prompt never passes this;
    - the prefill pool is saturated: every prefill replica has more than
-     ``prefill_saturation_s`` of work queued.
+     ``prefill_saturation_s`` of work queued;
+   - it holds most of it (at most ``local_prefill_max_uncached_fraction`` is not cached there)
+     and much more than the prefill replica the prefill policy chose: that one would compute
+     at least ``local_prefill_cost_factor`` times its remainder. This is a conversation whose
+     history the prefill pool has evicted but its decode replica still holds, or whose prefill
+     replica is too busy and the policy sent it elsewhere: rather than computing its history
+     again there, the decode replica computes the new turn. A cold prompt never passes this.
+     The prefill policy is told the request will not run where it chose
+     (``on_request_done``).
 
    The stall: the remainder at the decode replica's measured prefill speed. A replica with no
    running sequence takes it; otherwise it must fit the replica's stall budget, which keeps the
@@ -27,7 +31,7 @@ selector keeps each decode replica's stall budget (``router.stall_budget``).
    times its measured step time) over windows of ``itl_window_s``.
 
    Always local when there is no prefill replica.
-3. Otherwise the prefill policy picks the prefill replica.
+3. Otherwise the request goes to the prefill replica the prefill policy picked.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ class PairingSettings(BaseModel):
         "prefill while sequences run)."
     )
     itl_window_s: float = Field(
-        1.0, gt=0, description="Window over which the target holds: a decode replica saves up "
+        2.0, gt=0, description="Window over which the target holds: a decode replica saves up "
         "at most this window's allowance of stall, so one local prefill stalls its sequences "
         "for at most about (1 - 1 / itl_target_factor) * itl_window_s."
     )
@@ -111,18 +115,16 @@ def is_small_remainder(settings: PairingSettings, decode: Candidate, ctx: Routin
 
 
 def has_cache_advantage(
-    settings: PairingSettings,
-    decode: Candidate,
-    prefill: Sequence[Candidate],
-    ctx: RoutingContext,
+    settings: PairingSettings, decode: Candidate, prefill: Candidate, ctx: RoutingContext
 ) -> bool:
-    """Whether every prefill replica would compute ``factor`` times the decode remainder."""
+    """Whether the decode replica holds most of the prompt, and the chosen prefill replica
+    would compute ``factor`` times the decode replica's remainder."""
     factor = settings.local_prefill_cost_factor
     remainder = ctx.uncached_tokens(decode.replica_id)
     most_cached = remainder <= settings.local_prefill_max_uncached_fraction * ctx.num_prompt_tokens
     if factor <= 0 or not most_cached:
         return False
-    return all(factor * remainder <= ctx.uncached_tokens(c.replica_id) for c in prefill)
+    return factor * remainder <= ctx.uncached_tokens(prefill.replica_id)
 
 
 def is_prefill_saturated(settings: PairingSettings, prefill: Sequence[Candidate]) -> bool:
@@ -152,20 +154,6 @@ def predicted_stall_s(settings: PairingSettings, decode: Candidate, ctx: Routing
     return ctx.uncached_tokens(decode.replica_id) / speed
 
 
-def wants_local_prefill(
-    settings: PairingSettings,
-    decode: Candidate,
-    prefill: Sequence[Candidate],
-    ctx: RoutingContext,
-) -> bool:
-    """The reasons of the module docstring (given at least one prefill replica)."""
-    return (
-        is_small_remainder(settings, decode, ctx)
-        or has_cache_advantage(settings, decode, prefill, ctx)
-        or is_prefill_saturated(settings, prefill)
-    )
-
-
 class PairSelector:
     """Chooses the prefill/decode pair of a request with one policy per pool."""
 
@@ -188,18 +176,26 @@ class PairSelector:
     ) -> PairChoice:
         if not decode_candidates:
             raise ValueError("no live decode replica")
-        decode = self.decode_policy.select(decode_candidates, ctx)
-        if not prefill_candidates or self.prefills_locally(decode, prefill_candidates, ctx):
-            return PairChoice(None, decode)
-        return PairChoice(self.prefill_policy.select(prefill_candidates, ctx), decode)
-
-    def prefills_locally(
-        self, decode: Candidate, prefill: Sequence[Candidate], ctx: RoutingContext
-    ) -> bool:
-        """Whether ``decode`` prefills this request itself; if so, its stall is spent."""
         s = self.settings
-        if not s.enable_local_prefill or not wants_local_prefill(s, decode, prefill, ctx):
-            return False
+        decode = self.decode_policy.select(decode_candidates, ctx)
+        if not prefill_candidates:
+            return PairChoice(None, decode)
+        local = s.enable_local_prefill
+        if local and (is_small_remainder(s, decode, ctx)
+                      or is_prefill_saturated(s, prefill_candidates)) \
+                and self.takes_stall(decode, ctx):
+            return PairChoice(None, decode)
+        prefill = self.prefill_policy.select(prefill_candidates, ctx)
+        if local and has_cache_advantage(s, decode, prefill, ctx) \
+                and self.takes_stall(decode, ctx):
+            self.prefill_policy.on_request_done(prefill.replica_id, ctx)  # it will not run there
+            return PairChoice(None, decode)
+        return PairChoice(prefill, decode)
+
+    def takes_stall(self, decode: Candidate, ctx: RoutingContext) -> bool:
+        """Whether ``decode``'s sequences can absorb the stall of prefilling this request
+        there; if so, the stall is spent."""
+        s = self.settings
         now_s = time.monotonic() if ctx.now_s is None else ctx.now_s
         stall_s = predicted_stall_s(s, decode, ctx)
         fraction = stall_fraction(s, decode)

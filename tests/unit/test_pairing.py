@@ -72,6 +72,23 @@ def test_decode_cache_advantage_prefills_locally_within_the_budget() -> None:
     assert not s.select(PREFILL, DECODE, ctx(10_000, {"d0": 4_000})).is_local_prefill
 
 
+def test_a_conversation_sent_away_from_its_busy_prefill_replica_is_prefilled_on_decode() -> None:
+    """p0 holds the history (9,000 of 10,000 tokens) but has 100 s of prefill queued: the
+    prefill policy sends the turn to the idle p1, which would compute all 10,000 tokens. Its
+    decode replica holds the history too and computes the 1,000 new tokens itself; the prefill
+    policy is told the request went elsewhere. With p0 idle, the turn goes back to p0."""
+    s = selector()
+    busy_home = (cand("p0", queued=1_000_000), cand("p1"))
+    history = {"p0": 9_000, "d0": 9_000}
+    assert selector().prefill_policy.select(busy_home, ctx(10_000, history)) is busy_home[1]
+    turn = ctx(10_000, history)
+    turn.block_hashes = list(range(10_000 // 16))  # so that the policy records it in flight
+    choice = s.select(busy_home, DECODE[:1], turn)
+    assert choice.is_local_prefill and choice.decode is DECODE[0]
+    assert len(s.prefill_policy._in_flight) == 0  # recorded, then taken back
+    assert s.select(PREFILL, DECODE[:1], ctx(10_000, history)).prefill is PREFILL[0]
+
+
 def test_the_stall_budget_bounds_local_prefills_on_a_busy_decode_replica() -> None:
     # Factor 1.25: a fifth of the time may go to local prefill, at most a 1 s window's worth
     # (0.2 s: 2000 tokens at 10k tokens/s) at once.
