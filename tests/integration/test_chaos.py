@@ -1,13 +1,14 @@
 """Chaos under load: two prefill and two decode replicas, 200 concurrent requests of mixed
-lengths, streaming and not, while one replica's EngineCore is SIGKILLed (what the kernel's OOM
-killer does).
+lengths, streaming and not, while one replica's EngineCore, or the replica's own process, is
+SIGKILLed (what the kernel's OOM killer does).
 
 What must hold, each time:
 - every request succeeds with the plain engine's greedy output, except streams already past
   their first token on a killed decode replica, which must end with an OpenAI error event;
 - no KV block is left held or used once the traffic stops, well within twice the lease;
-- Ray Serve replaces the killed replica (its health check fails) and the replacement takes
-  traffic again; the seconds that took are printed.
+- Ray Serve replaces the killed replica (its health check fails, or its process is gone) and
+  the replacement takes traffic again; the seconds that took are printed;
+- a killed replica process leaves no engine process behind (its EngineCore and workers).
 """
 
 from __future__ import annotations
@@ -177,8 +178,7 @@ async def replaced_and_serving(client, role: str, killed: str, killed_at: float,
             break
     assert after[key] > before[key], "the replacement replica took no traffic"
     with capsys.disabled():
-        print(f"\n{role} replica replaced and serving {replaced_s:.1f} s after its "
-              "EngineCore was killed")
+        print(f"\n{role} replica replaced and serving {replaced_s:.1f} s after the kill")
 
 
 _seen: dict[str, set[str]] = {"prefill": set(), "decode": set()}
@@ -199,6 +199,45 @@ async def test_engine_core_killed_under_load(app, client, engine_config, vocab_s
         print(f"\nSIGKILL of a {role} EngineCore under {NUM_REQUESTS} concurrent requests: "
               f"{sum(s == 'ok' for s, _ in results)} ok, {num_error_events} streams ended "
               "with an error event after their first token, 0 failed")
+    idle = await wait_until(lambda: all_idle(client, victim), timeout_s=2 * LEASE_S,
+                            interval_s=0.5)
+    assert idle, "KV blocks still held or used after twice the lease"
+    await replaced_and_serving(client, role, victim, killed_at, engine_config, capsys)
+
+
+def alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+async def test_replica_process_killed_under_load(app, client, engine_config, vocab_size,
+                                                 reference_outputs, role, capsys):
+    """The replica's own process SIGKILLed (the OOM killer's usual pick: the biggest
+    Python process), not its EngineCore: the same guarantees, and its engine processes (the
+    EngineCore and its workers, which no one can ask to stop any more) exit too, instead of
+    keeping the pool's cores and KV cache memory."""
+    ids = await live_replicas(client, role)
+    _seen[role].update(ids)
+    victim = ids[0]
+    actor = psutil.Process((await replica_stats(role, victim))["pid"])
+    engine = actor.children(recursive=True)
+    assert any("EngineCore" in " ".join([p.name(), *p.cmdline()]) for p in engine), engine
+    bodies = mixed_bodies(engine_config, vocab_size, seed=33 if role == "prefill" else 34)
+    results, killed_at = await run_load_and_kill(client, bodies, actor)
+    gone = await wait_until(lambda: not any(alive(p) for p in engine), timeout_s=30,
+                            interval_s=0.2)
+    gone_s = time.monotonic() - killed_at  # at most: the answers came back first
+    assert gone, [(p.pid, p.name()) for p in engine if alive(p)]
+    num_error_events = await check_outputs(results, bodies, reference_outputs,
+                                           allow_error_events=role == "decode")
+    with capsys.disabled():
+        print(f"\nSIGKILL of a {role} replica process under {NUM_REQUESTS} concurrent "
+              f"requests: {sum(s == 'ok' for s, _ in results)} ok, {num_error_events} "
+              f"streams ended with an error event, 0 failed; its {len(engine)} engine "
+              f"processes had exited {gone_s:.1f} s after the kill")
     idle = await wait_until(lambda: all_idle(client, victim), timeout_s=2 * LEASE_S,
                             interval_s=0.5)
     assert idle, "KV blocks still held or used after twice the lease"
