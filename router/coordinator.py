@@ -165,8 +165,7 @@ class RoutingCoordinator:
         self.metrics.decision_latency(time.perf_counter() - started_s)
         now = time.monotonic()
         computed_on = choice.decode if choice.is_local_prefill else choice.prefill
-        self.routed.prefill(ctx.request_id, computed_on.replica_id,
-                            ctx.uncached_tokens(computed_on.replica_id), now)
+        self._sent_prefill(ctx, computed_on.replica_id, now)
         self.routed.decode(ctx.request_id, choice.decode.replica_id, now)
         if choice.is_local_prefill:
             self.count_local_prefill("policy" if prefill else "no_prefill_replica")
@@ -195,8 +194,7 @@ class RoutingCoordinator:
         if not prefill:
             return None
         choice = self.pairs.prefill_policy.select(prefill, ctx)
-        self.routed.prefill(ctx.request_id, choice.replica_id,
-                            ctx.uncached_tokens(choice.replica_id), time.monotonic())
+        self._sent_prefill(ctx, choice.replica_id, time.monotonic())
         return choice
 
     @_locked
@@ -253,6 +251,10 @@ class RoutingCoordinator:
             self._policy("prefill" if rid in self._loads["prefill"] else "decode") \
                 .on_request_done(rid, ctx)
         self.routed.done(ctx.request_id)
+
+    def _sent_prefill(self, ctx: RoutingContext, replica_id: str, now_s: float) -> None:
+        """The prompt's uncached tokens are to be computed on ``replica_id``."""
+        self.routed.prefill(ctx.request_id, replica_id, ctx.uncached_tokens(replica_id), now_s)
 
     def _policy(self, role: str) -> RoutingPolicy:
         return self.pairs.prefill_policy if role == "prefill" else self.pairs.decode_policy
