@@ -27,7 +27,10 @@ from typing import Any
 HOST = "127.0.0.1"
 DEFAULT_SIZES = "64K,256K,1M,4M,16M,64M,256M"
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-LINKS = {"gloo": "kvtransfer.link:TorchDistLink", "shm": "kvtransfer.link_shm:ShmLink"}
+LINKS = {"gloo": "kvtransfer.link:TorchDistLink", "shm": "kvtransfer.link_shm:ShmLink",
+         "shm-view": "kvtransfer.link_shm:ShmLink", "cross-core": ""}
+VIEWS = "shm-view"
+FLOOR = "cross-core"  # no link: the receiver copies what the sender just wrote in shared memory
 WARMUP = 2
 TIMEOUT_S = 60.0
 
@@ -51,6 +54,8 @@ def make_link(kind: str, store: Any, rank: int) -> Any:
 
     import torch
 
+    if kind == FLOOR:
+        return None
     module, name = LINKS[kind].split(":")
     factory = getattr(importlib.import_module(module), name)
     return factory(store, f"bench/{kind}", rank, torch.device("cpu"), HOST, TIMEOUT_S)
@@ -65,7 +70,7 @@ def lead(seconds: float) -> None:
 
 def run_rank(rank: int, port: int, links: list[str], sizes: list[int], repeats: int,
              lead_s: float, threads: int, pin: bool, barrier: Any, ready: Any,
-             results: Any) -> None:
+             written: Any, shared: Any, results: Any) -> None:
     """One end: for each link and size, send (rank 0) or receive and check (rank 1)."""
     import torch
     import torch.distributed as dist
@@ -93,16 +98,36 @@ def run_rank(rank: int, port: int, links: list[str], sizes: list[int], repeats: 
                         while ready.value != tag:  # until the receiver is about to recv
                             pass
                         lead(lead_s)
-                        times.append(time.perf_counter())
-                        link.send(data, tag)
+                        if kind == FLOOR:
+                            torch.frombuffer(shared, dtype=torch.uint8, count=size).copy_(data)
+                            times.append(time.perf_counter())
+                            written.value = tag
+                        elif kind == VIEWS:
+                            with link.send_view(size, tag) as view:
+                                view.copy_(data)  # as the producer gathers into it: untimed
+                                times.append(time.perf_counter())
+                        else:
+                            times.append(time.perf_counter())
+                            link.send(data, tag)
                     else:
                         ready.value = tag
-                        link.recv(received, tag)
+                        if kind == FLOOR:
+                            while written.value != tag:
+                                pass
+                            received.copy_(torch.frombuffer(shared, dtype=torch.uint8,
+                                                            count=size))
+                        elif kind == VIEWS:
+                            with link.recv_view(size, tag) as view:
+                                received.copy_(view)  # as the consumer scatters from it
+                        else:
+                            link.recv(received, tag)
                         times.append(time.perf_counter())
-                        if not torch.equal(received, data):
-                            raise AssertionError(f"{kind}: {size} bytes differ (repeat {i})")
+                    barrier.wait()  # the sender's next bytes must not compete with this recv
+                    if rank == 1 and not torch.equal(received, data):
+                        raise AssertionError(f"{kind}: {size} bytes differ (repeat {i})")
                 results.put((rank, kind, size, times[WARMUP:]))
-            link.close()
+            if link is not None:
+                link.close()
     except BaseException as e:
         barrier.abort()
         results.put((rank, "error", 0, repr(e)))
@@ -131,10 +156,12 @@ def measure(links: list[str], sizes: list[int], repeats: int, lead_s: float, thr
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(2, timeout=TIMEOUT_S)
     ready = ctx.Value("q", 0, lock=False)  # the tag the receiver is about to recv
+    written = ctx.Value("q", 0, lock=False)  # the tag the sender wrote (cross-core only)
+    shared = ctx.RawArray("B", max(sizes) if FLOOR in links else 1)
     results = ctx.Queue()
     procs = [ctx.Process(target=run_rank, args=(rank, master.port, links, sizes, repeats,
                                                 lead_s, threads, pin, barrier, ready,
-                                                results))
+                                                written, shared, results))
              for rank in (0, 1)]
     for p in procs:
         p.start()
@@ -162,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated sizes, e.g. 64K,1M,256M (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=10,
                         help=f"timed transfers per size and link, after {WARMUP} warm-up")
-    parser.add_argument("--links", default="gloo,shm", help="link kinds: gloo, shm")
+    parser.add_argument("--links", default="gloo,shm,shm-view,cross-core",
+                        help="link kinds: gloo, shm, shm-view, cross-core (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per process, memcpy included (default: %(default)s; "
                              "two processes with more threads than cores stall each other)")

@@ -25,7 +25,10 @@ last message read) written by the receiver. One message is in flight per directi
            WRITTEN grows; ACK = SEQ.
 
 Waits spin for up to ``SPIN_S`` (yielding the core at each turn), then poll with
-``kvtransfer.link.poll_until``'s backoff up to the deadline (``LinkTimeout``). A failure breaks
+``kvtransfer.link.poll_until``'s backoff up to the deadline (``LinkTimeout``). A receiver whose
+message is being written spins longer, for about the time the sender takes to write it
+(``written_spin_s``): a 4 MiB gather takes longer than ``SPIN_S``, and the first sleeps of the
+backoff would add up to a millisecond to a transfer that takes a fifth of that. A failure breaks
 the link and sets ``CLOSED``, so the peer fails at once rather than at its own deadline. Stores
 to the header are ordered as written on x86 (TSO): data before ``WRITTEN``, fields before
 ``SEQ``; on weaker memory models this needs fences.
@@ -67,8 +70,18 @@ MIN_CHUNK_BYTES = 256 << 10
 MAX_CHUNK_BYTES = 1 << 20
 CHUNKS_PER_MESSAGE = 4
 SPIN_S = 200e-6  # poll without sleeping (yielding the core) this long, then back off
+# While a message is being written, the receiver spins longer: SPIN_S plus the time the sender
+# takes to write it at SPIN_BYTES_PER_S, at most MAX_SPIN_S (a sleep would add up to its
+# backoff step to the transfer).
+SPIN_BYTES_PER_S = 2e9
+MAX_SPIN_S = 5e-3
 _STORE_KEY = "shm"
 _ATTACHED_KEY = "shm-attached"
+
+
+def written_spin_s(num_bytes: int) -> float:
+    """How long a receiver spins for a message of ``num_bytes`` being written, before it sleeps."""
+    return min(SPIN_S + num_bytes / SPIN_BYTES_PER_S, MAX_SPIN_S)
 
 
 def shm_files() -> set[str]:
@@ -177,8 +190,11 @@ class ShmLink(Link):
                 raise LinkError(f"the peer sent {sent_bytes} bytes under tag {sent_tag}")
             view = self._peer_region()[:num_bytes]
 
+            spin_s = written_spin_s(num_bytes)
+
             def wait_written(num_done: int) -> int:
-                self._wait(lambda: h[theirs + WRITTEN] > num_done, deadline, "the message")
+                self._wait(lambda: h[theirs + WRITTEN] > num_done, deadline, "the message",
+                           spin_s)
                 return int(h[theirs + WRITTEN])
 
             yield view, wait_written
@@ -201,7 +217,8 @@ class ShmLink(Link):
         self.close()
         self.broken = reason
 
-    def _wait(self, is_done: Callable[[], bool], deadline_s: float, what: str) -> None:
+    def _wait(self, is_done: Callable[[], bool], deadline_s: float, what: str,
+              spin_s: float = SPIN_S) -> None:
         peer_closed = self._peer * _SLOT + CLOSED
         header = self._header
 
@@ -212,7 +229,7 @@ class ShmLink(Link):
                 raise LinkError(f"the peer closed the link while we waited for {what}")
             return False
 
-        spin_until = time.perf_counter() + SPIN_S
+        spin_until = time.perf_counter() + spin_s
         while time.perf_counter() < spin_until:
             if check():
                 return

@@ -133,6 +133,43 @@ def test_views_let_the_sender_fill_and_the_receiver_read_shared_memory(no_leaks:
     receiver.close()
 
 
+def test_a_receiver_spins_while_its_message_is_written_instead_of_sleeping(
+        no_leaks: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gather into the view that outlasts SPIN_S must not push the receiver into the sleeps
+    of the backoff (each up to 2 ms); it spins for about the message's writing time."""
+    sleeps: list[str] = []
+    real_poll_until = link_shm.poll_until
+
+    def poll_until(is_done, deadline_s, what, clock):  # type: ignore[no-untyped-def]
+        sleeps.append(what)
+        real_poll_until(is_done, deadline_s, what, clock)
+
+    monkeypatch.setattr(link_shm, "poll_until", poll_until)
+    num_bytes = 8 << 20
+    assert link_shm.written_spin_s(num_bytes) >= 4e-3 > link_shm.SPIN_S
+    sender, receiver = pair()
+    data = payload(num_bytes, seed=9)
+    transfer(sender, receiver, data, 20)  # the region is made (and its pages touched) once
+    sleeps.clear()
+    data = payload(num_bytes, seed=10)
+    started = threading.Event()
+
+    def send() -> None:
+        with sender.send_view(num_bytes, 21) as view:
+            started.set()
+            view.copy_(data)  # a gather of 8 MiB: about a millisecond here
+
+    thread, errors = in_thread(send)
+    started.wait(10)
+    with receiver.recv_view(num_bytes, 21) as view:
+        assert torch.equal(view, data)
+    thread.join(10)
+    assert not errors
+    assert "the message" not in sleeps
+    sender.close()
+    receiver.close()
+
+
 def test_a_recv_under_another_tag_refuses_the_data_and_breaks(no_leaks: None) -> None:
     sender, receiver = pair()
     sender.send(payload(64, seed=5), 5)
