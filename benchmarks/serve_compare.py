@@ -101,8 +101,9 @@ class RunResult:
     num_failed: int
     ttfts_ms: list[float]  # per successful request
     itls_ms: list[float]  # every gap between tokens of successful requests
-    # pdserve's TTFT split: phase -> (mean ms, streams that went through it)
-    phases_ms: dict[str, tuple[float, int]] = dataclasses.field(default_factory=dict)
+    # pdserve's TTFT split: phase -> (mean ms, streams that went through it, median ms)
+    phases_ms: dict[str, tuple[float, int, float | None]] = dataclasses.field(
+        default_factory=dict)
     cpu: Usage | None = None  # where the CPU went while the workload ran
 
 
@@ -305,32 +306,65 @@ def run_client(argv: list[str]) -> None:
     main(parse_client_args(argv))
 
 
-def phase_totals() -> dict[str, tuple[float, float]]:
-    """pdserve's router's TTFT phase histogram: (sum in s, count) by phase, as exported now."""
+# phase -> (sum in s, count, cumulative count by bucket upper bound in s)
+PhaseTotals = dict[str, tuple[float, float, dict[float, float]]]
+
+
+def phase_totals() -> PhaseTotals:
+    """pdserve's router's TTFT phase histogram by phase, as exported now."""
     from cluster.scrape import scrape, total
     from router.metrics import TTFT_PHASES
 
     samples = scrape()
     name = "ray_pdserve_router_ttft_phase_seconds"
-    return {phase: (total(samples, f"{name}_sum", phase=phase) or 0.0,
-                    total(samples, f"{name}_count", phase=phase) or 0.0)
-            for phase in TTFT_PHASES}
+    totals = {}
+    for phase in TTFT_PHASES:
+        buckets: dict[float, float] = {}
+        for n, labels, value in samples:
+            if n == f"{name}_bucket" and labels.get("phase") == phase:
+                le = float(labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + value
+        totals[phase] = (total(samples, f"{name}_sum", phase=phase) or 0.0,
+                         total(samples, f"{name}_count", phase=phase) or 0.0, buckets)
+    return totals
 
 
-def phase_means_ms(before: dict[str, tuple[float, float]],
-                   after: dict[str, tuple[float, float]]) -> dict[str, tuple[float, int]]:
-    """Each phase's mean (ms) over the observations between two ``phase_totals``, and how
-    many streams went through it; the phases none went through are left out."""
+def bucket_quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """The ``q`` quantile of a histogram's observations from its cumulative bucket counts,
+    interpolated within the bucket it falls in (as Prometheus' ``histogram_quantile``); the
+    largest finite bound when it falls in the ``+Inf`` bucket, None without observations."""
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] <= 0:
+        return None
+    rank = q * buckets[bounds[-1]]
+    lower, below = 0.0, 0.0
+    for bound in bounds:
+        if buckets[bound] >= rank:
+            if bound == float("inf"):
+                return lower
+            inside = buckets[bound] - below
+            return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = bound, buckets[bound]
+    return lower
+
+
+def phase_means_ms(before: PhaseTotals, after: PhaseTotals
+                   ) -> dict[str, tuple[float, int, float | None]]:
+    """Each phase's mean and median (ms) over the observations between two ``phase_totals``,
+    and how many streams went through it; the phases none went through are left out."""
     means = {}
-    for phase, (sum_s, count) in after.items():
-        num = count - before[phase][1]
+    for phase, (sum_s, count, buckets) in after.items():
+        old_sum, old_count, old_buckets = before[phase]
+        num = count - old_count
         if num > 0:
-            means[phase] = (1e3 * (sum_s - before[phase][0]) / num, round(num))
+            p50 = bucket_quantile(0.5, {le: n - old_buckets.get(le, 0.0)
+                                        for le, n in buckets.items()})
+            means[phase] = (1e3 * (sum_s - old_sum) / num, round(num),
+                            None if p50 is None else 1e3 * p50)
     return means
 
 
-def wait_for_phases(num_streams: int, timeout_s: float = PHASES_WAIT_S
-                    ) -> dict[str, tuple[float, float]]:
+def wait_for_phases(num_streams: int, timeout_s: float = PHASES_WAIT_S) -> PhaseTotals:
     """The phase totals once ``num_streams`` streams in all were split (every stream has a
     ``decode`` phase; Ray exports metrics every few seconds), or what came within
     ``timeout_s``."""
@@ -371,20 +405,26 @@ def measure_side(side: str, engine: EngineConfig, workloads: list[Workload],
 
 
 def format_phases(results: dict[str, list[RunResult]]) -> str:
-    """pdserve's TTFT split, one row per run (mean ms of each phase)."""
+    """pdserve's TTFT split, one row per run (mean and median ms of each phase)."""
     from router.metrics import TTFT_PHASES
 
     runs = [r.phases_ms for r in results["pdserve"] if r.phases_ms]
     if not runs:
         return ""
     phases = [p for p in TTFT_PHASES if any(p in r for r in runs)]
-    lines = ["pdserve's time to first token by phase (mean ms over the streams that went "
-             "through it, and how many did; router/metrics.py TTFT_PHASES)",
-             "".ljust(12) + "".join(p.rjust(22) for p in phases)]
+    lines = ["pdserve's time to first token by phase: mean / median ms over the streams that "
+             "went through it (the median from the histogram's buckets), and how many did "
+             "(router/metrics.py TTFT_PHASES)",
+             "".ljust(12) + "".join(p.rjust(26) for p in phases)]
     for i, r in enumerate(runs, 1):
-        cells = [f"{r[p][0]:.1f} ({r[p][1]})" if p in r else "-" for p in phases]
-        lines.append(f"run {i}".ljust(12) + "".join(c.rjust(22) for c in cells))
+        cells = [f"{r[p][0]:.1f} / {_ms(r[p][2])} ({r[p][1]})" if p in r else "-"
+                 for p in phases]
+        lines.append(f"run {i}".ljust(12) + "".join(c.rjust(26) for c in cells))
     return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def format_cpu(workload: str, results: dict[str, list[RunResult]]) -> str:

@@ -144,13 +144,33 @@ def test_the_default_is_both_workloads():
     assert sc.parse_args([]).workloads.split(",") == ["mixed", "shared-prefix"]
 
 
-def test_phase_means_come_from_the_histograms_difference() -> None:
+def test_phase_means_and_medians_come_from_the_histograms_difference() -> None:
     from benchmarks.serve_compare import phase_means_ms
 
-    before = {"route": (0.5, 10.0), "decode": (2.0, 10.0), "prefill_call": (0.0, 0.0)}
-    after = {"route": (0.53, 13.0), "decode": (2.6, 13.0), "prefill_call": (0.0, 0.0)}
-    assert phase_means_ms(before, after) == {"route": (pytest.approx(10.0), 3),
-                                             "decode": (pytest.approx(200.0), 3)}
+    inf = float("inf")
+    before = {"route": (0.5, 10.0, {0.001: 2.0, 0.002: 9.0, 0.005: 9.0, inf: 10.0}),
+              "decode": (2.0, 10.0, {0.1: 0.0, 0.5: 10.0, inf: 10.0}),
+              "prefill_call": (0.0, 0.0, {})}
+    # Since then: route 0.001 to 0.002 s once, 0.002 to 0.005 s twice; decode 0.1 to 0.5 s 3x.
+    after = {"route": (0.509, 13.0, {0.001: 2.0, 0.002: 10.0, 0.005: 12.0, inf: 13.0}),
+             "decode": (2.6, 13.0, {0.1: 0.0, 0.5: 13.0, inf: 13.0}),
+             "prefill_call": (0.0, 0.0, {})}
+    means = phase_means_ms(before, after)
+    assert means.keys() == {"route", "decode"}
+    # Route: the median (rank 1.5 of 3) lies halfway into the 2 to 5 ms bucket's two.
+    assert means["route"] == (pytest.approx(3.0), 3, pytest.approx(2.75))
+    assert means["decode"] == (pytest.approx(200.0), 3, pytest.approx(300.0))
+
+
+def test_bucket_quantiles_interpolate_as_prometheus_does() -> None:
+    from benchmarks.serve_compare import bucket_quantile
+
+    inf = float("inf")
+    buckets = {0.001: 4.0, 0.002: 8.0, 0.005: 10.0, inf: 12.0}
+    assert bucket_quantile(0.25, buckets) == pytest.approx(0.00075)  # rank 3 of 4 in [0, 1 ms]
+    assert bucket_quantile(0.5, buckets) == pytest.approx(0.0015)
+    assert bucket_quantile(0.99, buckets) == 0.005  # in +Inf: the largest finite bound
+    assert bucket_quantile(0.5, {0.001: 0.0, inf: 0.0}) is None
 
 
 def test_phases_table_lists_each_run_and_only_the_phases_seen() -> None:
@@ -159,11 +179,12 @@ def test_phases_table_lists_each_run_and_only_the_phases_seen() -> None:
     def run(phases: dict[str, float]) -> RunResult:
         return RunResult({}, 1, 0, [], [], phases)
 
-    text = format_phases({"pdserve": [run({"route": (1.25, 60), "decode": (50.0, 58)}),
+    text = format_phases({"pdserve": [run({"route": (1.25, 60, 0.8),
+                                           "decode": (50.0, 58, None)}),
                                       run({})], "colocated": [run({})]})
     header, row = text.splitlines()[1:]
     assert header.split() == ["route", "decode"]
-    assert row.split() == ["run", "1", "1.2", "(60)", "50.0", "(58)"]
+    assert row.split() == ["run", "1", "1.2", "/", "0.8", "(60)", "50.0", "/", "-", "(58)"]
     assert format_phases({"pdserve": [run({})]}) == ""
 
 
