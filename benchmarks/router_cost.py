@@ -6,10 +6,14 @@ Builds a ``KVIndex`` of about ``--blocks`` distinct 16-token blocks spread over 
 replicas by applying ``StoredBlocks`` events as vLLM publishes them (one event per 2048-token
 prefill chunk, 128 blocks), then times 8192-token prompts (512 blocks): hashing, ``match``, and
 the whole routing decision (hash, match, context, ``PairSelector`` over 8 prefill and 8 decode
-candidates with the router's shipped policies and settings, ``cluster.config.RouterConfig``; each
-request is reported done 64 decisions later, so the policies track as many in flight). Memory is
-measured with tracemalloc in a second build. Prints one table; garbage collection stays on, as in
-a real router.
+candidates with the router's shipped policies and settings, ``cluster.config.RouterConfig``;
+each request is reported done 64 decisions later, so the policies track as many in flight).
+It also times the ingress's whole work for one request of ``serve_compare``'s size, the text
+of 1,024 random token ids as vLLM's random dataset makes it (about 1,210 tokens once
+tokenized again): parsing the JSON body with vLLM's request model, tokenizing with the demo
+model's tokenizer, and the routing decision in the same index. Memory is measured with
+tracemalloc in a second build. Prints one table; garbage collection stays on, as in a real
+router.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import tracemalloc
 from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from cluster.config import RouterConfig
 from router.kvindex import KVIndex, RemovedBlocks, StoredBlocks, hash_token_blocks
@@ -81,7 +86,7 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
 Timing = tuple[float, float, float, float]  # wall p50, wall p99, CPU p50, CPU p99
 
 
-def time_each(fn: Callable[[array], object], prompts: Sequence[array]) -> Timing:
+def time_each(fn: Callable[[Any], object], prompts: Sequence[Any]) -> Timing:
     """Per-call wall time and CPU time of this thread (the latter ignores other processes)."""
     wall, cpu = [], []
     for prompt in prompts:
@@ -126,6 +131,42 @@ class Decisions:
         self.selector.decode_policy.on_request_done(choice.decode.replica_id, ctx)
 
 
+INGRESS_PROMPT_TOKENS = 1024
+
+
+def ingress_rows(decisions: Decisions, rng: random.Random, n: int
+                 ) -> list[tuple[str, Timing]]:
+    """The ingress's work for one request: parse, tokenize, decide (``router/app.py``)."""
+    import json
+
+    from cluster.config import DEMO_MODEL_DIR
+    from deploy.demo_model import ensure_demo_model
+    from router.openai_api import parse_body
+    from router.tokenizing import PromptTokenizer
+
+    tokenizer = PromptTokenizer(str(ensure_demo_model(DEMO_MODEL_DIR)))
+    vocab = tokenizer.vocab_size
+    bodies = []
+    for _ in range(n):
+        text = tokenizer._tok.decode([rng.randrange(3, vocab)
+                                      for _ in range(INGRESS_PROMPT_TOKENS)])
+        bodies.append(json.dumps({"model": "m", "prompt": text, "max_tokens": 128,
+                                  "stream": True}).encode())
+
+    def parse(raw: bytes) -> dict:
+        return parse_body(raw, "completion", "m")
+
+    def tokenize(raw: bytes) -> list[int] | None:
+        return tokenizer.token_ids("completion", parse(raw))
+
+    def whole(raw: bytes) -> None:
+        decisions.decide(array("I", tokenize(raw) or []))
+
+    return [("ingress: parse the body", time_each(parse, bodies)),
+            ("ingress: parse + tokenize", time_each(tokenize, bodies)),
+            ("ingress: parse + tokenize + decide", time_each(whole, bodies))]
+
+
 def make_queries(rng: random.Random, docs: Sequence[array], n: int) -> list[array]:
     """Half repeat a whole indexed document (the longest walk), half share only a system prompt."""
     queries = []
@@ -168,14 +209,14 @@ def ingestion_rates(events: Sequence[Event]) -> tuple[KVIndex, Rates, Rates]:
 
 def decision_rows(
     index: KVIndex, prompts: Sequence[array], num_replicas: int, rng: random.Random
-) -> list[tuple[str, Timing]]:
+) -> tuple[Decisions, list[tuple[str, Timing]]]:
     loads = [
         Candidate(f"replica-{i}", ReplicaLoad(rng.randrange(8), 0, rng.randrange(50_000), 0.5))
         for i in range(num_replicas)
     ]
     decisions = Decisions(index, loads)
     hashed = {id(p): hash_token_blocks(p, BLOCK_SIZE) for p in prompts}
-    return [
+    return decisions, [
         (
             f"hash an {PROMPT_TOKENS}-token prompt",
             time_each(lambda p: hash_token_blocks(p, BLOCK_SIZE), prompts),
@@ -198,7 +239,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     docs = make_documents(rng, args.blocks)
     events = make_events(rng, docs, args.replicas)
     index, stored, removed = ingestion_rates(events)
-    rows = decision_rows(index, make_queries(rng, docs, args.queries), args.replicas, rng)
+    decisions, rows = decision_rows(index, make_queries(rng, docs, args.queries),
+                                    args.replicas, rng)
+    rows += ingress_rows(decisions, rng, min(args.queries, 500))
     memory_bytes, memory_blocks = measure_memory(events)
     print(
         f"KV index: {index.num_blocks:,} distinct blocks of {BLOCK_SIZE} tokens on "
