@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from cluster.config import DEMO_MODEL_DIR
-from deploy.demo_model import build_tokenizer, is_built
+from deploy.demo_model import build_llama, build_tokenizer, is_built
 
 logger = logging.getLogger(__name__)
 
@@ -28,34 +28,14 @@ SHAPE = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
          "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 64}
 
 
-def build_model(out_dir: Path, vocab_size: int) -> int:
-    """Draw the weights from the fixed seed, save them as bfloat16 safetensors; return the
-    number of parameters."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        max_position_embeddings=MAX_POSITIONS,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-        torch_dtype="bfloat16",
-        **SHAPE,
-    )
-    torch.manual_seed(SEED)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return model.num_parameters()
-
-
 def ensure_bench_model(out_dir: Path = BENCH_MODEL_DIR) -> Path:
     """Build the benchmark model into ``out_dir`` unless it is already there; return the path."""
     if is_built(out_dir):
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab_size = build_tokenizer(out_dir, max_positions=MAX_POSITIONS)
-    num_params = build_model(out_dir, vocab_size)
+    num_params = build_llama(out_dir, vocab_size, seed=SEED, dtype="bfloat16",
+                             max_positions=MAX_POSITIONS, shape=SHAPE)
     (out_dir / "pdserve-bench.json").write_text(json.dumps({"seed": SEED,
                                                             "num_parameters": num_params}))
     logger.info("built the benchmark model (%d parameters) in %s", num_params, out_dir)

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from cluster.config import DEMO_MODEL_DIR
 
@@ -62,31 +63,40 @@ def build_tokenizer(out_dir: Path, max_positions: int = MAX_POSITIONS) -> int:
     return tok.get_vocab_size()
 
 
-def build_model(out_dir: Path, vocab_size: int) -> None:
-    """Draw the weights from the fixed seed and save the checkpoint as safetensors."""
+# The demo model's shape and weight scale. Wide weights keep the top two logits apart, so greedy
+# decoding does not hinge on rounding differences between batch shapes.
+SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 32,
+         "initializer_range": 0.2}
+
+
+def build_llama(out_dir: Path, vocab_size: int, *, seed: int, dtype: str, max_positions: int,
+                shape: dict[str, Any]) -> int:
+    """Draw a Llama's weights from ``seed`` and save the checkpoint as safetensors in ``dtype``
+    (``float32`` or ``bfloat16``); return its number of parameters. ``shape``: ``LlamaConfig``
+    fields (sizes, and ``initializer_range`` if not the default)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=MAX_POSITIONS,
-        # Wide weights keep the top two logits apart, so greedy decoding does not hinge on
-        # rounding differences between batch shapes.
-        initializer_range=0.2,
+        max_position_embeddings=max_positions,
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=False,
-        torch_dtype="float32",
+        torch_dtype=dtype,
+        **shape,
     )
-    torch.manual_seed(SEED)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     model.save_pretrained(out_dir, safe_serialization=True)
+    return model.num_parameters()
+
+
+def build_model(out_dir: Path, vocab_size: int) -> None:
+    """Draw the demo model's weights from the fixed seed and save the checkpoint."""
+    build_llama(out_dir, vocab_size, seed=SEED, dtype="float32", max_positions=MAX_POSITIONS,
+                shape=SHAPE)
 
 
 def is_built(out_dir: Path) -> bool:
