@@ -170,8 +170,7 @@ class ConsumerEndpoint:
         """Where this worker's share of ``spec`` comes from: (address, part) per prefill worker.
         ValueError when the layouts cannot be paired or an address is missing."""
         place = self.place
-        remote_tp = spec.remote_tp_size or place.tp_size
-        base = place.pp_rank * remote_tp
+        remote_tp, base = self._remote_stage(spec.remote_tp_size)
         if remote_tp == place.tp_size:
             plan = [(place.tp_rank, Part(spec))]
         elif place.num_kv_heads is None:
@@ -196,18 +195,22 @@ class ConsumerEndpoint:
     def _unread(self, addresses: list[Address], remote_tp_size: int | None) -> list[Address]:
         """Prefill workers of this stage nobody pulls from, that this worker releases."""
         place = self.place
-        remote_tp = remote_tp_size or place.tp_size
+        remote_tp, base = self._remote_stage(remote_tp_size)
         if remote_tp == place.tp_size or place.num_kv_heads is None:
             return []
-        base = place.pp_rank * remote_tp
         return [addresses[base + r] for r in released_by(place.num_kv_heads, remote_tp,
                                                          place.tp_size, place.tp_rank)]
+
+    def _remote_stage(self, remote_tp_size: int | None) -> tuple[int, int]:
+        """The prefill side's TP size (ours when it did not say) and the index of its first
+        worker of our pipeline stage in its address list (stage-major)."""
+        remote_tp = remote_tp_size or self.place.tp_size
+        return remote_tp, self.place.pp_rank * remote_tp
 
     def take_results(self) -> LoadResults:
         with self._lock:
             results, self._results = self._results, LoadResults()
         return results
-
 
     def take_samples(self) -> dict[str, list[float]]:
         """Per-load samples since the last call (``kvtransfer.stats.SAMPLES``): each
@@ -215,6 +218,7 @@ class ConsumerEndpoint:
         with self._lock:
             samples, self._samples = self._samples, {name: [] for name in SAMPLES}
         return samples
+
     def health(self) -> str | None:
         """None while every thread that should run does; else what is wrong."""
         if self._closed:
