@@ -86,15 +86,17 @@ class Link(abc.ABC):
 def poll_until(
     is_done: Callable[[], bool], deadline_s: float, what: str,
     clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+    max_pause_s: float = _POLL_MAX_S,
 ) -> None:
-    """Poll ``is_done`` (backing off from 50 us to 2 ms) until it is true; raise ``LinkTimeout``
-    once ``clock()`` passes ``deadline_s``. ``is_done`` raising propagates."""
-    pause = _POLL_MIN_S
+    """Poll ``is_done`` (backing off from 50 us to ``max_pause_s``, 2 ms by default) until it
+    is true; raise ``LinkTimeout`` once ``clock()`` passes ``deadline_s``. ``is_done`` raising
+    propagates."""
+    pause = min(_POLL_MIN_S, max_pause_s)
     while not is_done():
         if clock() >= deadline_s:
             raise LinkTimeout(f"{what} not done by its deadline")
         sleep(pause)
-        pause = min(2 * pause, _POLL_MAX_S)
+        pause = min(2 * pause, max_pause_s)
 
 
 def wait_for_device(device: torch.device, deadline_s: float) -> None:

@@ -26,9 +26,10 @@ last message read) written by the receiver. One message is in flight per directi
 
 Waits spin for up to ``SPIN_S`` (yielding the core at each turn), then poll with
 ``kvtransfer.link.poll_until``'s backoff up to the deadline (``LinkTimeout``). A receiver whose
-message is being written spins longer, for about the time the sender takes to write it
-(``written_spin_s``): a 4 MiB gather takes longer than ``SPIN_S``, and the first sleeps of the
-backoff would add up to a millisecond to a transfer that takes a fifth of that. A failure breaks
+message is being written spins longer, for about the time the sender takes to write it, up to
+a millisecond (``written_spin_s``), then polls every ``WRITING_PAUSE_S`` without backing off:
+a 4 MiB gather takes longer than ``SPIN_S``, and the sleeps of the backoff would add up to a
+millisecond to a transfer that takes a fifth of that. A failure breaks
 the link and sets ``CLOSED``, so the peer fails at once rather than at its own deadline. Stores
 to the header are ordered as written on x86 (TSO): data before ``WRITTEN``, fields before
 ``SEQ``; on weaker memory models this needs fences.
@@ -71,10 +72,12 @@ MAX_CHUNK_BYTES = 1 << 20
 CHUNKS_PER_MESSAGE = 4
 SPIN_S = 200e-6  # poll without sleeping (yielding the core) this long, then back off
 # While a message is being written, the receiver spins longer: SPIN_S plus the time the sender
-# takes to write it at SPIN_BYTES_PER_S, at most MAX_SPIN_S (a sleep would add up to its
-# backoff step to the transfer).
+# takes to write it at SPIN_BYTES_PER_S, at most MAX_SPIN_S (the spin takes CPU from the
+# engine's own threads on its core), then polls every WRITING_PAUSE_S without backing off (a
+# backoff step would add up to 2 ms to the transfer).
 SPIN_BYTES_PER_S = 2e9
-MAX_SPIN_S = 5e-3
+MAX_SPIN_S = 1e-3
+WRITING_PAUSE_S = 50e-6
 _STORE_KEY = "shm"
 _ATTACHED_KEY = "shm-attached"
 
@@ -194,7 +197,7 @@ class ShmLink(Link):
 
             def wait_written(num_done: int) -> int:
                 self._wait(lambda: h[theirs + WRITTEN] > num_done, deadline, "the message",
-                           spin_s)
+                           spin_s, WRITING_PAUSE_S)
                 return int(h[theirs + WRITTEN])
 
             yield view, wait_written
@@ -218,7 +221,7 @@ class ShmLink(Link):
         self.broken = reason
 
     def _wait(self, is_done: Callable[[], bool], deadline_s: float, what: str,
-              spin_s: float = SPIN_S) -> None:
+              spin_s: float = SPIN_S, max_pause_s: float | None = None) -> None:
         peer_closed = self._peer * _SLOT + CLOSED
         header = self._header
 
@@ -234,7 +237,10 @@ class ShmLink(Link):
             if check():
                 return
             os.sched_yield()  # the peer may share our core
-        poll_until(check, deadline_s, what, self._clock)
+        if max_pause_s is None:
+            poll_until(check, deadline_s, what, self._clock)
+        else:
+            poll_until(check, deadline_s, what, self._clock, max_pause_s=max_pause_s)
 
     # -- data regions ----------------------------------------------------------------------------
 

@@ -133,31 +133,31 @@ def test_views_let_the_sender_fill_and_the_receiver_read_shared_memory(no_leaks:
     receiver.close()
 
 
-def test_a_receiver_spins_while_its_message_is_written_instead_of_sleeping(
+def test_a_receiver_polls_briskly_while_its_message_is_written(
         no_leaks: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A gather into the view that outlasts SPIN_S must not push the receiver into the sleeps
-    of the backoff (each up to 2 ms); it spins for about the message's writing time."""
-    sleeps: list[str] = []
+    """A gather into the view that outlasts the spin must not push the receiver into the
+    backoff (steps of up to 2 ms): it polls every WRITING_PAUSE_S until the message is in."""
+    pauses: list[tuple[str, float | None]] = []
     real_poll_until = link_shm.poll_until
 
-    def poll_until(is_done, deadline_s, what, clock):  # type: ignore[no-untyped-def]
-        sleeps.append(what)
-        real_poll_until(is_done, deadline_s, what, clock)
+    def poll_until(is_done, deadline_s, what, clock, **kw):  # type: ignore[no-untyped-def]
+        pauses.append((what, kw.get("max_pause_s")))
+        real_poll_until(is_done, deadline_s, what, clock, **kw)
 
     monkeypatch.setattr(link_shm, "poll_until", poll_until)
     num_bytes = 8 << 20
-    assert link_shm.written_spin_s(num_bytes) >= 4e-3 > link_shm.SPIN_S
     sender, receiver = pair()
     data = payload(num_bytes, seed=9)
     transfer(sender, receiver, data, 20)  # the region is made (and its pages touched) once
-    sleeps.clear()
+    pauses.clear()
     data = payload(num_bytes, seed=10)
     started = threading.Event()
 
     def send() -> None:
         with sender.send_view(num_bytes, 21) as view:
             started.set()
-            view.copy_(data)  # a gather of 8 MiB: about a millisecond here
+            view.copy_(data)
+            time.sleep(5 * link_shm.MAX_SPIN_S)  # a gather that outlasts the longest spin
 
     thread, errors = in_thread(send)
     started.wait(10)
@@ -165,9 +165,17 @@ def test_a_receiver_spins_while_its_message_is_written_instead_of_sleeping(
         assert torch.equal(view, data)
     thread.join(10)
     assert not errors
-    assert "the message" not in sleeps
+    assert ("the message", link_shm.WRITING_PAUSE_S) in pauses
+    assert {pause for what, pause in pauses if what == "the message"} == \
+        {link_shm.WRITING_PAUSE_S}
     sender.close()
     receiver.close()
+
+
+def test_the_spin_grows_with_the_message_up_to_a_cap() -> None:
+    spin = link_shm.written_spin_s
+    assert link_shm.SPIN_S < spin(1 << 20) < spin(2 << 20) <= link_shm.MAX_SPIN_S
+    assert spin(64 << 20) == link_shm.MAX_SPIN_S
 
 
 def test_a_recv_under_another_tag_refuses_the_data_and_breaks(no_leaks: None) -> None:
