@@ -132,6 +132,7 @@ class Decisions:
 
 
 INGRESS_PROMPT_TOKENS = 1024
+INGRESS_REQUESTS = 500  # timed requests of that size (at most --queries)
 
 
 def ingress_rows(decisions: Decisions, rng: random.Random, n: int
@@ -139,17 +140,21 @@ def ingress_rows(decisions: Decisions, rng: random.Random, n: int
     """The ingress's work for one request: parse, tokenize, decide (``router/app.py``)."""
     import json
 
+    from transformers import AutoTokenizer
+
     from cluster.config import DEMO_MODEL_DIR
     from deploy.demo_model import ensure_demo_model
     from router.openai_api import parse_body
     from router.tokenizing import PromptTokenizer
 
-    tokenizer = PromptTokenizer(str(ensure_demo_model(DEMO_MODEL_DIR)))
+    model = str(ensure_demo_model(DEMO_MODEL_DIR))  # built here if it is not there yet
+    tokenizer = PromptTokenizer(model)
+    # Prompts as vLLM's random dataset makes them: random token ids turned into text.
+    decode = AutoTokenizer.from_pretrained(model).decode
     vocab = tokenizer.vocab_size
     bodies = []
     for _ in range(n):
-        text = tokenizer._tok.decode([rng.randrange(3, vocab)
-                                      for _ in range(INGRESS_PROMPT_TOKENS)])
+        text = decode([rng.randrange(3, vocab) for _ in range(INGRESS_PROMPT_TOKENS)])
         bodies.append(json.dumps({"model": "m", "prompt": text, "max_tokens": 128,
                                   "stream": True}).encode())
 
@@ -241,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     index, stored, removed = ingestion_rates(events)
     decisions, rows = decision_rows(index, make_queries(rng, docs, args.queries),
                                     args.replicas, rng)
-    rows += ingress_rows(decisions, rng, min(args.queries, 500))
+    rows += ingress_rows(decisions, rng, min(args.queries, INGRESS_REQUESTS))
     memory_bytes, memory_blocks = measure_memory(events)
     print(
         f"KV index: {index.num_blocks:,} distinct blocks of {BLOCK_SIZE} tokens on "

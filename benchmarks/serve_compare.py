@@ -332,10 +332,11 @@ def phase_totals() -> PhaseTotals:
 def bucket_quantile(q: float, buckets: dict[float, float]) -> float | None:
     """The ``q`` quantile of a histogram's observations from its cumulative bucket counts,
     interpolated within the bucket it falls in (as Prometheus' ``histogram_quantile``); the
-    largest finite bound when it falls in the ``+Inf`` bucket, None without observations."""
+    largest finite bound when it falls in the ``+Inf`` bucket; None without observations or
+    without a ``+Inf`` bucket."""
     bounds = sorted(buckets)
-    if not bounds or buckets[bounds[-1]] <= 0:
-        return None
+    if not bounds or bounds[-1] != float("inf") or buckets[bounds[-1]] <= 0:
+        return None  # no observations, or not a whole histogram (it ends with +Inf)
     rank = q * buckets[bounds[-1]]
     lower, below = 0.0, 0.0
     for bound in bounds:

@@ -1,16 +1,28 @@
 """Bandwidth of the KV links between two processes on one host, against a memcpy.
 
-``python -m benchmarks.transfer_bw [--sizes 64K,1M,256M] [--repeats 10] [--links gloo,shm]``
+``python -m benchmarks.transfer_bw [--sizes 64K,1M,256M] [--repeats 10]
+[--links gloo,shm,shm-view,cross-core]``
 
 Two spawned processes pair through a TCPStore, as the transfer endpoints do (the prefill side
-as rank 0, the decode side as rank 1), and build each link kind in turn: ``gloo``
-(``TorchDistLink`` on the CPU) and ``shm`` (``ShmLink``). For every size, after a warm-up,
-each repeat moves one uint8 CPU tensor: both processes meet at a barrier, the receiver says
-(in shared memory) that it enters ``recv``, and ``--lead-us`` later the sender calls ``send``;
-the time is from the start of ``send`` to the return of ``recv`` (one monotonic clock for both
-processes). The receiver checks
-every byte: each repeat sends other bytes, so a stale or partial transfer fails the run. The
-memcpy is ``dst.copy_(src)`` of the same bytes in this process. Prints one table of medians.
+as rank 0, the decode side as rank 1), and take each kind in turn. For every size, after a
+warm-up, each repeat moves one uint8 CPU tensor: both processes meet at a barrier, the
+receiver says (in shared memory) that it is about to receive, and ``--lead-us`` later the
+sender starts. The time runs until the receiver has the bytes (one monotonic clock for both
+processes), and both meet at a second barrier before the next repeat:
+
+- ``gloo`` (``TorchDistLink`` on the CPU) and ``shm`` (``ShmLink``): from the start of
+  ``send`` to the return of ``recv``;
+- ``shm-view``: the endpoints' path. The sender copies its bytes into ``ShmLink.send_view``
+  (as the prefill worker gathers blocks into it; untimed, like the gather before a ``send``),
+  and the time runs from the end of that copy to the end of the receiver's copy out of
+  ``recv_view`` (as the decode worker scatters);
+- ``cross-core``: no link. The sender copies its bytes into shared memory and raises a flag;
+  the time runs from the end of that copy to the end of the receiver's copy out. Any link
+  between two cores pays at least this.
+
+The receiver checks every byte: each repeat sends other bytes, so a stale or partial transfer
+fails the run. The memcpy is ``dst.copy_(src)`` of the same bytes in this process. Prints one
+table of medians.
 """
 
 from __future__ import annotations
@@ -89,6 +101,8 @@ def run_rank(rank: int, port: int, links: list[str], sizes: list[int], repeats: 
                 data = torch.randint(0, 256, (size,), dtype=torch.uint8,
                                      generator=torch.Generator().manual_seed(size))
                 received = torch.zeros(size, dtype=torch.uint8)
+                floor = torch.frombuffer(shared, dtype=torch.uint8, count=size) \
+                    if kind == FLOOR else None
                 times = []
                 for i in range(WARMUP + repeats):
                     data.add_(1)  # other bytes every repeat, the same on both sides
@@ -98,8 +112,8 @@ def run_rank(rank: int, port: int, links: list[str], sizes: list[int], repeats: 
                         while ready.value != tag:  # until the receiver is about to recv
                             pass
                         lead(lead_s)
-                        if kind == FLOOR:
-                            torch.frombuffer(shared, dtype=torch.uint8, count=size).copy_(data)
+                        if floor is not None:
+                            floor.copy_(data)
                             times.append(time.perf_counter())
                             written.value = tag
                         elif kind == VIEWS:
@@ -111,11 +125,10 @@ def run_rank(rank: int, port: int, links: list[str], sizes: list[int], repeats: 
                             link.send(data, tag)
                     else:
                         ready.value = tag
-                        if kind == FLOOR:
+                        if floor is not None:
                             while written.value != tag:
                                 pass
-                            received.copy_(torch.frombuffer(shared, dtype=torch.uint8,
-                                                            count=size))
+                            received.copy_(floor)
                         elif kind == VIEWS:
                             with link.recv_view(size, tag) as view:
                                 received.copy_(view)  # as the consumer scatters from it

@@ -58,7 +58,7 @@ NCCL_ERROR_HANDLING_ENV = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 NCCL_CLEAN_UP_ONLY = "2"
 WATCHDOG_GRACE_S = 60.0
 _POLL_MIN_S = 50e-6
-_POLL_MAX_S = 2e-3
+POLL_MAX_S = 2e-3  # the longest sleep of poll_until's backoff
 _env_lock = threading.Lock()
 
 
@@ -86,7 +86,7 @@ class Link(abc.ABC):
 def poll_until(
     is_done: Callable[[], bool], deadline_s: float, what: str,
     clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-    max_pause_s: float = _POLL_MAX_S,
+    max_pause_s: float = POLL_MAX_S,
 ) -> None:
     """Poll ``is_done`` (backing off from 50 us to ``max_pause_s``, 2 ms by default) until it
     is true; raise ``LinkTimeout`` once ``clock()`` passes ``deadline_s``. ``is_done`` raising

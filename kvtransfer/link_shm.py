@@ -25,11 +25,12 @@ last message read) written by the receiver. One message is in flight per directi
            WRITTEN grows; ACK = SEQ.
 
 Waits spin for up to ``SPIN_S`` (yielding the core at each turn), then poll with
-``kvtransfer.link.poll_until``'s backoff up to the deadline (``LinkTimeout``). A receiver whose
-message is being written spins longer, for about the time the sender takes to write it, up to
-a millisecond (``written_spin_s``), then polls every ``WRITING_PAUSE_S`` without backing off:
-a 4 MiB gather takes longer than ``SPIN_S``, and the sleeps of the backoff would add up to a
-millisecond to a transfer that takes a fifth of that. A failure breaks
+``kvtransfer.link.poll_until``'s backoff up to the deadline (``LinkTimeout``). A receiver
+waiting for bytes of a message being written spins longer (``written_spin_s``: the time a slow
+writer, at 2 GB/s, takes for the whole message, up to a millisecond; each such wait spins
+anew), then polls every ``WRITING_PAUSE_S`` without backing off: a 4 MiB gather takes longer
+than ``SPIN_S``, and the sleeps of the backoff would add up to a millisecond to a transfer
+that takes a fifth of that. A failure breaks
 the link and sets ``CLOSED``, so the peer fails at once rather than at its own deadline. Stores
 to the header are ordered as written on x86 (TSO): data before ``WRITTEN``, fields before
 ``SEQ``; on weaker memory models this needs fences.
@@ -53,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvtransfer.link import Link, LinkError, LinkTimeout, TorchDistLink, poll_until
+from kvtransfer.link import POLL_MAX_S, Link, LinkError, LinkTimeout, TorchDistLink, poll_until
 
 if TYPE_CHECKING:
     import torch
@@ -71,10 +72,10 @@ MIN_CHUNK_BYTES = 256 << 10
 MAX_CHUNK_BYTES = 1 << 20
 CHUNKS_PER_MESSAGE = 4
 SPIN_S = 200e-6  # poll without sleeping (yielding the core) this long, then back off
-# While a message is being written, the receiver spins longer: SPIN_S plus the time the sender
-# takes to write it at SPIN_BYTES_PER_S, at most MAX_SPIN_S (the spin takes CPU from the
-# engine's own threads on its core), then polls every WRITING_PAUSE_S without backing off (a
-# backoff step would add up to 2 ms to the transfer).
+# While a message is being written, the receiver spins longer: SPIN_S plus the time a slow
+# writer takes for the message at SPIN_BYTES_PER_S (gathers run at 10 to 45 GB/s here), at most
+# MAX_SPIN_S (the spin takes CPU from the engine's own threads on its core), then polls every
+# WRITING_PAUSE_S without backing off (a backoff step would add up to 2 ms to the transfer).
 SPIN_BYTES_PER_S = 2e9
 MAX_SPIN_S = 1e-3
 WRITING_PAUSE_S = 50e-6
@@ -83,7 +84,8 @@ _ATTACHED_KEY = "shm-attached"
 
 
 def written_spin_s(num_bytes: int) -> float:
-    """How long a receiver spins for a message of ``num_bytes`` being written, before it sleeps."""
+    """How long a receiver spins, in each wait for bytes of a message of ``num_bytes`` being
+    written, before it polls with sleeps."""
     return min(SPIN_S + num_bytes / SPIN_BYTES_PER_S, MAX_SPIN_S)
 
 
@@ -221,7 +223,7 @@ class ShmLink(Link):
         self.broken = reason
 
     def _wait(self, is_done: Callable[[], bool], deadline_s: float, what: str,
-              spin_s: float = SPIN_S, max_pause_s: float | None = None) -> None:
+              spin_s: float = SPIN_S, max_pause_s: float = POLL_MAX_S) -> None:
         peer_closed = self._peer * _SLOT + CLOSED
         header = self._header
 
@@ -237,10 +239,7 @@ class ShmLink(Link):
             if check():
                 return
             os.sched_yield()  # the peer may share our core
-        if max_pause_s is None:
-            poll_until(check, deadline_s, what, self._clock)
-        else:
-            poll_until(check, deadline_s, what, self._clock, max_pause_s=max_pause_s)
+        poll_until(check, deadline_s, what, self._clock, max_pause_s=max_pause_s)
 
     # -- data regions ----------------------------------------------------------------------------
 

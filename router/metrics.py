@@ -39,8 +39,9 @@ LATENCY_BUCKETS = {"ttft": "time_to_first_token", "itl": "inter_token_latency",
 # chunk (the KV load, the decode queue, the first step, the hops).
 TTFT_PHASES = ("route", "prefill_queue", "prefill_compute", "prefill_hops", "prefill_call",
                "decode")
-# The phases' buckets: vLLM's TTFT buckets, with more below 5 ms for the route phase.
-PHASE_EXTRA_BUCKETS = (2.5e-4, 5e-4, 0.002, 0.003)
+# The phases' buckets: vLLM's TTFT buckets, with more below 20 ms, where the route phase and
+# short queues fall, so that a median read from them means something there.
+PHASE_EXTRA_BUCKETS = (2.5e-4, 5e-4, 0.002, 0.003, 0.0075, 0.015)
 DECISION_BUCKETS = [1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025,
                     0.05, 0.1]
 

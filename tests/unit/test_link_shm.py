@@ -138,34 +138,31 @@ def test_a_receiver_polls_briskly_while_its_message_is_written(
     """A gather into the view that outlasts the spin must not push the receiver into the
     backoff (steps of up to 2 ms): it polls every WRITING_PAUSE_S until the message is in."""
     pauses: list[tuple[str, float | None]] = []
+    polling = threading.Event()
     real_poll_until = link_shm.poll_until
 
     def poll_until(is_done, deadline_s, what, clock, **kw):  # type: ignore[no-untyped-def]
         pauses.append((what, kw.get("max_pause_s")))
+        if what == "the message":
+            polling.set()
         real_poll_until(is_done, deadline_s, what, clock, **kw)
 
     monkeypatch.setattr(link_shm, "poll_until", poll_until)
     num_bytes = 8 << 20
     sender, receiver = pair()
     data = payload(num_bytes, seed=9)
-    transfer(sender, receiver, data, 20)  # the region is made (and its pages touched) once
-    pauses.clear()
-    data = payload(num_bytes, seed=10)
-    started = threading.Event()
 
     def send() -> None:
         with sender.send_view(num_bytes, 21) as view:
-            started.set()
             view.copy_(data)
-            time.sleep(5 * link_shm.MAX_SPIN_S)  # a gather that outlasts the longest spin
+            polling.wait(10)  # the gather ends only once the receiver's spin has
 
     thread, errors = in_thread(send)
-    started.wait(10)
     with receiver.recv_view(num_bytes, 21) as view:
         assert torch.equal(view, data)
     thread.join(10)
     assert not errors
-    assert ("the message", link_shm.WRITING_PAUSE_S) in pauses
+    assert polling.is_set()
     assert {pause for what, pause in pauses if what == "the message"} == \
         {link_shm.WRITING_PAUSE_S}
     sender.close()

@@ -171,6 +171,17 @@ def test_bucket_quantiles_interpolate_as_prometheus_does() -> None:
     assert bucket_quantile(0.5, buckets) == pytest.approx(0.0015)
     assert bucket_quantile(0.99, buckets) == 0.005  # in +Inf: the largest finite bound
     assert bucket_quantile(0.5, {0.001: 0.0, inf: 0.0}) is None
+    assert bucket_quantile(0.5, {0.001: 4.0, 0.002: 8.0}) is None  # no +Inf: not a histogram
+
+
+def test_a_bucket_first_exported_after_the_start_counts_from_zero() -> None:
+    from benchmarks.serve_compare import phase_means_ms
+
+    inf = float("inf")
+    before = {"route": (0.0, 0.0, {})}  # nothing exported yet
+    after = {"route": (0.004, 2.0, {0.001: 0.0, 0.002: 1.0, 0.005: 2.0, inf: 2.0})}
+    assert phase_means_ms(before, after) == {"route": (pytest.approx(2.0), 2,
+                                                       pytest.approx(2.0))}
 
 
 def test_phases_table_lists_each_run_and_only_the_phases_seen() -> None:
