@@ -16,9 +16,9 @@ processes), and both meet at a second barrier before the next repeat:
   (as the prefill worker gathers blocks into it; untimed, like the gather before a ``send``),
   and the time runs from the end of that copy to the end of the receiver's copy out of
   ``recv_view`` (as the decode worker scatters);
-- ``cross-core``: no link. The sender copies its bytes into shared memory and raises a flag;
-  the time runs from the end of that copy to the end of the receiver's copy out. Any link
-  between two cores pays at least this.
+- ``cross-core``: no link, a reference. The sender copies its bytes into shared memory and
+  raises a flag; the time runs from the end of that copy to the end of the receiver's copy
+  out: the copy any link between two cores makes, without a link's protocol.
 
 The receiver checks every byte: each repeat sends other bytes, so a stale or partial transfer
 fails the run. The memcpy is ``dst.copy_(src)`` of the same bytes in this process. Prints one
@@ -42,7 +42,7 @@ UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 LINKS = {"gloo": "kvtransfer.link:TorchDistLink", "shm": "kvtransfer.link_shm:ShmLink",
          "shm-view": "kvtransfer.link_shm:ShmLink", "cross-core": ""}
 VIEWS = "shm-view"
-FLOOR = "cross-core"  # no link: the receiver copies what the sender just wrote in shared memory
+BARE_COPY = "cross-core"  # no link: the receiver copies what the sender just wrote to shared memory
 WARMUP = 2
 TIMEOUT_S = 60.0
 
@@ -66,7 +66,7 @@ def make_link(kind: str, store: Any, rank: int) -> Any:
 
     import torch
 
-    if kind == FLOOR:
+    if kind == BARE_COPY:
         return None
     module, name = LINKS[kind].split(":")
     factory = getattr(importlib.import_module(module), name)
@@ -101,8 +101,8 @@ def run_rank(rank: int, port: int, links: list[str], sizes: list[int], repeats: 
                 data = torch.randint(0, 256, (size,), dtype=torch.uint8,
                                      generator=torch.Generator().manual_seed(size))
                 received = torch.zeros(size, dtype=torch.uint8)
-                floor = torch.frombuffer(shared, dtype=torch.uint8, count=size) \
-                    if kind == FLOOR else None
+                bare = torch.frombuffer(shared, dtype=torch.uint8, count=size) \
+                    if kind == BARE_COPY else None
                 times = []
                 for i in range(WARMUP + repeats):
                     data.add_(1)  # other bytes every repeat, the same on both sides
@@ -112,8 +112,8 @@ def run_rank(rank: int, port: int, links: list[str], sizes: list[int], repeats: 
                         while ready.value != tag:  # until the receiver is about to recv
                             pass
                         lead(lead_s)
-                        if floor is not None:
-                            floor.copy_(data)
+                        if bare is not None:
+                            bare.copy_(data)
                             times.append(time.perf_counter())
                             written.value = tag
                         elif kind == VIEWS:
@@ -125,10 +125,10 @@ def run_rank(rank: int, port: int, links: list[str], sizes: list[int], repeats: 
                             link.send(data, tag)
                     else:
                         ready.value = tag
-                        if floor is not None:
+                        if bare is not None:
                             while written.value != tag:
                                 pass
-                            received.copy_(floor)
+                            received.copy_(bare)
                         elif kind == VIEWS:
                             with link.recv_view(size, tag) as view:
                                 received.copy_(view)  # as the consumer scatters from it
@@ -170,7 +170,7 @@ def measure(links: list[str], sizes: list[int], repeats: int, lead_s: float, thr
     barrier = ctx.Barrier(2, timeout=TIMEOUT_S)
     ready = ctx.Value("q", 0, lock=False)  # the tag the receiver is about to recv
     written = ctx.Value("q", 0, lock=False)  # the tag the sender wrote (cross-core only)
-    shared = ctx.RawArray("B", max(sizes) if FLOOR in links else 1)
+    shared = ctx.RawArray("B", max(sizes) if BARE_COPY in links else 1)
     results = ctx.Queue()
     procs = [ctx.Process(target=run_rank, args=(rank, master.port, links, sizes, repeats,
                                                 lead_s, threads, pin, barrier, ready,
