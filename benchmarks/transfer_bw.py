@@ -40,7 +40,7 @@ HOST = "127.0.0.1"
 DEFAULT_SIZES = "64K,256K,1M,4M,16M,64M,256M"
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 LINKS = {"gloo": "kvtransfer.link:TorchDistLink", "shm": "kvtransfer.link_shm:ShmLink",
-         "shm-view": "kvtransfer.link_shm:ShmLink", "cross-core": ""}
+         "shm-view": "kvtransfer.link_shm:ShmLink"}
 VIEWS = "shm-view"
 BARE_COPY = "cross-core"  # no link: the receiver copies what the sender just wrote to shared memory
 WARMUP = 2
@@ -66,7 +66,7 @@ def make_link(kind: str, store: Any, rank: int) -> Any:
 
     import torch
 
-    if kind == BARE_COPY:
+    if kind not in LINKS:  # BARE_COPY: no link
         return None
     module, name = LINKS[kind].split(":")
     factory = getattr(importlib.import_module(module), name)
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     links = [k.strip() for k in args.links.split(",")]
-    unknown = set(links) - set(LINKS)
+    unknown = set(links) - {*LINKS, BARE_COPY}
     if unknown:
         parser.error(f"unknown links: {sorted(unknown)}")
     seconds = measure(links, sizes, args.repeats, args.lead_us * 1e-6, args.threads,
