@@ -29,7 +29,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cluster.config import RouterConfig
-from router.kvindex import KVIndex, RemovedBlocks, StoredBlocks, hash_token_blocks
+from router.kvindex import (
+    KVIndex,
+    RemovedBlocks,
+    StoredBlocks,
+    hash_token_blocks,
+    hash_token_blocks_array,
+)
 from router.pairing import PairChoice, PairingSettings, PairSelector
 from router.policies import make_policy
 from router.policy import Candidate, ReplicaLoad, RoutingContext
@@ -115,11 +121,11 @@ class Decisions:
         self.num_decisions = 0
 
     def decide(self, prompt: array) -> None:
-        hashes = hash_token_blocks(prompt, BLOCK_SIZE)
-        cached = {rid: n * BLOCK_SIZE for rid, n in self.index.match(hashes).items()}
+        chains = hash_token_blocks_array(prompt, BLOCK_SIZE)  # as router/coordinator.py does
+        cached = {rid: n * BLOCK_SIZE for rid, n in self.index.match(chains).items()}
         self.num_decisions += 1
         ctx = RoutingContext(str(self.num_decisions), len(prompt), BLOCK_SIZE, prompt, cached,
-                             hashes)
+                             chains.tolist())
         choice = self.selector.select(self.loads[:8], self.loads[8:], ctx)
         self.in_flight.append((ctx, choice))
         if len(self.in_flight) > self.IN_FLIGHT:
@@ -220,10 +226,10 @@ def decision_rows(
         for i in range(num_replicas)
     ]
     decisions = Decisions(index, loads)
-    hashed = {id(p): hash_token_blocks(p, BLOCK_SIZE) for p in prompts}
+    hashed = {id(p): hash_token_blocks_array(p, BLOCK_SIZE) for p in prompts}
     return decisions, [
         (
-            f"hash an {PROMPT_TOKENS}-token prompt",
+            f"hash an {PROMPT_TOKENS}-token prompt (list)",
             time_each(lambda p: hash_token_blocks(p, BLOCK_SIZE), prompts),
         ),
         ("match in the index", time_each(lambda p: index.match(hashed[id(p)]), prompts)),

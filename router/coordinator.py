@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from router.health import Degradations, ReplicaHealth
-from router.kvindex import KVIndex, hash_token_blocks
+from router.kvindex import KVIndex, hash_token_blocks_array
 from router.metrics import RouterMetrics
 from router.pairing import PairChoice, PairingSettings, PairSelector
 from router.policies import make_policy
@@ -131,9 +131,10 @@ class RoutingCoordinator:
         if token_ids:
             ctx.prompt_token_ids = token_ids
             ctx.num_prompt_tokens = len(token_ids)
-            ctx.block_hashes = hash_token_blocks(token_ids, block_size)
+            chains = hash_token_blocks_array(token_ids, block_size)
+            ctx.block_hashes = chains.tolist()  # the policies' own maps take ints
             with self.lock:
-                matched = self.index.match(ctx.block_hashes)
+                matched = self.index.match(chains)
             ctx.cached_tokens = {rid: n * block_size for rid, n in matched.items()}
         return ctx
 

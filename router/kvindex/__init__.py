@@ -1,13 +1,16 @@
 """The global KV index: which replica (prefill or decode) holds which prompt block.
 
-A radix tree over chained block hashes (``hashing.py``), flattened into one dict from chain hash
-to a bitmask of replicas (``index.py``). Pure Python; imports no torch, vLLM or Ray.
+A radix tree over chained block hashes (``hashing.py``), flattened into one map from chain hash
+to a bitmask of replicas (``index.py``, ``table.py``). The hashing and the map's loops are
+compiled with numba (at import, cached on disk); imports no torch, vLLM or Ray.
 
 Called by the router, in the ingress process, on its event loop (never concurrently):
 
 Hashing (the request path)
     ``hash_token_blocks(token_ids, block_size, parent=None) -> list[int]``: chained hashes of the
-    full blocks of a prompt. ``root_hash(lora_id)`` is the parent of a LoRA request's first block.
+    full blocks of a prompt; ``hash_token_blocks_array`` gives them as a ``uint64`` array, which
+    ``match`` takes without a conversion. ``root_hash(lora_id)`` is the parent of a LoRA
+    request's first block.
 
 Queries (the request path)
     ``KVIndex.match(block_hashes) -> dict[replica_id, num_leading_blocks]``: longest cached prefix
@@ -45,7 +48,12 @@ are read, never kept, except the block hashes of a guess, copied into a tuple un
 from __future__ import annotations
 
 from router.kvindex.events import AllCleared, EngineHash, KVEvent, RemovedBlocks, StoredBlocks
-from router.kvindex.hashing import ROOT_HASH, hash_token_blocks, root_hash
+from router.kvindex.hashing import (
+    ROOT_HASH,
+    hash_token_blocks,
+    hash_token_blocks_array,
+    root_hash,
+)
 from router.kvindex.index import IndexStats, KVIndex
 from router.kvindex.replicas import ReplicaMode
 
@@ -60,5 +68,6 @@ __all__ = [
     "ReplicaMode",
     "StoredBlocks",
     "hash_token_blocks",
+    "hash_token_blocks_array",
     "root_hash",
 ]

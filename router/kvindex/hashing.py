@@ -11,9 +11,9 @@ The construction, all arithmetic modulo 2**64 on unsigned 64-bit integers::
 
 ``fmix64`` is MurmurHash3's 64-bit finalizer (a bijection that spreads every input bit over the
 output; ``C`` keeps a block of zeros from hashing to the fixed point 0). The content hash is a
-multilinear hash of the tokens, the chain step a multiply-add, so the hashes of a whole prompt
-come out of a few vectorized numpy operations (a cumulative sum over the powers of ``M``)
-instead of one digest per block: no per-block Python work. The hashes are stable across
+multilinear hash of the tokens, the chain step a multiply-add, so a whole prompt is hashed in one
+compiled loop (numba; a multiply-add per token) instead of one digest per block: no per-block
+Python work. The hashes are stable across
 processes, machines and Python versions, unlike ``hash()``. Token ids must lie in
 ``[0, 2**32)``. It is a routing key, not a cryptographic hash: a collision costs a cache miss.
 """
@@ -25,13 +25,13 @@ from array import array
 from collections.abc import Sequence
 
 import numpy as np
+from numba import njit, types
 
 _DIGEST_BYTES = 8
 _MASK = (1 << 64) - 1
 # Parent of the first block of a sequence without LoRA (or other extra keys).
 ROOT_HASH = 0
-_CHAIN = 0x9E3779B97F4A7C15  # M: odd, so it has an inverse modulo 2**64
-_CHAIN_INVERSE = pow(_CHAIN, -1, 1 << 64)
+_CHAIN = 0x9E3779B97F4A7C15  # M: odd
 _CONTENT_OFFSET = 0x2545F4914F6CDD1D  # C
 
 
@@ -53,12 +53,10 @@ def _splitmix64(state: int) -> tuple[int, int]:
 
 
 class _Tables:
-    """Token multipliers R and powers of M, grown on demand (replaced whole: thread-safe)."""
+    """Token multipliers R, grown on demand (replaced whole: thread-safe)."""
 
     def __init__(self) -> None:
         self.multipliers = np.zeros(0, dtype=np.uint64)
-        self.powers = np.ones(1, dtype=np.uint64)  # M**0 .. M**n
-        self.inverse_powers = np.ones(1, dtype=np.uint64)
 
     def token_multipliers(self, block_size: int) -> np.ndarray:
         if len(self.multipliers) < block_size:
@@ -69,18 +67,6 @@ class _Tables:
             self.multipliers = np.array(values, dtype=np.uint64)
         return self.multipliers[:block_size]
 
-    def chain_powers(self, num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
-        """(M**0 .. M**num_blocks, M**-0 .. M**-(num_blocks - 1))."""
-        if len(self.powers) <= num_blocks:
-            size = max(num_blocks + 1, 2 * len(self.powers))
-            powers, inverse = [1], [1]
-            for _ in range(size - 1):
-                powers.append(powers[-1] * _CHAIN & _MASK)
-                inverse.append(inverse[-1] * _CHAIN_INVERSE & _MASK)
-            self.inverse_powers = np.array(inverse, dtype=np.uint64)
-            self.powers = np.array(powers, dtype=np.uint64)
-        return self.powers[: num_blocks + 1], self.inverse_powers[:num_blocks]
-
 
 _TABLES = _Tables()
 
@@ -90,13 +76,29 @@ def token_multipliers(block_size: int) -> list[int]:
     return _TABLES.token_multipliers(block_size).tolist()
 
 
-def _fmix64(x: np.ndarray) -> np.ndarray:
-    x ^= x >> np.uint64(33)
-    x *= np.uint64(0xFF51AFD7ED558CCD)
-    x ^= x >> np.uint64(33)
-    x *= np.uint64(0xC4CEB9FE1A85EC53)
-    x ^= x >> np.uint64(33)
-    return x
+_U64 = types.uint64
+
+
+@njit(_U64[::1](types.uint32[::1], types.int64, _U64[::1], _U64), cache=True)
+def _chain_hashes(tokens, block_size, multipliers, parent):  # pragma: no cover - compiled
+    """The chained hashes of ``len(tokens) // block_size`` whole blocks (uint64 arithmetic)."""
+    num_blocks = tokens.shape[0] // block_size
+    hashes = np.empty(num_blocks, dtype=np.uint64)
+    shift = np.uint64(33)
+    chain = parent
+    for block in range(num_blocks):
+        x = np.uint64(_CONTENT_OFFSET)
+        base = block * block_size
+        for k in range(block_size):
+            x += np.uint64(tokens[base + k]) * multipliers[k]
+        x ^= x >> shift  # fmix64
+        x *= np.uint64(0xFF51AFD7ED558CCD)
+        x ^= x >> shift
+        x *= np.uint64(0xC4CEB9FE1A85EC53)
+        x ^= x >> shift
+        chain = chain * np.uint64(_CHAIN) + x
+        hashes[block] = chain
+    return hashes
 
 
 def _token_array(token_ids: Sequence[int], count: int) -> np.ndarray:
@@ -115,18 +117,19 @@ def hash_token_blocks(
     starts at the root. Hashing ``a + b`` equals hashing ``a``, then ``b`` with the last hash of
     ``a`` as parent.
     """
+    return hash_token_blocks_array(token_ids, block_size, parent).tolist()
+
+
+def hash_token_blocks_array(
+    token_ids: Sequence[int], block_size: int, parent: int | None = None
+) -> np.ndarray:
+    """``hash_token_blocks`` as a ``uint64`` array."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     num_blocks = len(token_ids) // block_size
     if num_blocks == 0:
-        return []
-    tokens = _token_array(token_ids, num_blocks * block_size).reshape(num_blocks, block_size)
-    multipliers = _TABLES.token_multipliers(block_size)
-    content = _fmix64(tokens.astype(np.uint64) @ multipliers + np.uint64(_CONTENT_OFFSET))
-    powers, inverse_powers = _TABLES.chain_powers(num_blocks)
-    # hash_i = parent * M**(i+1) + sum over j <= i of content_j * M**(i-j)
-    hashes = powers[:-1] * np.cumsum(content * inverse_powers, dtype=np.uint64)
+        return np.zeros(0, dtype=np.uint64)
+    tokens = _token_array(token_ids, num_blocks * block_size)
     start = ROOT_HASH if parent is None else parent
-    if start:
-        hashes += np.uint64(start) * powers[1:]
-    return hashes.tolist()
+    return _chain_hashes(tokens, block_size, _TABLES.token_multipliers(block_size),
+                         np.uint64(start))

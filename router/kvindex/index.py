@@ -1,8 +1,10 @@
-"""``KVIndex``: which replica holds which block, as a radix tree flattened into one dict.
+"""``KVIndex``: which replica holds which block, as a radix tree flattened into one map.
 
 Because a chained hash identifies its whole prefix, the tree needs no child pointers: a node is
-a dict entry ``chain hash -> bitmask of the replicas holding that block``, and walking a prompt's
-hashes in order walks the tree from the root. A replica is one bit (a small slot number).
+an entry ``chain hash -> bitmask of the replicas holding that block`` (``table.py``, compiled),
+and walking a prompt's hashes in order walks the tree from the root. A replica is one bit (a
+small slot number). The per-replica maps from engine hashes stay Python dicts: engine hashes
+may be bytes.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from functools import reduce
-from itertools import repeat
-from operator import or_
+from itertools import compress
+
+import numpy as np
 
 from router.kvindex.events import (
     TRACKED_MEDIA,
@@ -26,8 +28,9 @@ from router.kvindex.events import (
     StoredBlocks,
 )
 from router.kvindex.expiry import ExpiryQueue
-from router.kvindex.hashing import hash_token_blocks, root_hash
+from router.kvindex.hashing import hash_token_blocks_array, root_hash
 from router.kvindex.replicas import ReplicaMode, ReplicaState, SlotTable
+from router.kvindex.table import MaskTable, as_chains
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ class KVIndex:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._masks: dict[int, int] = {}
+        self._table = MaskTable()
         self._replicas: dict[str, ReplicaState] = {}
         self._slots = SlotTable()
         self._live_bits = 0
@@ -98,7 +101,7 @@ class KVIndex:
     def insert(self, replica_id: str, block_hashes: Sequence[int]) -> None:
         """Record that a replica holds a chain of blocks (chained hashes from the root)."""
         rep = self._event_fed(replica_id)
-        self._add_blocks(rep, block_hashes, block_hashes)
+        self._add_blocks(rep, block_hashes, as_chains(block_hashes))
 
     def remove(self, replica_id: str, block_hashes: Iterable[int]) -> None:
         """Record that a replica evicted these blocks (chained hashes given to ``insert``)."""
@@ -133,14 +136,16 @@ class KVIndex:
         now = self._clock()
         self._expire(now)
         expiry = now + ttl_s
-        masks, bit, held = self._masks, rep.bit, rep.expiry
+        held, fresh = rep.expiry, []
         for chain in block_hashes:
             old = held.get(chain)
             if old is None:
-                masks[chain] = masks.get(chain, 0) | bit
+                fresh.append(chain)
             elif old >= expiry:
                 continue
             held[chain] = expiry
+        if fresh:
+            self._table.add(rep.slot, as_chains(fresh))
         if expiry != math.inf and block_hashes:
             self._expiry.push(expiry, rep, block_hashes)
         return True
@@ -150,33 +155,23 @@ class KVIndex:
     def match(self, block_hashes: Sequence[int]) -> dict[str, int]:
         """Number of leading blocks of ``block_hashes`` each replica holds (absent: none).
 
-        A replica counts only blocks contiguous from the first one. Cost: one dict lookup and a
-        few integer operations per block, plus one entry per replica in the result.
+        A replica counts only blocks contiguous from the first one. Cost: one compiled probe per
+        block (up to the deepest holder), plus one entry per replica in the result.
+        ``block_hashes``: ints, or a ``uint64`` array (``hash_token_blocks_array``).
         """
         if self._expiry.has_due(now := self._clock()):
             self._expire(now)
-        get = self._masks.get
-        active = self._live_bits
         result: dict[str, int] = {}
-        depth = 0
-        for chain in block_hashes:
-            kept = active & get(chain, 0)
-            if kept != active:
-                if depth:
-                    self._credit(result, active ^ kept, depth)
-                if not kept:
-                    return result
-                active = kept
-            depth += 1
-        if depth:
-            self._credit(result, active, depth)
+        if self._live_bits and len(block_hashes):
+            for bits, depth in self._table.match(as_chains(block_hashes), self._live_bits):
+                self._credit(result, bits, depth)
         return result
 
     @property
     def num_blocks(self) -> int:
         """Distinct blocks held by at least one replica."""
         self._expire(self._clock())
-        return len(self._masks)
+        return len(self._table)
 
     def num_blocks_of(self, replica_id: str) -> int:
         self._expire(self._clock())
@@ -193,7 +188,7 @@ class KVIndex:
         self._expire(self._clock())
         reps = self._replicas.values()
         return IndexStats(
-            num_blocks=len(self._masks),
+            num_blocks=len(self._table),
             num_replicas=len(self._replicas),
             event_fed_replicas=tuple(r.replica_id for r in reps if r.mode is ReplicaMode.EVENT_FED),
             guessed_replicas=tuple(r.replica_id for r in reps if r.mode is ReplicaMode.GUESSED),
@@ -203,8 +198,9 @@ class KVIndex:
         )
 
     def estimate_memory_bytes(self) -> int:
-        """Rough size of the index: its dicts plus one int object per key and value they own."""
-        total = sys.getsizeof(self._masks) + 2 * 32 * len(self._masks)
+        """Rough size of the index: its compiled table, plus the per-replica dicts and one int
+        object per key and value they own."""
+        total = self._table.estimate_bytes()
         for rep in self._replicas.values():
             total += sys.getsizeof(rep.blocks) + sys.getsizeof(rep.expiry)
             total += 32 * len(rep.blocks) + 24 * len(rep.expiry)
@@ -249,7 +245,7 @@ class KVIndex:
             if parent is None:
                 self._num_orphan_blocks += len(event.block_hashes)
                 return
-        chains = hash_token_blocks(event.token_ids, event.block_size, parent)
+        chains = hash_token_blocks_array(event.token_ids, event.block_size, parent)
         if len(chains) != len(event.block_hashes):
             raise ValueError(
                 f"{len(event.block_hashes)} block hashes but {len(event.token_ids)} tokens "
@@ -258,70 +254,66 @@ class KVIndex:
         self._add_blocks(rep, event.block_hashes, chains)
 
     def _add_blocks(
-        self, rep: ReplicaState, keys: Sequence[EngineHash], chains: Sequence[int]
+        self, rep: ReplicaState, keys: Sequence[EngineHash], chains: np.ndarray
     ) -> None:
-        masks, blocks, bit = self._masks, rep.blocks, rep.bit
-        if len(keys) == len(chains) and blocks.keys().isdisjoint(keys):
-            # The common case, engine keys the replica did not hold: bulk dict operations (the
-            # chains of one event are distinct, being the chain of one sequence).
-            blocks.update(zip(keys, chains, strict=True))
-            old_masks = list(map(masks.get, chains, repeat(0, len(chains))))
-            masks.update(zip(chains, [mask | bit for mask in old_masks], strict=True))
-            if reduce(or_, old_masks, 0) & bit:  # some chains it held under other keys
+        blocks, chain_ints = rep.blocks, chains.tolist()
+        if len(keys) == len(chain_ints) and blocks.keys().isdisjoint(keys):
+            # The common case, engine keys the replica did not hold: bulk operations (the chains
+            # of one event are distinct, being the chain of one sequence).
+            blocks.update(zip(keys, chain_ints, strict=True))
+            held = self._table.add(rep.slot, chains)
+            if held is not None:  # some chains it held under other keys
                 extra = rep.extra_refs
-                for chain, mask in zip(chains, old_masks, strict=True):
-                    if mask & bit:
-                        extra[chain] = extra.get(chain, 0) + 1
+                for chain in compress(chain_ints, held):
+                    extra[chain] = extra.get(chain, 0) + 1
             return
-        for key, chain in zip(keys, chains, strict=True):
+        for key, chain in zip(keys, chain_ints, strict=True):
             old = blocks.get(key)
             if old is not None:
                 if old == chain:
                     continue
                 self._drop_chain(rep, old)
             blocks[key] = chain
-            mask = masks.get(chain, 0)
-            if mask & bit:
+            if self._table.holds(rep.slot, chain):
                 rep.extra_refs[chain] = rep.extra_refs.get(chain, 0) + 1
             else:
-                masks[chain] = mask | bit
+                self._table.add(rep.slot, as_chains([chain]))
 
     def _remove_keys(self, rep: ReplicaState, keys: Iterable[EngineHash]) -> None:
-        pop = rep.blocks.pop
+        pop, dropped = rep.blocks.pop, []
         for key in keys:
             chain = pop(key, None)
-            if chain is not None:
-                self._drop_chain(rep, chain)
+            if chain is not None and not self._release_extra_ref(rep, chain):
+                dropped.append(chain)
+        self._table.discard(rep.slot, as_chains(dropped))
+
+    def _release_extra_ref(self, rep: ReplicaState, chain: int) -> bool:
+        """True if the replica still holds ``chain`` under another engine hash."""
+        extra = rep.extra_refs.get(chain)
+        if not extra:
+            return False
+        if extra == 1:
+            del rep.extra_refs[chain]
+        else:
+            rep.extra_refs[chain] = extra - 1
+        return True
 
     def _drop_chain(self, rep: ReplicaState, chain: int) -> None:
-        extra = rep.extra_refs.get(chain)
-        if extra:
-            if extra == 1:
-                del rep.extra_refs[chain]
-            else:
-                rep.extra_refs[chain] = extra - 1
-            return
-        self._clear_bit(chain, rep.bit)
-
-    def _clear_bit(self, chain: int, bit: int) -> None:
-        mask = self._masks.get(chain, 0) & ~bit
-        if mask:
-            self._masks[chain] = mask
-        else:
-            self._masks.pop(chain, None)
+        if not self._release_extra_ref(rep, chain):
+            self._table.discard(rep.slot, as_chains([chain]))
 
     def _clear(self, rep: ReplicaState) -> None:
-        for chain in rep.chains():
-            self._clear_bit(chain, rep.bit)
+        self._table.discard(rep.slot, as_chains(list(rep.chains())))
         rep.reset()
 
     def _expire(self, now: float) -> None:
         for expiry, rep, chains in self._expiry.pop_due(now):
-            held = rep.expiry
+            held, gone = rep.expiry, []
             for chain in chains:
                 if held.get(chain) == expiry:  # not refreshed since
                     del held[chain]
-                    self._clear_bit(chain, rep.bit)
+                    gone.append(chain)
+            self._table.discard(rep.slot, as_chains(gone))
 
     def _credit(self, result: dict[str, int], bits: int, depth: int) -> None:
         ids = self._slots.ids

@@ -1,0 +1,134 @@
+"""The compiled mask table of the KV index against a plain dict, growth, deletion and wide slots."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router.kvindex.table import MIN_CAPACITY, WORD_BITS, MaskTable, as_chains
+
+
+class Model:
+    """The table's meaning: chain -> set of slots."""
+
+    def __init__(self) -> None:
+        self.slots: dict[int, set[int]] = {}
+
+    def add(self, slot: int, chains: list[int]) -> list[bool]:
+        had = [slot in self.slots.get(c, ()) for c in chains]
+        for chain in chains:
+            self.slots.setdefault(chain, set()).add(slot)
+        return had
+
+    def discard(self, slot: int, chains: list[int]) -> None:
+        for chain in chains:
+            held = self.slots.get(chain)
+            if held is not None:
+                held.discard(slot)
+                if not held:
+                    del self.slots[chain]
+
+    def match(self, chains: list[int], live: set[int]) -> dict[int, int]:
+        depths = {}
+        for slot in live:
+            depth = 0
+            while depth < len(chains) and slot in self.slots.get(chains[depth], ()):
+                depth += 1
+            if depth:
+                depths[slot] = depth
+        return depths
+
+
+def table_match(table: MaskTable, chains: list[int], live: set[int]) -> dict[int, int]:
+    bits = sum(1 << slot for slot in live)
+    depths = {}
+    for group, depth in table.match(as_chains(chains), bits):
+        for slot in range(group.bit_length()):
+            if group >> slot & 1:
+                depths[slot] = depth
+    return depths
+
+
+def check(table: MaskTable, model: Model, rng: random.Random, keys: list[int],
+          slots: list[int]) -> None:
+    assert len(table) == len(model.slots)
+    for _ in range(5):
+        start = rng.randrange(len(keys))
+        chains = keys[start:start + rng.randrange(1, 40)]
+        live = set(rng.sample(slots, rng.randrange(1, len(slots) + 1)))
+        assert table_match(table, chains, live) == model.match(chains, live)
+    for chain in rng.sample(keys, 10):
+        for slot in slots:
+            assert table.holds(slot, chain) == (slot in model.slots.get(chain, ()))
+
+
+def run_ops(seed: int, keys: list[int], slots: list[int], num_ops: int) -> None:
+    rng = random.Random(seed)
+    table, model = MaskTable(), Model()
+    for op in range(num_ops):
+        slot = rng.choice(slots)
+        start = rng.randrange(len(keys))
+        chains = list(dict.fromkeys(keys[start:start + rng.randrange(1, 300)]))
+        if rng.random() < 0.6:
+            held = table.add(slot, as_chains(chains))
+            expected = model.add(slot, chains)
+            assert (held.tolist() if held is not None else [False] * len(chains)) == expected
+        else:
+            table.discard(slot, as_chains(chains))
+            model.discard(slot, chains)
+        if op % 25 == 0:
+            check(table, model, rng, keys, slots)
+    check(table, model, rng, keys, slots)
+
+
+def test_random_adds_and_discards_agree_with_a_dict_through_growth() -> None:
+    rng = random.Random(1)
+    keys = [rng.getrandbits(64) for _ in range(6 * MIN_CAPACITY)]  # grows several times
+    run_ops(2, keys, list(range(5)), 400)
+
+
+def test_clustered_keys_survive_backward_shift_deletion() -> None:
+    # Keys 0, 1, 2, ... and multiples of a power of two make long probe runs, wrap-arounds
+    # included; deleting from the middle of a run must keep every later key findable.
+    keys = list(range(700)) + [i << 54 for i in range(1, 700)] + [(1 << 64) - 1 - i for i in
+                                                                  range(300)]
+    run_ops(3, keys, [0, 1, 2], 500)
+
+
+def test_slots_beyond_one_word_get_their_own_table() -> None:
+    rng = random.Random(4)
+    keys = [rng.getrandbits(64) for _ in range(2000)]
+    run_ops(5, keys, [0, 1, WORD_BITS - 1, WORD_BITS, WORD_BITS + 3, 3 * WORD_BITS + 1], 300)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 2), st.lists(st.integers(0, 40),
+                                                                      max_size=12)),
+                max_size=40))
+def test_any_sequence_of_operations_agrees_with_the_model(ops: list) -> None:
+    table, model = MaskTable(), Model()
+    for is_add, slot, raw in ops:
+        chains = list(dict.fromkeys(raw))
+        if is_add:
+            held = table.add(slot, as_chains(chains))
+            expected = model.add(slot, chains)
+            assert (held.tolist() if held is not None else [False] * len(chains)) == expected
+        else:
+            table.discard(slot, as_chains(chains))
+            model.discard(slot, chains)
+    assert len(table) == len(model.slots)
+    everything = list(range(41))
+    for start in range(0, 41, 7):
+        assert table_match(table, everything[start:], {0, 1, 2}) == \
+            model.match(everything[start:], {0, 1, 2})
+
+
+def test_memory_is_the_arrays_and_a_table_half_full_at_most() -> None:
+    table = MaskTable()
+    chains = np.arange(1, 3001, dtype=np.uint64)
+    table.add(0, chains)
+    assert len(table) == 3000
+    assert table.estimate_bytes() == 16 * 8192  # 3000 entries need 6000 slots: 8192
