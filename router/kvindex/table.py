@@ -44,13 +44,15 @@ def _probe(keys, masks, key, shift):  # pragma: no cover - compiled
 
 @njit(types.int64(_ARRAY, _ARRAY, _ARRAY, _U64, _U64, types.boolean[::1]), cache=True)
 def _set_bit(keys, masks, chains, bit, shift, had):  # pragma: no cover - compiled
-    """Set ``bit`` on every chain; ``had[i]``: chain ``i`` had it already. Returns the number of
-    new entries. The caller leaves room for all of them."""
+    """Set ``bit`` on every chain; ``had[i]``: chain ``i`` had it before this call (a chain
+    given twice is not counted as held by its own first copy). Returns the number of new
+    entries. The caller leaves room for all of them."""
+    for i in range(chains.shape[0]):
+        had[i] = (masks[_probe(keys, masks, chains[i], shift)] & bit) != 0
     num_new = 0
     for i in range(chains.shape[0]):
         slot = _probe(keys, masks, chains[i], shift)
         mask = masks[slot]
-        had[i] = (mask & bit) != 0
         if mask == 0:
             keys[slot] = chains[i]
             num_new += 1

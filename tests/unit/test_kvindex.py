@@ -172,6 +172,32 @@ def test_clear_replica_keeps_it_registered() -> None:
     assert index.replica_ids() == ["a"] and index.is_event_fed("a")
 
 
+def test_a_hash_given_twice_is_one_block() -> None:
+    index = KVIndex()
+    chain = hash_token_blocks(list(range(32)), 16)
+    index.insert("a", [chain[0], chain[0], chain[1]])
+    assert index.num_blocks_of("a") == 2 and index.match(chain) == {"a": 2}
+    index.remove("a", [chain[0]])
+    assert index.num_blocks_of("a") == 1 and index.match(chain) == {}
+
+
+def test_more_replicas_than_one_mask_word_match_alike() -> None:
+    index = KVIndex()
+    chain = hash_token_blocks(list(range(160)), 16)  # 10 blocks
+    for i in range(150):  # three 64-bit words of replicas
+        index.insert(f"r{i}", chain[: i % 10])
+    assert index.match(chain) == {f"r{i}": i % 10 for i in range(150) if i % 10}
+    assert index.num_blocks == 9
+    index.remove_replica("r9")
+    index.remove_replica("r19")
+    index.remove_replica("r129")
+    assert index.match(chain).get("r139") == 9 and "r129" not in index.match(chain)
+    for i in range(150):
+        if i % 10 == 9:
+            index.remove_replica(f"r{i}")
+    assert index.num_blocks == 8  # the ninth block is held by no one now
+
+
 # -- engine events ------------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ class Model:
         self.slots: dict[int, set[int]] = {}
 
     def add(self, slot: int, chains: list[int]) -> list[bool]:
-        had = [slot in self.slots.get(c, ()) for c in chains]
+        had = [slot in self.slots.get(c, ()) for c in chains]  # before any of them is added
         for chain in chains:
             self.slots.setdefault(chain, set()).add(slot)
         return had
@@ -111,7 +111,7 @@ def test_slots_beyond_one_word_get_their_own_table() -> None:
 def test_any_sequence_of_operations_agrees_with_the_model(ops: list) -> None:
     table, model = MaskTable(), Model()
     for is_add, slot, raw in ops:
-        chains = list(dict.fromkeys(raw))
+        chains = raw if is_add else list(dict.fromkeys(raw))  # duplicates given to add too
         if is_add:
             held = table.add(slot, as_chains(chains))
             expected = model.add(slot, chains)
