@@ -148,6 +148,11 @@ def gather_blocks(
     link's shared memory), or a new one."""
     import torch
 
+    if out is not None:  # torch.cat would resize a wrong one (a link's shared memory)
+        expected = layout.nbytes(len(block_ids), None if heads is None else heads[1])
+        if out.numel() != expected:
+            raise ValueError(f"out holds {out.numel()} bytes, {len(block_ids)} blocks need "
+                             f"{expected}")
     parts = []
     index = _block_index(kv_caches, block_ids)
     for ly in layout.layers:

@@ -139,6 +139,8 @@ def test_scatter_refuses_a_buffer_of_the_wrong_size() -> None:
     padded = torch.cat([buffer, torch.zeros(4, dtype=torch.uint8)])
     with pytest.raises(ValueError, match="buffer holds"):
         scatter_blocks(caches, layout, [1, 2], padded)
+    with pytest.raises(ValueError, match="out holds"):  # torch.cat would resize it
+        gather_blocks(caches, layout, [1, 2], out=padded)
 
 
 @pytest.mark.parametrize("kind", KINDS)
