@@ -4,7 +4,9 @@ A radix tree over chained block hashes (``hashing.py``), flattened into one map 
 to a bitmask of replicas (``index.py``, ``table.py``). The hashing and the map's loops are
 compiled with numba (at import, cached on disk); imports no torch, vLLM or Ray.
 
-Called by the router, in the ingress process, on its event loop (never concurrently):
+Called by the router, in the ingress process, from its event loop, its KV-event subscriber thread
+and Ray Serve's request-router threads; not thread-safe: the callers serialize every call (the
+coordinator's lock).
 
 Hashing (the request path)
     ``hash_token_blocks(token_ids, block_size, parent=None) -> list[int]``: chained hashes of the

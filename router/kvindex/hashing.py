@@ -13,9 +13,9 @@ The construction, all arithmetic modulo 2**64 on unsigned 64-bit integers::
 output; ``C`` keeps a block of zeros from hashing to the fixed point 0). The content hash is a
 multilinear hash of the tokens, the chain step a multiply-add, so a whole prompt is hashed in one
 compiled loop (numba; a multiply-add per token) instead of one digest per block: no per-block
-Python work. The hashes are stable across
-processes, machines and Python versions, unlike ``hash()``. Token ids must lie in
-``[0, 2**32)``. It is a routing key, not a cryptographic hash: a collision costs a cache miss.
+Python work. The hashes are stable across processes, machines and Python versions, unlike
+``hash()``. Token ids must lie in ``[0, 2**32)``. It is a routing key, not a cryptographic hash:
+a collision costs a cache miss.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from array import array
 from collections.abc import Sequence
 
 import numpy as np
-from numba import njit, types
+from numba import types
+
+from router.kvindex.compiled import compiled
 
 _DIGEST_BYTES = 8
 _MASK = (1 << 64) - 1
@@ -59,13 +61,14 @@ class _Tables:
         self.multipliers = np.zeros(0, dtype=np.uint64)
 
     def token_multipliers(self, block_size: int) -> np.ndarray:
-        if len(self.multipliers) < block_size:
+        multipliers = self.multipliers  # read once: another thread may replace it
+        if len(multipliers) < block_size:
             state, values = 0x5DEECE66D, []
             for _ in range(block_size):
                 state, value = _splitmix64(state)
                 values.append(value | 1)
-            self.multipliers = np.array(values, dtype=np.uint64)
-        return self.multipliers[:block_size]
+            self.multipliers = multipliers = np.array(values, dtype=np.uint64)
+        return multipliers[:block_size]
 
 
 _TABLES = _Tables()
@@ -79,9 +82,10 @@ def token_multipliers(block_size: int) -> list[int]:
 _U64 = types.uint64
 
 
-@njit(_U64[::1](types.uint32[::1], types.int64, _U64[::1], _U64), cache=True)
+@compiled(_U64[::1](types.uint32[::1], types.int64, _U64[::1], _U64))
 def _chain_hashes(tokens, block_size, multipliers, parent):  # pragma: no cover - compiled
-    """The chained hashes of ``len(tokens) // block_size`` whole blocks (uint64 arithmetic)."""
+    """The chained hashes of ``len(tokens) // block_size`` whole blocks (uint64 arithmetic;
+    ``multipliers`` holds at least ``block_size`` values)."""
     num_blocks = tokens.shape[0] // block_size
     hashes = np.empty(num_blocks, dtype=np.uint64)
     shift = np.uint64(33)

@@ -133,6 +133,7 @@ class KVIndex:
         rep = self._replicas.get(replica_id) or self._register(replica_id, ReplicaMode.GUESSED)
         if rep.mode is ReplicaMode.EVENT_FED:
             return False
+        chains = as_chains(block_hashes)  # refuses a hash out of range before any change
         now = self._clock()
         self._expire(now)
         expiry = now + ttl_s
@@ -146,7 +147,7 @@ class KVIndex:
             held[chain] = expiry
         if fresh:
             self._table.add(rep.slot, as_chains(fresh))
-        if expiry != math.inf and block_hashes:
+        if expiry != math.inf and len(chains):
             self._expiry.push(expiry, rep, block_hashes)
         return True
 
@@ -156,8 +157,9 @@ class KVIndex:
         """Number of leading blocks of ``block_hashes`` each replica holds (absent: none).
 
         A replica counts only blocks contiguous from the first one. Cost: one compiled probe per
-        block (up to the deepest holder), plus one entry per replica in the result.
-        ``block_hashes``: ints, or a ``uint64`` array (``hash_token_blocks_array``).
+        block up to the deepest holder (per 64 replicas), plus one entry per replica in the
+        result. ``block_hashes``: ints in ``[0, 2**64)``, or a ``uint64`` array
+        (``hash_token_blocks_array``).
         """
         if self._expiry.has_due(now := self._clock()):
             self._expire(now)
@@ -256,19 +258,26 @@ class KVIndex:
     def _add_blocks(
         self, rep: ReplicaState, keys: Sequence[EngineHash], chains: np.ndarray
     ) -> None:
+        # The chains of one event are distinct, being the chain of one sequence.
         blocks, chain_ints = rep.blocks, chains.tolist()
-        if len(keys) == len(chain_ints) and blocks.keys().isdisjoint(keys):
-            # The common case, engine keys the replica did not hold: bulk operations (the chains
-            # of one event are distinct, being the chain of one sequence).
-            blocks.update(zip(keys, chain_ints, strict=True))
-            held = self._table.add(rep.slot, chains)
-            if held is not None:  # some chains it held under other keys
-                extra = rep.extra_refs
-                for chain in compress(chain_ints, held):
-                    extra[chain] = extra.get(chain, 0) + 1
+        if len(keys) != len(chain_ints):
+            raise ValueError(f"{len(keys)} keys for {len(chain_ints)} chains")
+        if blocks.keys().isdisjoint(keys):  # the common case: keys the replica did not hold
+            self._add_new_keys(rep, keys, chain_ints, chains)
             return
+        new_keys, new_chains = [], []
         for key, chain in zip(keys, chain_ints, strict=True):
             old = blocks.get(key)
+            if old is None:
+                new_keys.append(key)
+                new_chains.append(chain)
+            elif old != chain:
+                break
+        else:  # a replay, in part or whole: only the keys not held yet change anything
+            self._add_new_keys(rep, new_keys, new_chains, as_chains(new_chains))
+            return
+        for key, chain in zip(keys, chain_ints, strict=True):  # rare: a key now means another
+            old = blocks.get(key)                                # block; one at a time, in order
             if old is not None:
                 if old == chain:
                     continue
@@ -279,13 +288,25 @@ class KVIndex:
             else:
                 self._table.add(rep.slot, as_chains([chain]))
 
+    def _add_new_keys(self, rep: ReplicaState, keys: Sequence[EngineHash], chain_ints: list[int],
+                      chains: np.ndarray) -> None:
+        """Engine keys the replica does not hold yet, with their (distinct) chains, in bulk."""
+        rep.blocks.update(zip(keys, chain_ints, strict=True))
+        held = self._table.add(rep.slot, chains)
+        if held is not None:  # some chains it held under other keys
+            extra = rep.extra_refs
+            for chain in compress(chain_ints, held):
+                extra[chain] = extra.get(chain, 0) + 1
+
     def _remove_keys(self, rep: ReplicaState, keys: Iterable[EngineHash]) -> None:
         pop, dropped = rep.blocks.pop, []
-        for key in keys:
-            chain = pop(key, None)
-            if chain is not None and not self._release_extra_ref(rep, chain):
-                dropped.append(chain)
-        self._table.discard(rep.slot, as_chains(dropped))
+        try:
+            for key in keys:
+                chain = pop(key, None)
+                if chain is not None and not self._release_extra_ref(rep, chain):
+                    dropped.append(chain)
+        finally:  # a bad key half-way: what was popped still leaves the table
+            self._table.discard(rep.slot, as_chains(dropped))
 
     def _release_extra_ref(self, rep: ReplicaState, chain: int) -> bool:
         """True if the replica still holds ``chain`` under another engine hash."""

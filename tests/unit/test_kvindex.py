@@ -181,6 +181,24 @@ def test_a_hash_given_twice_is_one_block() -> None:
     assert index.num_blocks_of("a") == 1 and index.match(chain) == {}
 
 
+def test_a_removal_that_fails_half_way_still_drops_what_it_removed() -> None:
+    index = KVIndex()
+    chain = hash_token_blocks(list(range(32)), 16)
+    index.insert("a", chain)
+    with pytest.raises(TypeError):
+        index.remove("a", [chain[1], [], chain[0]])  # an unhashable key in the middle
+    assert index.match(chain) == {"a": 1}  # chain[1] is gone from the table too
+    index.clear_replica("a")  # what the event subscriber does after a failed event
+    assert index.match(chain) == {} and index.num_blocks == 0
+
+
+def test_a_guess_with_a_hash_out_of_range_records_nothing() -> None:
+    index = KVIndex()
+    with pytest.raises(OverflowError):
+        index.record_routed("g", [1, 2**64], ttl_s=10.0)
+    assert index.num_blocks_of("g") == 0 and index.chains_of("g") == frozenset()
+
+
 def test_more_replicas_than_one_mask_word_match_alike() -> None:
     index = KVIndex()
     chain = hash_token_blocks(list(range(160)), 16)  # 10 blocks

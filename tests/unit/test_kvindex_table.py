@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -132,3 +133,32 @@ def test_memory_is_the_arrays_and_a_table_half_full_at_most() -> None:
     table.add(0, chains)
     assert len(table) == 3000
     assert table.estimate_bytes() == 16 * 8192  # 3000 entries need 6000 slots: 8192
+
+
+def test_read_only_and_int64_arrays_are_taken_as_chains() -> None:
+    table = MaskTable()
+    chains = np.arange(5, dtype=np.uint64)
+    table.add(0, chains)
+    read_only = np.frombuffer(chains.tobytes(), dtype=np.uint64)  # as Ray deserializes arrays
+    assert table.match(as_chains(read_only), 1) == [(1, 5)]
+    assert table.match(as_chains(np.arange(5, dtype=np.int64)), 1) == [(1, 5)]
+
+
+def test_compiled_falls_back_to_no_cache_where_numba_cannot_write_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from numba import njit as real_njit
+
+    from router.kvindex import compiled as module
+
+    def njit(signature: object, **options: object) -> object:
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'x'")
+        return real_njit(signature, **options)
+
+    monkeypatch.setattr(module, "njit", njit)
+
+    @module.compiled("int64(int64)")
+    def twice(x):  # pragma: no cover - compiled
+        return 2 * x
+
+    assert twice(21) == 42
