@@ -324,7 +324,7 @@ class KVIndex:
             self._table.discard(rep.slot, as_chains([chain]))
 
     def _clear(self, rep: ReplicaState) -> None:
-        self._table.discard(rep.slot, as_chains(list(rep.chains())))
+        self._table.discard(rep.slot, as_chains(rep.chains()))
         rep.reset()
 
     def _expire(self, now: float) -> None:

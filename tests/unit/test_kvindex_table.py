@@ -66,6 +66,17 @@ def check(table: MaskTable, model: Model, rng: random.Random, keys: list[int],
             assert table.holds(slot, chain) == (slot in model.slots.get(chain, ()))
 
 
+def apply(table: MaskTable, model: Model, is_add: bool, slot: int, chains: list[int]) -> None:
+    """One add (whose answer must be the model's) or discard, on both."""
+    if is_add:
+        held = table.add(slot, as_chains(chains))
+        expected = model.add(slot, chains)
+        assert (held.tolist() if held is not None else [False] * len(chains)) == expected
+    else:
+        table.discard(slot, as_chains(chains))
+        model.discard(slot, chains)
+
+
 def run_ops(seed: int, keys: list[int], slots: list[int], num_ops: int) -> None:
     rng = random.Random(seed)
     table, model = MaskTable(), Model()
@@ -73,13 +84,7 @@ def run_ops(seed: int, keys: list[int], slots: list[int], num_ops: int) -> None:
         slot = rng.choice(slots)
         start = rng.randrange(len(keys))
         chains = list(dict.fromkeys(keys[start:start + rng.randrange(1, 300)]))
-        if rng.random() < 0.6:
-            held = table.add(slot, as_chains(chains))
-            expected = model.add(slot, chains)
-            assert (held.tolist() if held is not None else [False] * len(chains)) == expected
-        else:
-            table.discard(slot, as_chains(chains))
-            model.discard(slot, chains)
+        apply(table, model, rng.random() < 0.6, slot, chains)
         if op % 25 == 0:
             check(table, model, rng, keys, slots)
     check(table, model, rng, keys, slots)
@@ -99,7 +104,7 @@ def test_clustered_keys_survive_backward_shift_deletion() -> None:
     run_ops(3, keys, [0, 1, 2], 500)
 
 
-def test_slots_beyond_one_word_get_their_own_table() -> None:
+def test_slots_beyond_one_word_get_their_own_mask_word() -> None:
     rng = random.Random(4)
     keys = [rng.getrandbits(64) for _ in range(2000)]
     run_ops(5, keys, [0, 1, WORD_BITS - 1, WORD_BITS, WORD_BITS + 3, 3 * WORD_BITS + 1], 300)
@@ -113,13 +118,7 @@ def test_any_sequence_of_operations_agrees_with_the_model(ops: list) -> None:
     table, model = MaskTable(), Model()
     for is_add, slot, raw in ops:
         chains = raw if is_add else list(dict.fromkeys(raw))  # duplicates given to add too
-        if is_add:
-            held = table.add(slot, as_chains(chains))
-            expected = model.add(slot, chains)
-            assert (held.tolist() if held is not None else [False] * len(chains)) == expected
-        else:
-            table.discard(slot, as_chains(chains))
-            model.discard(slot, chains)
+        apply(table, model, is_add, slot, chains)
     assert len(table) == len(model.slots)
     everything = list(range(41))
     for start in range(0, 41, 7):
