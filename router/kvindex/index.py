@@ -3,8 +3,8 @@
 Because a chained hash identifies its whole prefix, the tree needs no child pointers: a node is
 an entry ``chain hash -> bitmask of the replicas holding that block`` (``table.py``, compiled),
 and walking a prompt's hashes in order walks the tree from the root. A replica is one bit (a
-small slot number). The per-replica maps from engine hashes stay Python dicts: engine hashes
-may be bytes.
+small slot number). Each replica's map from engine hashes to chained hashes is compiled too
+(``keymap.py``), or a dict for an engine that publishes bytes.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from router.kvindex.events import (
 )
 from router.kvindex.expiry import ExpiryQueue
 from router.kvindex.hashing import hash_token_blocks_array, root_hash
+from router.kvindex.keymap import Keys
 from router.kvindex.replicas import ReplicaMode, ReplicaState, SlotTable
 from router.kvindex.table import MaskTable, as_chains
 
@@ -200,12 +201,12 @@ class KVIndex:
         )
 
     def estimate_memory_bytes(self) -> int:
-        """Rough size of the index: its compiled table, plus the per-replica dicts and one int
-        object per key and value they own."""
+        """Rough size of the index: its compiled table, the per-replica engine key maps, and the
+        guessed replicas' dicts with one int object per key and value they own."""
         total = self._table.estimate_bytes()
         for rep in self._replicas.values():
-            total += sys.getsizeof(rep.blocks) + sys.getsizeof(rep.expiry)
-            total += 32 * len(rep.blocks) + 24 * len(rep.expiry)
+            total += rep.blocks.estimate_bytes() + sys.getsizeof(rep.expiry)
+            total += 24 * len(rep.expiry)
         return total
 
     # -- internals --------------------------------------------------------------------------
@@ -262,19 +263,22 @@ class KVIndex:
         blocks, chain_ints = rep.blocks, chains.tolist()
         if len(keys) != len(chain_ints):
             raise ValueError(f"{len(keys)} keys for {len(chain_ints)} chains")
-        if blocks.keys().isdisjoint(keys):  # the common case: keys the replica did not hold
-            self._add_new_keys(rep, keys, chain_ints, chains)
+        was_compiled = blocks.is_compiled
+        coerced = blocks.coerce(keys)
+        if was_compiled and not blocks.is_compiled:
+            logger.info("KV index: replica %s publishes engine block hashes that are not ints "
+                        "in [0, 2**64); they are kept in a Python dict (slower to ingest)",
+                        rep.replica_id)
+        if blocks.update_if_all_new(coerced, chains, chain_ints):  # the common case
+            self._mark_held(rep, chains, chain_ints)
             return
-        new_keys, new_chains = [], []
-        for key, chain in zip(keys, chain_ints, strict=True):
-            old = blocks.get(key)
-            if old is None:
-                new_keys.append(key)
-                new_chains.append(chain)
-            elif old != chain:
-                break
-        else:  # a replay, in part or whole: only the keys not held yet change anything
-            self._add_new_keys(rep, new_keys, new_chains, as_chains(new_chains))
+        olds = blocks.lookup(coerced)
+        assert olds is not None
+        fresh = [i for i, old in enumerate(olds) if old is None]
+        if all(old is None or old == chain for old, chain in zip(olds, chain_ints, strict=True)):
+            # A replay, in part or whole: only the keys not held yet change anything.
+            self._add_new_keys(rep, blocks.coerce([keys[i] for i in fresh]), chains[fresh],
+                               [chain_ints[i] for i in fresh])
             return
         for key, chain in zip(keys, chain_ints, strict=True):  # rare: a key now means another
             old = blocks.get(key)                                # block; one at a time, in order
@@ -282,16 +286,21 @@ class KVIndex:
                 if old == chain:
                     continue
                 self._drop_chain(rep, old)
-            blocks[key] = chain
+            blocks.set(key, chain)
             if self._table.holds(rep.slot, chain):
                 rep.extra_refs[chain] = rep.extra_refs.get(chain, 0) + 1
             else:
                 self._table.add(rep.slot, as_chains([chain]))
 
-    def _add_new_keys(self, rep: ReplicaState, keys: Sequence[EngineHash], chain_ints: list[int],
-                      chains: np.ndarray) -> None:
-        """Engine keys the replica does not hold yet, with their (distinct) chains, in bulk."""
-        rep.blocks.update(zip(keys, chain_ints, strict=True))
+    def _add_new_keys(self, rep: ReplicaState, keys: Keys, chains: np.ndarray,
+                      chain_ints: list[int]) -> None:
+        """Engine keys the replica does not hold yet (``coerce``d), with their (distinct)
+        chains, in bulk."""
+        rep.blocks.update(keys, chains, chain_ints)
+        self._mark_held(rep, chains, chain_ints)
+
+    def _mark_held(self, rep: ReplicaState, chains: np.ndarray, chain_ints: list[int]) -> None:
+        """Set the replica's bit on (distinct) chains it now holds under new engine keys."""
         held = self._table.add(rep.slot, chains)
         if held is not None:  # some chains it held under other keys
             extra = rep.extra_refs
@@ -299,13 +308,11 @@ class KVIndex:
                 extra[chain] = extra.get(chain, 0) + 1
 
     def _remove_keys(self, rep: ReplicaState, keys: Iterable[EngineHash]) -> None:
-        pop, dropped = rep.blocks.pop, []
+        popped: list[int] = []
         try:
-            for key in keys:
-                chain = pop(key, None)
-                if chain is not None and not self._release_extra_ref(rep, chain):
-                    dropped.append(chain)
+            rep.blocks.pop_into(keys, popped)
         finally:  # a bad key half-way: what was popped still leaves the table
+            dropped = [chain for chain in popped if not self._release_extra_ref(rep, chain)]
             self._table.discard(rep.slot, as_chains(dropped))
 
     def _release_extra_ref(self, rep: ReplicaState, chain: int) -> bool:

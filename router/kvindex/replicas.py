@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from router.kvindex.events import EngineHash
+from router.kvindex.keymap import EngineKeyMap
 
 
 class ReplicaMode(enum.Enum):
@@ -23,7 +23,7 @@ class ReplicaState:
     slot: int
     mode: ReplicaMode
     # Event-fed: engine hash -> chained hash.
-    blocks: dict[EngineHash, int] = dataclasses.field(default_factory=dict)
+    blocks: EngineKeyMap = dataclasses.field(default_factory=EngineKeyMap)
     # Event-fed, rare: chained hashes reached by more than one engine hash (count of the extra
     # ones), so that removing one engine hash keeps the block.
     extra_refs: dict[int, int] = dataclasses.field(default_factory=dict)
@@ -46,10 +46,10 @@ class ReplicaState:
         """Distinct chained hashes this replica holds."""
         if self.mode is ReplicaMode.GUESSED:
             return set(self.expiry)
-        return set(self.blocks.values())
+        return set(self.blocks.chains())
 
     def reset(self) -> None:
-        self.blocks = {}
+        self.blocks = EngineKeyMap()
         self.extra_refs = {}
         self.expiry = {}
 

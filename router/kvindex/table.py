@@ -31,7 +31,7 @@ from router.kvindex.compiled import compiled
 WORD_BITS = 64
 _WORD_MASK = (1 << WORD_BITS) - 1
 MIN_CAPACITY = 1024
-_SPREAD = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: a key's home position
+SPREAD = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: a key's home position
 _U64 = types.uint64
 _KEYS = _U64[::1]
 _MASKS = _U64[:, ::1]
@@ -51,7 +51,7 @@ def _is_used(masks, pos):  # pragma: no cover - compiled
 def _probe(keys, masks, key, shift):  # pragma: no cover - compiled
     """The position holding ``key``, or the empty position where it would go."""
     last = keys.shape[0] - 1
-    pos = np.int64((key * _SPREAD) >> shift)
+    pos = np.int64((key * SPREAD) >> shift)
     while _is_used(masks, pos) and keys[pos] != key:
         pos = (pos + 1) & last
     return pos
@@ -94,7 +94,7 @@ def _clear_bit(keys, masks, chains, word, bit, shift):  # pragma: no cover - com
             pos = (pos + 1) & last
             if not _is_used(masks, pos):
                 break
-            home = np.int64((keys[pos] * _SPREAD) >> shift)
+            home = np.int64((keys[pos] * SPREAD) >> shift)
             if ((pos - home) & last) >= ((pos - hole) & last):
                 keys[hole] = keys[pos]
                 masks[hole] = masks[pos]

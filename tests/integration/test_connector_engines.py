@@ -161,6 +161,8 @@ async def test_index_follows_real_kv_events(engines, engine_config, vocab_size):
                 return index.match(hashes).get("prefill-0", 0)
 
         assert await wait_until(lambda: held() == len(hashes)), (held(), subscriber.num_events)
+        with lock:  # vLLM's engine hashes are 64-bit ints: the replica's key map is compiled
+            assert index._replicas["prefill-0"].blocks.is_compiled
         other = make_prompts(engine_config, vocab_size, seed=8)[13]
         other_hashes = hash_token_blocks(other, engine_config.block_size)
         with lock:

@@ -181,15 +181,31 @@ def test_a_hash_given_twice_is_one_block() -> None:
     assert index.num_blocks_of("a") == 1 and index.match(chain) == {}
 
 
-def test_a_removal_that_fails_half_way_still_drops_what_it_removed() -> None:
+def test_a_removal_with_an_unhashable_key_leaves_table_and_maps_in_step() -> None:
     index = KVIndex()
-    chain = hash_token_blocks(list(range(32)), 16)
-    index.insert("a", chain)
+    tokens = list(range(32))
+    chain = hash_token_blocks(tokens, 16)
+    index.insert("a", chain)  # int keys: compiled, the removal is refused before any change
+    index.apply("b", StoredBlocks([b"k0", b"k1"], None, tokens, 16))  # bytes keys: a dict
     with pytest.raises(TypeError):
         index.remove("a", [chain[1], [], chain[0]])  # an unhashable key in the middle
-    assert index.match(chain) == {"a": 1}  # chain[1] is gone from the table too
-    index.clear_replica("a")  # what the event subscriber does after a failed event
+    with pytest.raises(TypeError):
+        index.apply("b", RemovedBlocks([b"k1", [], b"k0"]))  # k1 goes before the bad key
+    assert index.match(chain) == {"a": 2, "b": 1}  # k1's block is gone from the table too
+    for replica in ("a", "b"):
+        index.clear_replica(replica)  # what the event subscriber does after a failed event
     assert index.match(chain) == {} and index.num_blocks == 0
+
+
+def test_an_engine_that_switches_to_bytes_keeps_what_it_held() -> None:
+    index = KVIndex()
+    tokens = list(range(48))
+    chain = hash_token_blocks(tokens, 16)
+    index.apply("a", StoredBlocks([11, 12], None, tokens[:32], 16))
+    index.apply("a", StoredBlocks([b"third"], 12, tokens[32:], 16))  # an int parent, bytes key
+    assert index.match(chain) == {"a": 3}
+    index.apply("a", RemovedBlocks([12]))
+    assert index.match(chain) == {"a": 1} and index.num_blocks_of("a") == 2
 
 
 def test_a_guess_with_a_hash_out_of_range_records_nothing() -> None:

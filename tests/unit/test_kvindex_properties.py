@@ -207,9 +207,30 @@ class GuessedEntries(RuleBasedStateMachine):
         assert self.index.match(hash_token_blocks(tokens, BLOCK)) == model_match(live, tokens)
 
 
+class BytesEngineEvents(EngineEvents):
+    """Engine hashes as bytes (``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0``): the dict maps."""
+
+    def engine_hash(self, block: tuple[int, ...]) -> bytes:  # type: ignore[override]
+        return repr(block).encode()
+
+
+class MixedEngineEvents(EngineEvents):
+    """Ints for the first blocks ever seen, bytes after: a replica's map moves to a dict with
+    entries in it."""
+
+    def engine_hash(self, block: tuple[int, ...]) -> int | bytes:  # type: ignore[override]
+        number = super().engine_hash(block)  # the block's order of first sight, encoded
+        is_early = (number - 7_000_000) // 13 < 6
+        return number if is_early else number.to_bytes(8, "big")
+
+
 TestDirectUpdates = DirectUpdates.TestCase
 TestEngineEvents = EngineEvents.TestCase
+TestBytesEngineEvents = BytesEngineEvents.TestCase
+TestMixedEngineEvents = MixedEngineEvents.TestCase
 TestGuessedEntries = GuessedEntries.TestCase
 TestDirectUpdates.settings = SETTINGS
 TestEngineEvents.settings = SETTINGS
+TestBytesEngineEvents.settings = SETTINGS
+TestMixedEngineEvents.settings = SETTINGS
 TestGuessedEntries.settings = settings(SETTINGS, max_examples=150)
