@@ -274,14 +274,17 @@ class KVIndex:
             return
         olds = blocks.lookup(coerced)
         assert olds is not None
+        # Plain ints where the keys were converted (an array's items are numpy scalars).
+        key_list = coerced.tolist() if isinstance(coerced, np.ndarray) else list(keys)
         fresh = [i for i, old in enumerate(olds) if old is None]
         if all(old is None or old == chain for old, chain in zip(olds, chain_ints, strict=True)):
             # A replay, in part or whole: only the keys not held yet change anything.
-            self._add_new_keys(rep, blocks.coerce([keys[i] for i in fresh]), chains[fresh],
+            self._add_new_keys(rep, blocks.coerce([key_list[i] for i in fresh]), chains[fresh],
                                [chain_ints[i] for i in fresh])
             return
-        for key, chain in zip(keys, chain_ints, strict=True):  # rare: a key now means another
-            old = blocks.get(key)                                # block; one at a time, in order
+        # Rare: a key now means another block; one at a time, in order.
+        for key, chain in zip(key_list, chain_ints, strict=True):
+            old = blocks.get(key)
             if old is not None:
                 if old == chain:
                     continue

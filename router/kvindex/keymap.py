@@ -111,8 +111,13 @@ def _pop(keys, values, used, gone, shift, popped):  # pragma: no cover - compile
 def int_keys(keys: Iterable[EngineHash]) -> np.ndarray | None:
     """The keys as a ``uint64`` array if every one is an int in ``[0, 2**64)``, else None.
 
-    The type check is exact: numpy would read ``b"12"`` as 12 and truncate 1.5 to 1.
+    The type check is exact (numpy would read ``b"12"`` as 12 and truncate 1.5 to 1): in a
+    list, numpy integer scalars are not ints either; an integer ndarray is taken whole.
     """
+    if isinstance(keys, np.ndarray):  # e.g. ``hash_token_blocks_array``'s hashes
+        if keys.dtype.kind == "u" or (keys.dtype.kind == "i" and not (keys < 0).any()):
+            return np.ascontiguousarray(keys, dtype=np.uint64)
+        return None
     keys = keys if isinstance(keys, Sequence) else list(keys)
     if keys and frozenset(map(type, keys)) != _INT_ONLY:
         return None
@@ -138,6 +143,13 @@ class EngineKeyMap:
 
     def __init__(self) -> None:
         self._dict: dict[EngineHash, int] | None = None
+        self.clear()
+
+    def clear(self) -> None:
+        """Hold nothing; a map that moved to a dict stays one (its engine publishes bytes)."""
+        if self._dict is not None:
+            self._dict = {}
+            return
         self._keys, self._values, self._used, self._shift = self._empty(MIN_CAPACITY)
         self._num_keys = 0
 
@@ -227,7 +239,8 @@ class EngineKeyMap:
                 if chain is not None:
                     popped.append(chain)
             return
-        keys = list(keys)
+        if not isinstance(keys, np.ndarray):
+            keys = list(keys)
         array = int_keys(keys)
         if array is None:
             array = np.array(_storable(keys), dtype=np.uint64)

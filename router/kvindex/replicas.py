@@ -49,7 +49,7 @@ class ReplicaState:
         return set(self.blocks.chains())
 
     def reset(self) -> None:
-        self.blocks = EngineKeyMap()
+        self.blocks.clear()
         self.extra_refs = {}
         self.expiry = {}
 

@@ -21,7 +21,7 @@ from router.kvindex import (
     hash_token_blocks,
     root_hash,
 )
-from router.kvindex.hashing import token_multipliers
+from router.kvindex.hashing import hash_token_blocks_array, token_multipliers
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -195,6 +195,17 @@ def test_a_removal_with_an_unhashable_key_leaves_table_and_maps_in_step() -> Non
     for replica in ("a", "b"):
         index.clear_replica(replica)  # what the event subscriber does after a failed event
     assert index.match(chain) == {} and index.num_blocks == 0
+
+
+def test_hashes_given_as_an_array_work_like_a_list() -> None:
+    index = KVIndex()
+    tokens = list(range(48))
+    chain = hash_token_blocks(tokens, 16)
+    index.insert("a", hash_token_blocks_array(tokens, 16))
+    index.insert("a", hash_token_blocks_array(tokens[:32], 16))  # a replay
+    assert index.match(chain) == {"a": 3} and index._replicas["a"].blocks.is_compiled
+    index.remove("a", hash_token_blocks_array(tokens, 16)[1:2])
+    assert index.match(chain) == {"a": 1} and index.num_blocks_of("a") == 2
 
 
 def test_an_engine_that_switches_to_bytes_keeps_what_it_held() -> None:

@@ -10,11 +10,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router.kvindex.keymap import EngineKeyMap, int_keys
-from router.kvindex.table import MIN_CAPACITY
+from router.kvindex.table import MIN_CAPACITY, SPREAD
 
-# Keys that crowd probe runs: 0, 1, 2, ... and multiples of 2**54, whose Fibonacci homes fall
-# near one another, so deletion must shift long runs back, around the table's end too.
-CLUSTERED = [*range(200), *(k << 54 for k in range(1, 1024))]
+INVERSE = pow(int(SPREAD), -1, 2**64)  # SPREAD is odd
+
+
+def keys_at_home(home: int, count: int, capacity: int = MIN_CAPACITY) -> list[int]:
+    """``count`` distinct keys whose home position in a table of ``capacity`` is ``home``."""
+    shift = 64 - (capacity.bit_length() - 1)
+    return [((home << shift) + j) * INVERSE % 2**64 for j in range(count)]
+
+
+# Keys that crowd probe runs: several per home in the last positions of the smallest table and
+# the first ones, so runs are long, cross the table's end, and deletion must shift them back
+# (wrapping around); plus a spread of others, enough to make the table grow.
+COLLIDING = [k for home in (1019, 1021, 1022, 1023, 0, 1, 2, 500) for k in keys_at_home(home, 6)]
+CLUSTERED = COLLIDING + [*range(150), *(k << 54 for k in range(1, 1024))]
 
 
 def put(keymap: EngineKeyMap, model: dict, keys: list, chains: list[int], *,
@@ -81,21 +92,45 @@ def test_a_map_that_meets_bytes_moves_to_a_dict_and_keeps_its_entries(seed: int)
     assert not keymap.is_compiled
 
 
-@settings(max_examples=80, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), st.lists(st.integers(0, 40), max_size=12)),
+def test_colliding_keys_share_homes_and_wrap_around() -> None:
+    shift = np.uint64(64 - (MIN_CAPACITY.bit_length() - 1))
+    homes = (np.array(COLLIDING, dtype=np.uint64) * SPREAD) >> shift
+    assert sorted(set(homes.tolist())) == [0, 1, 2, 500, 1019, 1021, 1022, 1023]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.lists(st.sampled_from(COLLIDING), max_size=12)),
                 max_size=40))
-def test_small_keys_with_heavy_collisions(ops: list[tuple[bool, list[int]]]) -> None:
+def test_keys_with_heavy_collisions(ops: list[tuple[bool, list[int]]]) -> None:
     keymap, model = EngineKeyMap(), {}
     for is_put, keys in ops:
         keys = list(dict.fromkeys(keys))
         if is_put:
-            put(keymap, model, keys, [k * 3 + 1 for k in keys], if_all_new=False)
+            put(keymap, model, keys, [k % 1000 + 1 for k in keys], if_all_new=False)
         else:
             popped: list[int] = []
             keymap.pop_into(keys, popped)
             assert popped == [model.pop(k) for k in keys if k in model]
         assert len(keymap) == len(model)
-        assert {k: keymap.get(k) for k in range(41)} == {k: model.get(k) for k in range(41)}
+        assert {k: keymap.get(k) for k in COLLIDING} == {k: model.get(k) for k in COLLIDING}
+
+
+def test_integer_arrays_are_keys_too() -> None:
+    keymap = EngineKeyMap()
+    keys = np.array([3, 2**64 - 1], dtype=np.uint64)
+    keymap.update(keymap.coerce(keys), np.array([30, 40], dtype=np.uint64), [30, 40])
+    assert keymap.is_compiled and keymap.get(3) == 30
+    popped: list[int] = []
+    keymap.pop_into(np.array([3], dtype=np.int64), popped)
+    assert popped == [30] and len(keymap) == 1
+    assert int_keys(np.array([-1, 2], dtype=np.int64)) is None
+
+
+def test_clearing_keeps_a_dict_map_a_dict() -> None:
+    keymap = EngineKeyMap()
+    keymap.update(keymap.coerce([b"a"]), np.array([1], dtype=np.uint64), [1])
+    keymap.clear()
+    assert not keymap.is_compiled and len(keymap) == 0 and keymap.get(b"a") is None
 
 
 def test_only_exact_ints_in_range_go_in_the_arrays() -> None:
