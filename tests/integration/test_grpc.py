@@ -194,13 +194,13 @@ async def test_cancelled_stream_frees_blocks(app, stub, engine_config, vocab_siz
     well before the lease (20 s) could free them, and the request was stopped, not run out.
 
     Ray Serve's gRPC proxy drops a cancel that arrives while it writes a message to the client
-    (the README says so): that request runs out. So a second stream is tried when the first
-    ran out; two in a row would not be that race."""
+    (the README says so): that request runs out. So another stream is tried when one ran out,
+    up to four: a CI run met the race twice in a row, four in a row would not be that race."""
     # 95 tokens (3 blocks), so up to 929 may be generated: the cancel has a few seconds to
     # arrive before half of them are out, even on a loaded machine.
     prompt = make_prompts(engine_config, vocab_size, seed=33)[8]
     max_tokens = engine_config.max_model_len - len(prompt)
-    for _ in range(2):
+    for _ in range(4):
         assert await wait_until(idle, timeout_s=30)
         generated_before = (await replica_stats("decode"))["generation_tokens_total"]
         call = stub.StreamCompletion(completion_request(engine_config.name, prompt, max_tokens))
@@ -218,7 +218,7 @@ async def test_cancelled_stream_frees_blocks(app, stub, engine_config, vocab_siz
         assert generated >= 3
         if generated < max_tokens // 2:
             return
-    raise AssertionError(f"two cancelled streams ran out: {generated} of {max_tokens}")
+    raise AssertionError(f"four cancelled streams ran out: {generated} of {max_tokens}")
 
 
 def test_readme_client_runs_as_is(app, engine_config):
