@@ -22,7 +22,7 @@ from numba import types
 
 from router.kvindex.compiled import compiled
 from router.kvindex.events import EngineHash
-from router.kvindex.table import MIN_CAPACITY, SPREAD
+from router.kvindex.table import MIN_CAPACITY, SPREAD, grown_capacity, home_shift
 
 _U64 = types.uint64
 _ARRAY = _U64[::1]
@@ -155,9 +155,8 @@ class EngineKeyMap:
 
     @staticmethod
     def _empty(capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.uint64]:
-        shift = np.uint64(64 - (capacity.bit_length() - 1))
         return (np.zeros(capacity, dtype=np.uint64), np.zeros(capacity, dtype=np.uint64),
-                np.zeros(capacity, dtype=np.bool_), shift)
+                np.zeros(capacity, dtype=np.bool_), home_shift(capacity))
 
     @property
     def is_compiled(self) -> bool:
@@ -272,9 +271,9 @@ class EngineKeyMap:
         return self._values[self._used]
 
     def _make_room(self, num_new: int) -> None:
-        needed = 2 * (self._num_keys + num_new)
-        if needed > len(self._keys):
-            self._resize(1 << (needed - 1).bit_length())
+        capacity = grown_capacity(len(self._keys), self._num_keys + num_new)
+        if capacity is not None:
+            self._resize(capacity)
 
     def _resize(self, capacity: int) -> None:
         old_keys, old_values = self._held_keys(), self._held_values()

@@ -151,6 +151,19 @@ def as_chains(block_hashes: Iterable[int] | np.ndarray) -> np.ndarray:
     return np.fromiter(block_hashes, dtype=np.uint64)
 
 
+def home_shift(capacity: int) -> np.uint64:
+    """The right shift that turns ``key * SPREAD`` into a home position of a table of
+    ``capacity`` (a power of two) positions."""
+    return np.uint64(64 - (capacity.bit_length() - 1))
+
+
+def grown_capacity(capacity: int, num_entries: int) -> int | None:
+    """The capacity a table of ``capacity`` positions needs to hold ``num_entries`` at most
+    half full (a power of two), or None when it already does."""
+    needed = 2 * num_entries
+    return None if needed <= capacity else 1 << (needed - 1).bit_length()
+
+
 class MaskTable:
     """Which replica slots hold each chained hash. Owned by one ``KVIndex``."""
 
@@ -160,9 +173,8 @@ class MaskTable:
 
     @staticmethod
     def _empty(capacity: int, num_words: int) -> tuple[np.ndarray, np.ndarray, np.uint64]:
-        shift = np.uint64(64 - (capacity.bit_length() - 1))
         return (np.zeros(capacity, dtype=np.uint64),
-                np.zeros((capacity, num_words), dtype=np.uint64), shift)
+                np.zeros((capacity, num_words), dtype=np.uint64), home_shift(capacity))
 
     def _resize(self, capacity: int, num_words: int) -> None:
         keys, masks, shift = self._empty(capacity, num_words)
@@ -182,9 +194,9 @@ class MaskTable:
         """Mark ``replica_slot`` as holding the chains. Returns which chains it held already (a
         chain given twice counts once), or None when it held none of them (the common case)."""
         word, bit = self._bit(replica_slot, grow=True)  # type: ignore[misc]
-        needed = 2 * (self._num_entries + len(chains))
-        if needed > len(self._keys):
-            self._resize(1 << (needed - 1).bit_length(), self._masks.shape[1])
+        capacity = grown_capacity(len(self._keys), self._num_entries + len(chains))
+        if capacity is not None:
+            self._resize(capacity, self._masks.shape[1])
         had = np.empty(len(chains), dtype=np.bool_)
         self._num_entries += _set_bit(self._keys, self._masks, chains, word, bit, self._shift,
                                       had)
