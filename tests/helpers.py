@@ -1,4 +1,5 @@
-"""Helpers the unit and integration tests share: fake KV caches, bounded waits."""
+"""Helpers the unit and integration tests share: fake KV caches, bounded waits, keys that
+collide in the KV index's tables."""
 
 from __future__ import annotations
 
@@ -90,3 +91,13 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what} not reached within {timeout_s} s")
         time.sleep(interval_s)
+
+
+def keys_at_home(home: int, count: int, capacity: int) -> list[int]:
+    """``count`` distinct 64-bit keys whose home position in a KV index table of ``capacity``
+    positions (``router.kvindex.table``: Fibonacci hashing) is ``home``."""
+    from router.kvindex.table import SPREAD, home_shift
+
+    inverse = pow(int(SPREAD), -1, 2**64)  # SPREAD is odd
+    shift = int(home_shift(capacity))
+    return [((home << shift) + j) * inverse % 2**64 for j in range(count)]

@@ -10,21 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router.kvindex.keymap import EngineKeyMap, int_keys
-from router.kvindex.table import MIN_CAPACITY, SPREAD
-
-INVERSE = pow(int(SPREAD), -1, 2**64)  # SPREAD is odd
-
-
-def keys_at_home(home: int, count: int, capacity: int = MIN_CAPACITY) -> list[int]:
-    """``count`` distinct keys whose home position in a table of ``capacity`` is ``home``."""
-    shift = 64 - (capacity.bit_length() - 1)
-    return [((home << shift) + j) * INVERSE % 2**64 for j in range(count)]
-
+from router.kvindex.table import MIN_CAPACITY, SPREAD, home_shift
+from tests.helpers import keys_at_home
 
 # Keys that crowd probe runs: several per home in the last positions of the smallest table and
 # the first ones, so runs are long, cross the table's end, and deletion must shift them back
 # (wrapping around); plus a spread of others, enough to make the table grow.
-COLLIDING = [k for home in (1019, 1021, 1022, 1023, 0, 1, 2, 500) for k in keys_at_home(home, 6)]
+COLLIDING = [k for home in (1019, 1021, 1022, 1023, 0, 1, 2, 500)
+             for k in keys_at_home(home, 6, MIN_CAPACITY)]
 CLUSTERED = COLLIDING + [*range(150), *(k << 54 for k in range(1, 1024))]
 
 
@@ -93,8 +86,7 @@ def test_a_map_that_meets_bytes_moves_to_a_dict_and_keeps_its_entries(seed: int)
 
 
 def test_colliding_keys_share_homes_and_wrap_around() -> None:
-    shift = np.uint64(64 - (MIN_CAPACITY.bit_length() - 1))
-    homes = (np.array(COLLIDING, dtype=np.uint64) * SPREAD) >> shift
+    homes = (np.array(COLLIDING, dtype=np.uint64) * SPREAD) >> home_shift(MIN_CAPACITY)
     assert sorted(set(homes.tolist())) == [0, 1, 2, 500, 1019, 1021, 1022, 1023]
 
 

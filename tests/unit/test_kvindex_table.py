@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router.kvindex.table import MIN_CAPACITY, WORD_BITS, MaskTable, as_chains
+from tests.helpers import keys_at_home
 
 
 class Model:
@@ -97,11 +98,15 @@ def test_random_adds_and_discards_agree_with_a_dict_through_growth() -> None:
 
 
 def test_clustered_keys_survive_backward_shift_deletion() -> None:
-    # Keys 0, 1, 2, ... and multiples of a power of two make long probe runs, wrap-arounds
-    # included; deleting from the middle of a run must keep every later key findable.
-    keys = list(range(700)) + [i << 54 for i in range(1, 700)] + [(1 << 64) - 1 - i for i in
-                                                                  range(300)]
+    # Several keys per home in the last and first positions of the smallest table make long
+    # probe runs across its end; deleting from the middle of a run must keep every later key
+    # findable, wrapping around. The other keys make the table grow.
+    colliding = [k for home in (1019, 1021, 1022, 1023, 0, 1, 2)
+                 for k in keys_at_home(home, 8, MIN_CAPACITY)]
+    keys = colliding + list(range(700)) + [i << 54 for i in range(1, 700)] + \
+        [(1 << 64) - 1 - i for i in range(300)]
     run_ops(3, keys, [0, 1, 2], 500)
+    run_ops(4, colliding, [0, 1], 300)  # the smallest table only: every run crosses its end
 
 
 def test_slots_beyond_one_word_get_their_own_mask_word() -> None:
