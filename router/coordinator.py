@@ -115,7 +115,7 @@ class RoutingCoordinator:
         with self.lock:
             stats = self.index.stats()
         self.metrics.index(stats.num_blocks, len(stats.event_fed_replicas),
-                           len(stats.guessed_replicas))
+                           len(stats.guessed_replicas), len(stats.dict_keyed_replicas))
         from router.metrics import EVENT_OUTCOMES
 
         totals = {outcome: getattr(self.events, name) for outcome, name in EVENT_OUTCOMES.items()}

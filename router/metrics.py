@@ -51,7 +51,9 @@ ROUTER_FAMILIES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
                      "Blocks in the router's KV index.", ()),
     "replicas": ("pdserve_router_replicas", "gauge", "Replicas in the KV index, by how it "
                  "learns what they cache: event_fed (the engine's KV events) or guessed "
-                 "(routing history).", ("mode",)),
+                 "(routing history); dict_keyed counts the event_fed ones whose engine block "
+                 "hashes are not 64-bit ints, indexed through a Python dict (slower).",
+                 ("mode",)),
     "kv_events": ("pdserve_router_kv_events", "counter", "KV cache event stream, by outcome: "
                   "applied (events applied to the index), bad (frames or events refused), gap "
                   "(sequence gaps seen), resync (a replica's entries dropped and rebuilt).",
@@ -125,11 +127,13 @@ class RouterMetrics:
     def is_enabled(self) -> bool:
         return bool(self._m)
 
-    def index(self, num_blocks: int, num_event_fed: int, num_guessed: int) -> None:
+    def index(self, num_blocks: int, num_event_fed: int, num_guessed: int,
+              num_dict_keyed: int = 0) -> None:
         if self._m:
             self._m["index_blocks"].set(num_blocks)
             self._m["replicas"].set(num_event_fed, tags={"mode": "event_fed"})
             self._m["replicas"].set(num_guessed, tags={"mode": "guessed"})
+            self._m["replicas"].set(num_dict_keyed, tags={"mode": "dict_keyed"})
 
     def events(self, deltas: dict[str, int]) -> None:
         """New KV-event outcomes since the last call (``EVENT_OUTCOMES`` keys)."""

@@ -44,6 +44,9 @@ class IndexStats:
     num_replicas: int
     event_fed_replicas: tuple[str, ...]
     guessed_replicas: tuple[str, ...]
+    # event-fed replicas whose engine block hashes are not ints in [0, 2**64): their key maps
+    # are Python dicts, slower to ingest (``keymap.EngineKeyMap``)
+    dict_keyed_replicas: tuple[str, ...]
     num_orphan_blocks: int  # stored blocks dropped: their parent was unknown to the index
     num_ignored_events: int  # events about media the index does not track (CPU, storage)
     num_blocks_by_replica: dict[str, int]  # distinct blocks each registered replica holds
@@ -195,6 +198,9 @@ class KVIndex:
             num_replicas=len(self._replicas),
             event_fed_replicas=tuple(r.replica_id for r in reps if r.mode is ReplicaMode.EVENT_FED),
             guessed_replicas=tuple(r.replica_id for r in reps if r.mode is ReplicaMode.GUESSED),
+            dict_keyed_replicas=tuple(r.replica_id for r in reps
+                                      if r.mode is ReplicaMode.EVENT_FED
+                                      and not r.blocks.is_compiled),
             num_orphan_blocks=self._num_orphan_blocks,
             num_ignored_events=self._num_ignored_events,
             num_blocks_by_replica={r.replica_id: r.num_blocks for r in reps},
@@ -267,7 +273,8 @@ class KVIndex:
         coerced = blocks.coerce(keys)
         if was_compiled and not blocks.is_compiled:
             logger.info("KV index: replica %s publishes engine block hashes that are not ints "
-                        "in [0, 2**64); they are kept in a Python dict (slower to ingest)",
+                        "in [0, 2**64); they are kept in a Python dict (slower to ingest; "
+                        "counted in pdserve_router_replicas{mode=\"dict_keyed\"})",
                         rep.replica_id)
         if blocks.update_if_all_new(coerced, chains, chain_ints):  # the common case
             self._mark_held(rep, chains, chain_ints)

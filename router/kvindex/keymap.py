@@ -22,7 +22,13 @@ from numba import types
 
 from router.kvindex.compiled import compiled
 from router.kvindex.events import EngineHash
-from router.kvindex.table import MIN_CAPACITY, SPREAD, grown_capacity, home_shift
+from router.kvindex.table import (
+    MIN_CAPACITY,
+    SPREAD,
+    grown_capacity,
+    home_shift,
+    may_fill_hole,
+)
 
 _U64 = types.uint64
 _ARRAY = _U64[::1]
@@ -85,7 +91,8 @@ def _put_if_all_new(keys, values, used, new_keys, new_values, shift):  # pragma:
 @compiled(types.int64(_ARRAY, _ARRAY, _USED, _ARRAY, _U64, _ARRAY))
 def _pop(keys, values, used, gone, shift, popped):  # pragma: no cover - compiled
     """Delete the keys that are held, writing their values, in order, to ``popped``; returns
-    how many. Backward-shift deletion, as in ``table._clear_bit``: no tombstones."""
+    how many. Backward-shift deletion (``table.may_fill_hole``), as in ``table._clear_bit``:
+    no tombstones."""
     last = keys.shape[0] - 1
     num_popped = 0
     for i in range(gone.shape[0]):
@@ -100,8 +107,7 @@ def _pop(keys, values, used, gone, shift, popped):  # pragma: no cover - compile
             pos = (pos + 1) & last
             if not used[pos]:
                 break
-            home = np.int64((keys[pos] * SPREAD) >> shift)
-            if ((pos - home) & last) >= ((pos - hole) & last):
+            if may_fill_hole(keys, pos, hole, shift):
                 keys[hole], values[hole], used[hole] = keys[pos], values[pos], True
                 used[pos] = False
                 hole = pos

@@ -47,6 +47,17 @@ def _is_used(masks, pos):  # pragma: no cover - compiled
     return False
 
 
+@compiled(types.boolean(_KEYS, types.int64, types.int64, _U64), inline="always")
+def may_fill_hole(keys, pos, hole, shift):  # pragma: no cover - compiled
+    """Backward-shift deletion's rule (this table's and ``keymap``'s): whether the entry at
+    ``pos``, later in the probe run than the emptied ``hole``, may move back into it. It may
+    unless its home lies after the hole (cyclically), where a probe for it would not pass the
+    hole."""
+    last = keys.shape[0] - 1
+    home = np.int64((keys[pos] * SPREAD) >> shift)
+    return ((pos - home) & last) >= ((pos - hole) & last)
+
+
 @compiled(types.int64(_KEYS, _MASKS, _U64, _U64), inline="always")
 def _probe(keys, masks, key, shift):  # pragma: no cover - compiled
     """The position holding ``key``, or the empty position where it would go."""
@@ -94,8 +105,7 @@ def _clear_bit(keys, masks, chains, word, bit, shift):  # pragma: no cover - com
             pos = (pos + 1) & last
             if not _is_used(masks, pos):
                 break
-            home = np.int64((keys[pos] * SPREAD) >> shift)
-            if ((pos - home) & last) >= ((pos - hole) & last):
+            if may_fill_hole(keys, pos, hole, shift):
                 keys[hole] = keys[pos]
                 masks[hole] = masks[pos]
                 masks[pos] = 0

@@ -167,6 +167,9 @@ async def test_metrics_follow_the_traffic(app, engine_config, vocab_size, capsys
                  source="external_kv_transfer") > 0
     assert total(samples, "ray_pdserve_kv_num_links_total", role="prefill", event="opened") >= 1
     assert total(samples, "ray_pdserve_router_local_prefills_total", reason="batch") == 1
+    # Both engines publish int block hashes: indexed through the compiled key maps.
+    assert total(samples, "ray_pdserve_router_replicas", mode="event_fed") == 2
+    assert total(samples, "ray_pdserve_router_replicas", mode="dict_keyed") == 0
     assert total(samples, "ray_pdserve_router_inter_token_latency_seconds_count",
                  path="disaggregated") > 0
     for deployment in ("prefill", "decode"):

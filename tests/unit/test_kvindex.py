@@ -213,10 +213,13 @@ def test_an_engine_that_switches_to_bytes_keeps_what_it_held() -> None:
     tokens = list(range(48))
     chain = hash_token_blocks(tokens, 16)
     index.apply("a", StoredBlocks([11, 12], None, tokens[:32], 16))
+    index.apply("b", StoredBlocks([21], None, tokens[:16], 16))
+    assert index.stats().dict_keyed_replicas == ()
     index.apply("a", StoredBlocks([b"third"], 12, tokens[32:], 16))  # an int parent, bytes key
-    assert index.match(chain) == {"a": 3}
+    assert index.match(chain) == {"a": 3, "b": 1}
+    assert index.stats().dict_keyed_replicas == ("a",)  # exported by the router's metrics
     index.apply("a", RemovedBlocks([12]))
-    assert index.match(chain) == {"a": 1} and index.num_blocks_of("a") == 2
+    assert index.match(chain) == {"a": 1, "b": 1} and index.num_blocks_of("a") == 2
 
 
 def test_a_guess_with_a_hash_out_of_range_records_nothing() -> None:

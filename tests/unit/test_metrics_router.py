@@ -81,7 +81,7 @@ def test_timer_refuses_an_unknown_path() -> None:
 def test_router_metrics_without_ray_are_no_ops() -> None:
     m = RouterMetrics()
     assert not m.is_enabled
-    m.index(3, 1, 0)
+    m.index(3, 1, 0, 1)
     m.events({"applied": 2})
     m.decision("transfer")
     m.decision_latency(0.001)
