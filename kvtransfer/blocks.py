@@ -11,6 +11,7 @@ range of heads (``kvtransfer.heads``): the buffer then holds only those heads of
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -130,13 +131,22 @@ def _without_heads(layer: LayerLayout) -> list[int]:
             for axis, size in enumerate(layer.block_shape)]
 
 
-def _blocks(tensor: torch.Tensor, ly: LayerLayout, index: torch.Tensor,
-            heads: tuple[int, int] | None) -> torch.Tensor:
-    """The chosen blocks of one layer, block axis first, narrowed to ``heads``."""
-    if heads is not None and heads[1] != ly.num_heads:
-        assert ly.head_axis is not None
-        tensor = tensor.narrow(ly.head_axis + (ly.head_axis >= ly.block_dim), *heads)
-    return tensor.index_select(ly.block_dim, index).movedim(ly.block_dim, 0)
+def _narrowed(tensor: torch.Tensor, ly: LayerLayout,
+              heads: tuple[int, int] | None) -> torch.Tensor:
+    """A view of ``tensor`` (one layer's cache) with only ``heads`` ``(first, count)``."""
+    if heads is None or heads[1] == ly.num_heads:
+        return tensor
+    assert ly.head_axis is not None
+    return tensor.narrow(ly.head_axis + (ly.head_axis >= ly.block_dim), *heads)
+
+
+def _packed(buffer: torch.Tensor, offset: int, tensor: torch.Tensor, ly: LayerLayout,
+            num_blocks: int) -> torch.Tensor:
+    """One layer's part of a transfer buffer (from ``offset``), as ``num_blocks`` blocks of
+    ``tensor``'s dtype and shape, block axis first: a view, so writing it writes the buffer."""
+    shape = [size for axis, size in enumerate(tensor.shape) if axis != ly.block_dim]
+    nbytes = num_blocks * math.prod(shape) * tensor.element_size()
+    return buffer[offset : offset + nbytes].view(tensor.dtype).view(num_blocks, *shape)
 
 
 def gather_blocks(
@@ -145,22 +155,29 @@ def gather_blocks(
 ) -> torch.Tensor:
     """Copy ``block_ids`` of every layer (only heads ``(first, count)`` when given) into one
     flat uint8 tensor on the cache's device: ``out`` (exactly ``layout.nbytes`` long, e.g. a
-    link's shared memory), or a new one."""
+    link's shared memory), or a new one. Each block is copied once where the block axis comes
+    first (vLLM's CPU layout), straight from the cache into the buffer; twice otherwise (the
+    blocks, then their transpose)."""
     import torch
 
-    if out is not None:  # torch.cat would resize a wrong one (a link's shared memory)
-        expected = layout.nbytes(len(block_ids), None if heads is None else heads[1])
-        if out.numel() != expected:
-            raise ValueError(f"out holds {out.numel()} bytes, {len(block_ids)} blocks need "
-                             f"{expected}")
-    parts = []
-    index = _block_index(kv_caches, block_ids)
-    for ly in layout.layers:
-        picked = _blocks(kv_caches[ly.name], ly, index, heads)
-        parts.append(picked.contiguous().view(torch.uint8).reshape(-1))
+    num_heads = None if heads is None else heads[1]
+    expected = layout.nbytes(len(block_ids), num_heads)
     if out is None:
-        return torch.cat(parts)
-    return torch.cat(parts, out=out)
+        out = empty_buffer(kv_caches, layout, len(block_ids), num_heads)
+    elif out.numel() != expected:
+        raise ValueError(f"out holds {out.numel()} bytes, {len(block_ids)} blocks need "
+                         f"{expected}")
+    index = _block_index(kv_caches, block_ids)
+    offset = 0
+    for ly in layout.layers:
+        source = _narrowed(kv_caches[ly.name], ly, heads)
+        packed = _packed(out, offset, source, ly, len(block_ids))
+        if ly.block_dim == 0:
+            torch.index_select(source, 0, index, out=packed)
+        else:
+            packed.copy_(source.index_select(ly.block_dim, index).movedim(ly.block_dim, 0))
+        offset += packed.numel() * packed.element_size()
+    return out
 
 
 def empty_buffer(kv_caches: dict[str, torch.Tensor], layout: KVLayout, num_blocks: int,
@@ -198,16 +215,9 @@ def scatter_blocks(
     offset = 0
     index = _block_index(kv_caches, block_ids)
     for ly in layout.layers:
-        tensor = kv_caches[ly.name]
-        nbytes = ly.nbytes(len(block_ids), num_heads)
-        chunk = buffer[offset : offset + nbytes].view(tensor.dtype)
-        shape = list(ly.block_shape)
-        if heads is not None and heads[1] != ly.num_heads:
-            # Write into a view of only these heads: pulls from several prefill workers fill
-            # other heads of the same blocks at the same time.
-            assert ly.head_axis is not None
-            shape[ly.head_axis] = heads[1]
-            tensor = tensor.narrow(ly.head_axis + (ly.head_axis >= ly.block_dim), *heads)
-        blocks = chunk.reshape((len(block_ids), *shape)).movedim(0, ly.block_dim)
-        tensor.index_copy_(ly.block_dim, index, blocks)
-        offset += nbytes
+        # Write into a view of only these heads: pulls from several prefill workers fill other
+        # heads of the same blocks at the same time.
+        target = _narrowed(kv_caches[ly.name], ly, heads)
+        packed = _packed(buffer, offset, target, ly, len(block_ids))
+        target.index_copy_(ly.block_dim, index, packed.movedim(0, ly.block_dim))
+        offset += packed.numel() * packed.element_size()
