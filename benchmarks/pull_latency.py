@@ -1,6 +1,6 @@
 """How long one KV pull takes when each side's engine thread runs Python.
 
-``python -m benchmarks.pull_latency [--pulls 30] [--blocks 64] [--link gloo|shm]``
+``python -m benchmarks.pull_latency [--pulls 30] [--blocks 64] [--link gloo|shm|reads]``
 
 A prefill process (a ``ProducerEndpoint`` holding the blocks) and a decode process (a
 ``ConsumerEndpoint`` pulling them into its own cache), the bench model's KV shape (8 layers,
@@ -42,10 +42,12 @@ def make_caches(num_blocks: int, fill: float) -> dict[str, Any]:
 
 
 def link_factory(kind: str) -> Any:
+    """The link of ``kind``; ``reads`` (direct reads, ``kvtransfer.reads``) keeps shm's as the
+    fallback, which it does not use here."""
     from kvtransfer.link import TorchDistLink
     from kvtransfer.link_shm import same_host_link
 
-    return same_host_link if kind == "shm" else TorchDistLink
+    return TorchDistLink if kind == "gloo" else same_host_link
 
 
 class Engine:
@@ -84,7 +86,7 @@ def producer_main(conn: Any, num_blocks: int, link: str, num_transfers: int) -> 
     for i in range(num_transfers):
         holds.add(f"t-{i}", f"req-{i}", list(range(num_blocks)), 3600.0)
     endpoint = ProducerEndpoint(HOST, 0, caches, layout, holds, TIMEOUT_S,
-                                link_factory=link_factory(link))
+                                link_factory=link_factory(link), direct_reads=link == "reads")
     engine = Engine()
     conn.send(endpoint.address[1])
     while (busy := conn.recv()) is not None:
@@ -100,6 +102,7 @@ def run(pulls: int, num_blocks: int, link: str) -> list[tuple[str, float, float]
     from kvtransfer.blocks import KVLayout
     from kvtransfer.consumer import ConsumerEndpoint
     from kvtransfer.metadata import LoadSpec
+    from kvtransfer.reads import CacheRegions
 
     cases = (False, True)
     ctx = mp.get_context("spawn")
@@ -111,7 +114,9 @@ def run(pulls: int, num_blocks: int, link: str) -> list[tuple[str, float, float]
     caches = make_caches(num_blocks, 0.0)
     layout = KVLayout.from_caches(caches, num_blocks, BLOCK_SIZE)
     consumer = ConsumerEndpoint(HOST, 0, caches, layout, TIMEOUT_S, 2.0,
-                                link_factory=link_factory(link))
+                                link_factory=link_factory(link),
+                                regions=CacheRegions.of(caches, layout) if link == "reads"
+                                else None)
     engine = Engine()
     transfer = 0
 
@@ -133,6 +138,9 @@ def run(pulls: int, num_blocks: int, link: str) -> list[tuple[str, float, float]
     rows = []
     try:
         pull()  # pair the link
+        channel = next(iter(consumer._channels.values()))
+        if (link == "reads") != (channel._remote is not None):
+            raise RuntimeError(f"asked for {link}, but the pair reads: {channel._remote}")
         for busy in cases:
             conn.send(busy)
             conn.recv()
@@ -158,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pulls", type=int, default=30)
     parser.add_argument("--blocks", type=int, default=64)
-    parser.add_argument("--link", choices=("gloo", "shm"), default="gloo")
+    parser.add_argument("--link", choices=("gloo", "shm", "reads"), default="gloo")
     args = parser.parse_args(argv)
     rows = run(args.pulls, args.blocks, args.link)
     mib = args.blocks * NUM_LAYERS * NUM_HEADS * BLOCK_SIZE * 2 * HEAD_SIZE * 2 / (1 << 20)

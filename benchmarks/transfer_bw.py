@@ -18,7 +18,10 @@ processes), and both meet at a second barrier before the next repeat:
   ``recv_view`` (as the decode worker scatters);
 - ``cross-core``: no link, a reference. The sender copies its bytes into shared memory and
   raises a flag; the time runs from the end of that copy to the end of the receiver's copy
-  out: the copy any link between two cores makes, without a link's protocol.
+  out: the copy any link between two cores makes, without a link's protocol;
+- ``reads``: no link and no copy on the sender's side, the path of ``direct_reads``
+  (``kvtransfer.reads``). The sender raises a flag; the time runs from there to the end of the
+  receiver's ``process_vm_readv`` of the sender's own tensor into its own.
 
 The receiver checks every byte: each repeat sends other bytes, so a stale or partial transfer
 fails the run. The memcpy is ``dst.copy_(src)`` of the same bytes in this process. Prints one
@@ -43,6 +46,8 @@ LINKS = {"gloo": "kvtransfer.link:TorchDistLink", "shm": "kvtransfer.link_shm:Sh
          "shm-view": "kvtransfer.link_shm:ShmLink"}
 VIEWS = "shm-view"
 BARE_COPY = "cross-core"  # no link: the receiver copies what the sender just wrote to shared memory
+READS = "reads"  # no link: the receiver reads the sender's tensor itself (process_vm_readv)
+NO_LINK = (BARE_COPY, READS)
 WARMUP = 2
 TIMEOUT_S = 60.0
 
@@ -66,7 +71,7 @@ def make_link(kind: str, store: Any, rank: int) -> Any:
 
     import torch
 
-    if kind not in LINKS:  # BARE_COPY: no link
+    if kind not in LINKS:  # NO_LINK
         return None
     module, name = LINKS[kind].split(":")
     factory = getattr(importlib.import_module(module), name)
@@ -82,10 +87,12 @@ def lead(seconds: float) -> None:
 
 def run_rank(rank: int, port: int, links: list[str], sizes: list[int], repeats: int,
              lead_s: float, threads: int, pin: bool, barrier: Any, ready: Any,
-             written: Any, shared: Any, results: Any) -> None:
+             written: Any, shared: Any, source: Any, results: Any) -> None:
     """One end: for each link and size, send (rank 0) or receive and check (rank 1)."""
     import torch
     import torch.distributed as dist
+
+    from kvtransfer.reads import read_bytes
 
     torch.set_num_threads(threads)
     if pin:  # as deployed: the prefill and decode engines on cores of their own
@@ -103,6 +110,8 @@ def run_rank(rank: int, port: int, links: list[str], sizes: list[int], repeats: 
                 received = torch.zeros(size, dtype=torch.uint8)
                 bare = torch.frombuffer(shared, dtype=torch.uint8, count=size) \
                     if kind == BARE_COPY else None
+                if kind == READS and rank == 0:  # where the receiver reads from
+                    source[0], source[1] = os.getpid(), data.data_ptr()
                 times = []
                 for i in range(WARMUP + repeats):
                     data.add_(1)  # other bytes every repeat, the same on both sides
@@ -112,7 +121,10 @@ def run_rank(rank: int, port: int, links: list[str], sizes: list[int], repeats: 
                         while ready.value != tag:  # until the receiver is about to recv
                             pass
                         lead(lead_s)
-                        if bare is not None:
+                        if kind == READS:
+                            times.append(time.perf_counter())
+                            written.value = tag
+                        elif bare is not None:
                             bare.copy_(data)
                             times.append(time.perf_counter())
                             written.value = tag
@@ -125,7 +137,11 @@ def run_rank(rank: int, port: int, links: list[str], sizes: list[int], repeats: 
                             link.send(data, tag)
                     else:
                         ready.value = tag
-                        if bare is not None:
+                        if kind == READS:
+                            while written.value != tag:
+                                pass
+                            read_bytes(source[0], source[1], received.data_ptr(), size)
+                        elif bare is not None:
                             while written.value != tag:
                                 pass
                             received.copy_(bare)
@@ -171,10 +187,11 @@ def measure(links: list[str], sizes: list[int], repeats: int, lead_s: float, thr
     ready = ctx.Value("q", 0, lock=False)  # the tag the receiver is about to recv
     written = ctx.Value("q", 0, lock=False)  # the tag the sender wrote (cross-core only)
     shared = ctx.RawArray("B", max(sizes) if BARE_COPY in links else 1)
+    source = ctx.RawArray("Q", 2)  # the sender's pid and tensor address (reads only)
     results = ctx.Queue()
     procs = [ctx.Process(target=run_rank, args=(rank, master.port, links, sizes, repeats,
                                                 lead_s, threads, pin, barrier, ready,
-                                                written, shared, results))
+                                                written, shared, source, results))
              for rank in (0, 1)]
     for p in procs:
         p.start()
@@ -202,8 +219,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated sizes, e.g. 64K,1M,256M (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=10,
                         help=f"timed transfers per size and link, after {WARMUP} warm-up")
-    parser.add_argument("--links", default="gloo,shm,shm-view,cross-core",
-                        help="link kinds: gloo, shm, shm-view, cross-core (default: %(default)s)")
+    parser.add_argument("--links", default="gloo,shm,shm-view,cross-core,reads",
+                        help="link kinds: gloo, shm, shm-view, cross-core, reads (default: "
+                             "%(default)s)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per process, memcpy included (default: %(default)s; "
                              "two processes with more threads than cores stall each other)")
@@ -215,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     links = [k.strip() for k in args.links.split(",")]
-    unknown = set(links) - {*LINKS, BARE_COPY}
+    unknown = set(links) - {*LINKS, *NO_LINK}
     if unknown:
         parser.error(f"unknown links: {sorted(unknown)}")
     seconds = measure(links, sizes, args.repeats, args.lead_us * 1e-6, args.threads,

@@ -45,7 +45,9 @@ TRANSFER_FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "counter", "Held transfers whose lease ran out before decode confirmed them.", ()),
     "pdserve_kv_num_links": (
         "counter", "KV links between a prefill and a decode worker, by event: opened (a pair "
-        "set up), closed.", ("event",)),
+        "set up), closed, direct_reads (a pair set up with no link: decode reads the blocks "
+        "itself), read_fallback (a pair offered direct reads that could not use them).",
+        ("event",)),
     "pdserve_kv_num_claims": ("counter", "CLAIM messages decode workers sent.", ()),
     "pdserve_kv_num_shared_loads": (
         "counter", "Decode requests that shared a transfer with another (n > 1 siblings).", ()),
@@ -83,6 +85,8 @@ COUNTER_FAMILIES: dict[str, tuple[str, dict[str, str]]] = {
     "num_expired_holds": ("pdserve_kv_num_expired_holds", {}),
     "num_links_opened": ("pdserve_kv_num_links", {"event": "opened"}),
     "num_links_closed": ("pdserve_kv_num_links", {"event": "closed"}),
+    "num_read_pairs": ("pdserve_kv_num_links", {"event": "direct_reads"}),
+    "num_read_fallbacks": ("pdserve_kv_num_links", {"event": "read_fallback"}),
     "num_claims_sent": ("pdserve_kv_num_claims", {}),
     "num_duplicate_loads": ("pdserve_kv_num_shared_loads", {}),
 }

@@ -52,6 +52,8 @@ from kvtransfer.stats import SAMPLES
 if TYPE_CHECKING:
     import torch
 
+    from kvtransfer.reads import CacheRegions
+
 logger = logging.getLogger(__name__)
 MAX_NOTIFY_SOCKETS = 256  # notifier sockets kept open (least recently used closed first)
 NOTIFY_LINGER_MS = 1000  # how long a closing notifier socket still tries to deliver
@@ -101,7 +103,10 @@ class ConsumerEndpoint:
         idle_s: float = 600.0,
         codec: Codec | None = None,
         link_factory: Callable[..., Link] = TorchDistLink,
+        regions: CacheRegions | None = None,
     ) -> None:
+        """``regions``: this worker's cache, when it offers to read blocks directly
+        (``kvtransfer.reads``)."""
         self.worker_index = worker_index
         self.num_workers = num_workers
         self.place = place or Place(tp_rank=worker_index, tp_size=num_workers)
@@ -114,13 +119,14 @@ class ConsumerEndpoint:
             control_timeout_s=control_timeout_s, unknown_retry_s=unknown_retry_s, idle_s=idle_s,
             codec=codec if codec is not None else Codec.from_env(), zmq_ctx=self._ctx,
             link_factory=link_factory, next_tag=lambda: (next(tags) - 1) % MAX_TAG + 1,
-            on_result=self._on_result, notify=self._notify_done,
+            on_result=self._on_result, notify=self._notify_done, regions=regions,
+            count=self._count,
         )
         self._lock = threading.Lock()
         self._results = LoadResults()
         self._samples: dict[str, list[float]] = {name: [] for name in SAMPLES}
         self.counts = {"num_bytes_received": 0, "num_loads": 0, "num_failed_loads": 0,
-                       "num_claims_sent": 0}
+                       "num_claims_sent": 0, "num_read_fallbacks": 0}
         self._channels: dict[Address, PeerChannel] = {}
         self._pending: dict[int, _Pending] = {}  # id(spec) -> its parts' results so far
         self._closed = False
@@ -280,6 +286,10 @@ class ConsumerEndpoint:
                 if not ok:
                     self._results.failed.add(spec.request_id)
                     self._results.failed_block_ids.update(spec.local_block_ids)
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.counts[name] += 1
 
     def _forget(self, address: Address, channel: PeerChannel) -> bool:
         """An idle channel asks to end: True (and forgotten) unless a job came meanwhile."""

@@ -11,6 +11,12 @@ share of it this peer holds when the TP sizes differ):
     link.recv(buffer, tag); scatter into the local blocks (heads); wait for the device
     DONE {transfer_id, peer_id, pullers} (no reply)
 
+A pair whose prefill worker offers direct reads (``kvtransfer.reads``; HELLO with our pid,
+WELCOME with ``reads``) builds no link once the probe succeeds: SENDING names the blocks, in
+ranges of at most ``MAX_READ_BLOCKS``, and the channel copies them out of the prefill worker's
+cache into ours itself; a read that ended later than ``timeout_s`` after its PULL went out is
+refused. A failed probe says HELLO again without the offer and pairs over a link.
+
 Every exception ends in a failed load, never in a dead thread. A failed load sends DONE through
 the endpoint's notifier (the prefill side frees the blocks now rather than at the lease's end).
 """
@@ -32,7 +38,16 @@ from kvtransfer.blocks import KVLayout, empty_buffer, scatter_blocks
 from kvtransfer.link import DECODE_RANK, Link, LinkError, wait_for_device
 from kvtransfer.metadata import LoadSpec
 from kvtransfer.params import Address
-from kvtransfer.protocol import MAX_MESSAGE_BYTES, Codec, ErrorCode, MsgType, ProtocolError
+from kvtransfer.protocol import (
+    MAX_MESSAGE_BYTES,
+    MAX_READ_BLOCKS,
+    Codec,
+    ErrorCode,
+    MsgType,
+    ProtocolError,
+    unpack_block_ids,
+)
+from kvtransfer.reads import CacheRegions, ReadError, probe, read_blocks
 
 if TYPE_CHECKING:
     import torch
@@ -69,6 +84,8 @@ class LoadContext:
     # part, ok, bytes, seconds in all, seconds waiting for the peer's SENDING (0 if none)
     on_result: Callable[[Part, bool, int, float, float], None]
     notify: Callable[[Address, str, int], None]  # address, transfer id, pullers
+    regions: CacheRegions | None = None  # our cache, when this worker offers direct reads
+    count: Callable[[str], None] = lambda name: None  # add one to the endpoint's counter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +108,9 @@ class PeerChannel:
         self._jobs: queue.SimpleQueue[Part | None] = queue.SimpleQueue()
         self._sock: zmq.Socket | None = None
         self._link: Link | None = None
+        self._remote: CacheRegions | None = None  # the peer's cache, when this pair reads
+        self._reads_refused = False  # a probe failed: this channel pairs over links
+        self._read_timeout_s = ctx.timeout_s  # how long after its PULL a read may end
         self._dead_until = 0.0
         self._stopping = False
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -160,13 +180,62 @@ class PeerChannel:
         spec = part.spec
         if time.monotonic() < self._dead_until:
             raise TransferError("the peer did not answer recently", drop=False)
+        self._connect()  # first: a pair that reads pulls in ranges
         tag = ctx.next_tag()
         pulled_s = time.monotonic()
-        reply = self._pull(part, tag)
+        num_blocks = len(spec.local_block_ids)
+        reply = self._pull(part, tag, 0, num_blocks if self._remote is None else
+                           min(num_blocks, MAX_READ_BLOCKS))
         pull_wait_s = time.monotonic() - pulled_s
         num_heads = None if part.local_heads is None else part.local_heads[1]
+        if self._remote is not None:  # the pair reads (known once _pull has paired)
+            num_bytes = self._read(part, reply, pulled_s)
+        else:
+            num_bytes = self._receive(part, reply, tag, num_heads)
+        self._send(MsgType.DONE, transfer_id=spec.transfer_id, peer_id=ctx.peer_id,
+                   pullers=part.pullers)
+        return num_bytes, pull_wait_s
+
+    def _read(self, part: Part, reply: dict[str, Any], pulled_s: float) -> int:
+        """Copy the blocks named by SENDING (then by further pulls, in ranges) out of the
+        prefill worker's cache into ours; refuse the bytes of a read that ended too late."""
+        ctx, spec = self._ctx, part.spec
+        num_heads = None if part.local_heads is None else part.local_heads[1]
+        total = 0
+        first = 0
+        while True:
+            if "block_ids" not in reply:
+                raise TransferError("the prefill worker sent no block ids to a pair that reads")
+            remote_ids = unpack_block_ids(reply["block_ids"])
+            local_ids = spec.local_block_ids[first : first + len(remote_ids)]
+            num_bytes = ctx.layout.nbytes(len(local_ids), num_heads)
+            if not remote_ids or len(local_ids) != len(remote_ids) or \
+                    reply["num_bytes"] != num_bytes:
+                raise TransferError(f"peer names {len(remote_ids)} blocks of "
+                                    f"{reply['num_bytes']} bytes for {len(local_ids)} here")
+            assert self._remote is not None and ctx.regions is not None
+            try:
+                total += read_blocks(self._remote, ctx.regions, ctx.layout, remote_ids,
+                                     local_ids, part.remote_heads, part.local_heads)
+            except ReadError as e:
+                raise TransferError(f"direct read failed: {e}") from e
+            if time.monotonic() > pulled_s + self._read_timeout_s:  # the blocks may be gone
+                raise TransferError(f"a direct read ended over {self._read_timeout_s} s after "
+                                    "its pull", drop=False)
+            first += len(remote_ids)
+            if first == len(spec.local_block_ids):
+                return total
+            tag = ctx.next_tag()
+            pulled_s = time.monotonic()
+            reply = self._pull(part, tag, first, min(len(spec.local_block_ids) - first,
+                                                     MAX_READ_BLOCKS))
+
+    def _receive(self, part: Part, reply: dict[str, Any], tag: int,
+                 num_heads: int | None) -> int:
+        """The blocks over the link, into their local blocks."""
+        ctx, spec = self._ctx, part.spec
         num_bytes = ctx.layout.nbytes(len(spec.local_block_ids), num_heads)
-        if reply["num_bytes"] != num_bytes:
+        if reply["num_bytes"] != num_bytes or "block_ids" in reply:
             raise TransferError(f"peer sends {reply['num_bytes']} bytes, expected {num_bytes}")
         assert self._link is not None
         recv_view = getattr(self._link, "recv_view", None)
@@ -181,12 +250,11 @@ class PeerChannel:
             scatter_blocks(ctx.kv_caches, ctx.layout, spec.local_block_ids, buffer,
                            part.local_heads)
         wait_for_device(ctx.device, time.monotonic() + ctx.timeout_s)
-        self._send(MsgType.DONE, transfer_id=spec.transfer_id, peer_id=ctx.peer_id,
-                   pullers=part.pullers)
-        return num_bytes, pull_wait_s
+        return num_bytes
 
-    def _pull(self, part: Part, tag: int) -> dict[str, Any]:
-        """PULL until SENDING; retry while the hold is not registered yet, re-pair once."""
+    def _pull(self, part: Part, tag: int, first: int, num_blocks: int) -> dict[str, Any]:
+        """PULL blocks ``[first, first + num_blocks)`` of the load until SENDING; retry while
+        the hold is not registered yet, re-pair once."""
         ctx = self._ctx
         spec = part.spec
         heads = {} if part.remote_heads is None else {
@@ -196,7 +264,7 @@ class PeerChannel:
         while True:
             self._connect()
             self._send(MsgType.PULL, peer_id=ctx.peer_id, transfer_id=spec.transfer_id,
-                       first_block=spec.first_block, num_blocks=len(spec.local_block_ids),
+                       first_block=spec.first_block + first, num_blocks=num_blocks,
                        tag=tag, **heads)
             kind, msg = self._recv()
             if msg.get("transfer_id", spec.transfer_id) != spec.transfer_id or (
@@ -220,7 +288,7 @@ class PeerChannel:
                                 f"{msg['message']}", drop=code is ErrorCode.LINK)
 
     def _connect(self) -> None:
-        if self._sock is not None and self._link is not None:
+        if self._sock is not None and (self._link is not None or self._remote is not None):
             return
         import torch.distributed as dist
 
@@ -230,7 +298,28 @@ class PeerChannel:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         sock.connect(f"tcp://{self.address[0]}:{self.address[1]}")
-        self._send(MsgType.HELLO, peer_id=ctx.peer_id, layout=ctx.layout.to_wire())
+        offer = ctx.regions is not None and not self._reads_refused
+        msg = self._hello(offer)
+        if "reads" in msg:
+            problem = self._take_reads(msg["reads"])
+            if problem is None:
+                return
+            self._reads_refused = True
+            ctx.count("num_read_fallbacks")
+            logger.warning("KV pair with %s:%d cannot read directly (%s): pairing over a link",
+                           *self.address, problem)
+            msg = self._hello(offer=False)
+        store = dist.TCPStore(self.address[0], msg["store_port"], is_master=False,
+                              timeout=datetime.timedelta(seconds=ctx.timeout_s),
+                              wait_for_workers=False)
+        self._link = ctx.link_factory(store, msg["group"], DECODE_RANK, ctx.device, ctx.host,
+                                      ctx.timeout_s)
+
+    def _hello(self, offer: bool) -> dict[str, Any]:
+        """HELLO (offering to read when ``offer``); the WELCOME's fields."""
+        ctx = self._ctx
+        pid = {"pid": ctx.regions.pid} if offer and ctx.regions is not None else {}
+        self._send(MsgType.HELLO, peer_id=ctx.peer_id, layout=ctx.layout.to_wire(), **pid)
         try:
             kind, msg = self._recv()
         except TransferError:
@@ -238,11 +327,28 @@ class PeerChannel:
             raise
         if kind is not MsgType.WELCOME:
             raise TransferError(f"prefill worker refused the pairing: {msg.get('message')}")
-        store = dist.TCPStore(self.address[0], msg["store_port"], is_master=False,
-                              timeout=datetime.timedelta(seconds=ctx.timeout_s),
-                              wait_for_workers=False)
-        self._link = ctx.link_factory(store, msg["group"], DECODE_RANK, ctx.device, ctx.host,
-                                      ctx.timeout_s)
+        return msg
+
+    def _take_reads(self, offer: dict[str, Any]) -> str | None:
+        """Check the peer's read offer and probe it: None (and reads on) when it works."""
+        try:
+            pid, (address, nonce) = offer["pid"], offer["probe"]
+            layers = tuple((int(a), int(s)) for a, s in offer["layers"])
+            timeout_ms = offer["timeout_ms"]
+            if type(pid) is not int or type(nonce) is not bytes or type(address) is not int \
+                    or type(timeout_ms) is not int:
+                raise TypeError("field types")
+        except (KeyError, TypeError, ValueError) as e:
+            return f"malformed offer: {e!r}"
+        if len(layers) != len(self._ctx.layout.layers):
+            return f"{len(layers)} layers offered for {len(self._ctx.layout.layers)}"
+        problem = probe(pid, address, nonce)
+        if problem is None:
+            self._remote = CacheRegions(pid, layers)
+            # A read must end before the prefill worker may free the blocks: within its
+            # timeout of the PULL reaching it, and so within it of the PULL leaving here.
+            self._read_timeout_s = min(self._ctx.timeout_s, timeout_ms / 1000)
+        return problem
 
     def _send(self, kind: MsgType, **fields: Any) -> None:
         assert self._sock is not None
@@ -265,6 +371,7 @@ class PeerChannel:
         """Close the link and the socket (after a failure, or on exit)."""
         link, self._link = self._link, None
         sock, self._sock = self._sock, None
+        self._remote = None
         if link is not None:
             try:
                 link.close()

@@ -133,6 +133,23 @@ class HoldTable:
             hold.sending.add(puller)
             return hold.block_ids[first_block:end]
 
+    def blocks_in_flight(self, transfer_id: str, first_block: int, num_blocks: int,
+                         puller: str) -> list[int]:
+        """The block ids of a further range of ``puller``'s send in flight (a peer that reads
+        a long transfer in ranges): no change of state."""
+        with self._lock:
+            hold = self._holds.get(transfer_id)
+            if hold is None or puller not in hold.sending:
+                raise HoldError(f"transfer {transfer_id} has no send in flight to {puller}",
+                                ErrorCode.STATE)
+            end = first_block + num_blocks
+            if first_block < 0 or num_blocks < 0 or end > len(hold.block_ids):
+                raise HoldError(
+                    f"blocks [{first_block}, {end}) out of range for {len(hold.block_ids)} held",
+                    ErrorCode.RANGE,
+                )
+            return hold.block_ids[first_block:end]
+
     def finish_send(self, transfer_id: str, ok: bool, puller: str = "") -> None:
         with self._lock:
             hold = self._holds.get(transfer_id)

@@ -13,6 +13,12 @@ Threads (ZMQ sockets are not thread-safe, so each socket has exactly one owner):
   waited in that queue longer than ``control_timeout_s`` (its sender has stopped waiting for
   SENDING) is answered ``busy`` and not sent.
 
+A decode worker on the same host may read the held blocks itself (``kvtransfer.reads``,
+``direct_reads``): its HELLO offers it, the WELCOME answers with where this worker's cache
+is, and that pair gets a ``ReadPeer`` instead of a link. Its pulls are answered by the ROUTER
+thread: SENDING names the blocks, which stay marked in flight until the peer's DONE, or until
+``timeout_s`` after the PULL (the peer refuses a read that ended later).
+
 Links expire: after a failed send, after ``link_idle_s`` without a pull, or when the peer says
 HELLO again. Their rendezvous keys are deleted from the TCPStore. The TCPStore and the ROUTER
 listen on ``host`` only; port 0 binds a free port and ``address`` reports the bound one.
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import socket
 import threading
 import time
@@ -32,15 +39,17 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from kvtransfer.blocks import KVLayout
-from kvtransfer.holds import HoldTable
+from kvtransfer.holds import HoldError, HoldTable
 from kvtransfer.link import Link, TorchDistLink
-from kvtransfer.producer_peer import COUNTERS, Counters, PeerLink, Pull
+from kvtransfer.producer_peer import COUNTERS, Counters, PeerLink, Pull, ReadPeer
 from kvtransfer.protocol import (
     MAX_MESSAGE_BYTES,
+    MAX_READ_BLOCKS,
     Codec,
     ErrorCode,
     MsgType,
     ProtocolError,
+    pack_block_ids,
 )
 
 if TYPE_CHECKING:
@@ -91,6 +100,7 @@ class ProducerEndpoint:
         link_idle_s: float = 600.0,
         codec: Codec | None = None,
         link_factory: Callable[..., Link] = TorchDistLink,
+        direct_reads: bool = False,
     ) -> None:
         self.host = host
         self.kv_caches = kv_caches
@@ -120,8 +130,11 @@ class ProducerEndpoint:
         except BaseException:
             self.ctx.destroy(linger=0)
             raise
-        self._peers: dict[str, PeerLink] = {}
-        self._retiring: list[PeerLink] = []
+        self._peers: dict[str, PeerLink | ReadPeer] = {}
+        self._retiring: list[PeerLink | ReadPeer] = []
+        # (transfer id, peer id) of each read in flight -> (its deadline, its bytes)
+        self._reads: dict[tuple[str, str], tuple[float, int]] = {}
+        self._read_offer = self._offer_reads(kv_caches) if direct_reads else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="pdserve-kv-producer", daemon=True)
         self._thread.start()
@@ -137,6 +150,20 @@ class ProducerEndpoint:
             raise RuntimeError(f"KV transfer port {host}:{port} is not free: {e}") from e
         bound = sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1]
         return sock, (host, int(bound))
+
+    def _offer_reads(self, kv_caches: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+        """What a decode worker needs to read this worker's blocks, or None if it cannot."""
+        from kvtransfer import reads
+
+        regions = reads.CacheRegions.of(kv_caches, self.layout)
+        if regions is None or not reads.is_supported():
+            logger.info("KV producer: direct reads are on, but this worker's cache cannot be "
+                        "read directly (not in CPU memory, or not block-major); using links")
+            return None
+        reads.allow_readers()
+        self._probe = reads.Probe()
+        return {"pid": regions.pid, "probe": [self._probe.address, self._probe.nonce],
+                "layers": regions.to_wire(), "timeout_ms": math.ceil(self.timeout_s * 1000)}
 
     def is_alive(self) -> bool:
         """True while the ROUTER thread serves (it survives any message; only close ends it)."""
@@ -178,6 +205,7 @@ class ProducerEndpoint:
                             break
                 if time.monotonic() >= next_reap:
                     self._reap_peers()
+                    self._expire_reads()
                     next_reap = time.monotonic() + REAP_EVERY_S
             except Exception as e:  # nothing a peer sends may end this thread
                 self.counts.problem("num_internal_errors", "internal",
@@ -240,6 +268,7 @@ class ProducerEndpoint:
             if not self.holds.claim(msg["transfer_id"], self._claim_lease_s):
                 logger.debug("CLAIM of transfer %s, which is not held", msg["transfer_id"])
         elif kind is MsgType.DONE:
+            self._end_read(msg["transfer_id"], msg.get("peer_id", ""), ok=True)
             self.holds.confirm(msg["transfer_id"], msg.get("peer_id", ""), msg.get("pullers"))
         else:
             self._refuse([identity], ErrorCode.PROTOCOL, "unexpected",
@@ -263,6 +292,12 @@ class ProducerEndpoint:
                         code=ErrorCode.BUSY.value)
             return
         group = uuid.uuid4().hex
+        if "pid" in msg and self._read_offer is not None:  # no link: the peer reads
+            self._reply([identity], MsgType.WELCOME, store_port=self.store_port, group=group,
+                        reads=self._read_offer)
+            self._peers[msg["peer_id"]] = ReadPeer(msg["peer_id"])
+            self.counts.add("num_read_pairs")
+            return
         self._reply([identity], MsgType.WELCOME, store_port=self.store_port, group=group)
         peer = PeerLink(self, msg["peer_id"], group)
         self._peers[msg["peer_id"]] = peer
@@ -282,8 +317,62 @@ class ProducerEndpoint:
                 self._reply([identity], MsgType.ERROR, message=problem,
                             code=ErrorCode.RANGE.value, transfer_id=msg["transfer_id"])
                 return
+        if isinstance(peer, ReadPeer):
+            self._serve_read(identity, peer, msg, heads)
+            return
         peer.submit(Pull(identity, msg["transfer_id"], msg["first_block"], msg["num_blocks"],
                          msg["tag"], heads))
+
+    # -- direct reads ----------------------------------------------------------------------------
+
+    def _serve_read(self, identity: bytes, peer: ReadPeer, msg: dict[str, Any],
+                    heads: tuple[int, int] | None) -> None:
+        """Name the blocks of a pull to a peer that reads them itself; they stay in flight
+        until its DONE or the deadline (``_expire_reads``)."""
+        transfer_id = msg["transfer_id"]
+        peer.last_active_s = time.monotonic()
+        if msg["num_blocks"] > MAX_READ_BLOCKS:
+            self._reply([identity], MsgType.ERROR, code=ErrorCode.RANGE.value,
+                        transfer_id=transfer_id,
+                        message=f"a read names at most {MAX_READ_BLOCKS} blocks")
+            return
+        key = (transfer_id, peer.peer_id)
+        try:
+            if key in self._reads:  # a further range of a long transfer
+                block_ids = self.holds.blocks_in_flight(transfer_id, msg["first_block"],
+                                                        msg["num_blocks"], peer.peer_id)
+            else:
+                block_ids = self.holds.start_send(transfer_id, msg["first_block"],
+                                                  msg["num_blocks"], peer.peer_id)
+        except HoldError as e:
+            self._reply([identity], MsgType.ERROR, message=str(e), code=e.code.value,
+                        transfer_id=transfer_id)
+            return
+        num_bytes = self.layout.nbytes(len(block_ids), None if heads is None else heads[1])
+        # Each range's deadline runs from its own PULL, as the peer's check does.
+        self._reads[key] = (time.monotonic() + self.timeout_s,
+                            self._reads.get(key, (0.0, 0))[1] + num_bytes)
+        self.counts.add("num_pulls")
+        self._reply([identity], MsgType.SENDING, transfer_id=transfer_id, num_bytes=num_bytes,
+                    tag=msg["tag"], block_ids=pack_block_ids(block_ids))
+
+    def _end_read(self, transfer_id: str, peer_id: str, ok: bool) -> None:
+        read = self._reads.pop((transfer_id, peer_id), None)
+        if read is None:
+            return
+        self.holds.finish_send(transfer_id, ok, peer_id)
+        if ok:
+            self.counts.add("num_bytes_sent", read[1])
+
+    def _expire_reads(self) -> None:
+        """Reads whose peer said nothing by the deadline: the blocks are no longer theirs."""
+        now = time.monotonic()
+        for (transfer_id, peer_id), (deadline_s, _) in list(self._reads.items()):
+            if now > deadline_s:
+                self.counts.problem("num_failed_sends", "read", "KV read of transfer %s by %s: "
+                                    "no DONE within %.0f s", transfer_id, peer_id,
+                                    self.timeout_s)
+                self._end_read(transfer_id, peer_id, ok=False)
 
     def _retire(self, peer: PeerLink) -> None:
         peer.stop()

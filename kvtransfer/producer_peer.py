@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 COUNTERS = ("num_bytes_sent", "num_pulls", "num_failed_sends", "num_protocol_errors",
             "num_auth_failures", "num_busy", "num_layout_mismatches", "num_links_opened",
-            "num_link_failures", "num_links_closed", "num_internal_errors")
+            "num_link_failures", "num_links_closed", "num_internal_errors", "num_read_pairs")
 
 
 class Counters(dict):
@@ -67,6 +67,27 @@ class Pull:
     tag: int
     heads: tuple[int, int] | None = None  # (first, count) of this worker's heads; None: all
     received_s: float = dataclasses.field(default_factory=time.monotonic)
+
+
+class ReadPeer:
+    """A decode peer that reads the blocks itself (``kvtransfer.reads``): no link, no thread;
+    the endpoint's ROUTER thread answers its pulls. Quacks like a ``PeerLink`` for the
+    endpoint's bookkeeping."""
+
+    has_failed = False
+
+    def __init__(self, peer_id: str) -> None:
+        self.peer_id = peer_id
+        self.last_active_s = time.monotonic()
+
+    def start(self) -> None:
+        return
+
+    def stop(self) -> None:
+        return
+
+    def join(self, timeout_s: float) -> bool:
+        return True
 
 
 class PeerLink:

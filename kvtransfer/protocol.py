@@ -9,13 +9,20 @@ pair's torch.distributed link (see ``kvtransfer.link``).
 
 Exchange, decode side first (``->`` decode to prefill, ``<-`` the reply):
 
-    -> HELLO   peer_id, layout          once per pair: the decode worker's KV layout
-    <- WELCOME store_port, group        join this TCPStore prefix to build the pair's link
+    -> HELLO   peer_id, layout [, pid]  once per pair: the decode worker's KV layout; with
+                                        ``pid``, it offers to read blocks itself (same host)
+    <- WELCOME store_port, group [, reads]   join this TCPStore prefix to build the pair's
+               link; with ``reads`` (the offer taken), no link: read the blocks directly
+               (``kvtransfer.reads``): {pid, probe: [address, nonce], layers: [[address,
+               stride], ...], timeout_ms: a read must end this soon after its PULL}. A
+               decode worker whose probe fails says HELLO again without pid.
        (or ERROR layout / busy)
     -> CLAIM   transfer_id              a decode scheduler took the request: extend the lease
     -> PULL    peer_id, transfer_id, first_block, num_blocks, tag [, first_head, num_heads]
                (no heads: every head of the blocks)
-    <- SENDING transfer_id, num_bytes, tag   then that many bytes arrive over the link, with tag
+    <- SENDING transfer_id, num_bytes, tag [, block_ids]   then that many bytes arrive over
+               the link, with tag; with ``block_ids`` (a pair that reads: uint32, little
+               endian), read those blocks now, then say DONE
        (or ERROR unknown / expired / state / range / link, with the transfer_id)
     -> DONE    transfer_id [, peer_id, pullers]   no reply. Without ``pullers``: the blocks may
                be freed. With it: this peer is done, one of ``pullers`` decode workers that
@@ -27,6 +34,7 @@ kvtransfer.scheduler), and the decode side refuses parameters of another version
 parameters list one ``[host, port]`` per prefill worker (``remote_addresses``), where version 2
 had one ``remote_host`` and a list of ports. Version 4: a PULL names a range of heads, and a
 DONE may count pullers, so prefill and decode may use different TP sizes (kvtransfer.heads).
+Version 5: direct reads (HELLO's ``pid``, WELCOME's ``reads``, SENDING's ``block_ids``).
 
 Replay of a captured signed message is not prevented (there is no nonce): the MAC only proves
 the message was made by a holder of the deployment's secret.
@@ -41,8 +49,9 @@ from collections.abc import Callable
 from typing import Any
 
 import msgpack
+import numpy as np
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 MAX_MESSAGE_BYTES = 64 * 1024
 MAC_BYTES = 32
 MAX_ID_CHARS = 256
@@ -102,27 +111,34 @@ def _is_map(x: Any) -> bool:
     return type(x) is dict
 
 
+def _block_ids(x: Any) -> bool:
+    return type(x) is bytes and len(x) % 4 == 0
+
+
 def _is_code(x: Any) -> bool:
     return type(x) is str and x in ErrorCode._value2member_map_
 
 
 _ID = _text(MAX_ID_CHARS)
 _MESSAGE = _text(4096)
-_FIELD_HINTS = {"layout": "a map", "code": f"one of {[c.value for c in ErrorCode]}",
+_FIELD_HINTS = {"layout": "a map", "reads": "a map", "pid": "an int in [1, 2**31 - 1]",
+                "block_ids": "bytes (uint32 ids)", "code": f"one of {[c.value for c in ErrorCode]}",
                 "tag": f"an int in [1, {MAX_TAG}]", "store_port": "an int in [1, 65535]",
                 "message": "a str of at most 4096 chars"}
 
 # Each type's fields: name -> (check, required).
 FIELDS: dict[MsgType, dict[str, tuple[Callable[[Any], bool], bool]]] = {
-    MsgType.HELLO: {"peer_id": (_ID, True), "layout": (_is_map, True)},
-    MsgType.WELCOME: {"store_port": (_int(1, 65535), True), "group": (_ID, True)},
+    MsgType.HELLO: {"peer_id": (_ID, True), "layout": (_is_map, True),
+                    "pid": (_int(1, MAX_TAG), False)},
+    MsgType.WELCOME: {"store_port": (_int(1, 65535), True), "group": (_ID, True),
+                      "reads": (_is_map, False)},
     MsgType.CLAIM: {"transfer_id": (_ID, True)},
     MsgType.PULL: {"peer_id": (_ID, True), "transfer_id": (_ID, True),
                    "first_block": (_int(0, MAX_TAG), True), "num_blocks": (_int(0, MAX_TAG), True),
                    "first_head": (_int(0, MAX_HEADS), False),
                    "num_heads": (_int(1, MAX_HEADS), False), "tag": (_int(1, MAX_TAG), True)},
     MsgType.SENDING: {"transfer_id": (_ID, True), "num_bytes": (_int(0), True),
-                      "tag": (_int(1, MAX_TAG), True)},
+                      "tag": (_int(1, MAX_TAG), True), "block_ids": (_block_ids, False)},
     MsgType.DONE: {"transfer_id": (_ID, True), "peer_id": (_ID, False),
                    "pullers": (_int(1, MAX_HEADS), False)},
     MsgType.ERROR: {"message": (_MESSAGE, True), "code": (_is_code, True),
@@ -221,3 +237,16 @@ class Codec:
             raise ProtocolError("control message cannot be canonicalised") from e
         if not hmac.compare_digest(mac, expected):
             raise AuthError("control message has a wrong MAC")
+
+
+MAX_READ_BLOCKS = 8192  # blocks one SENDING may name (32 KiB of ids): a pair that reads pulls
+# longer transfers in ranges of at most this many blocks
+
+
+def pack_block_ids(block_ids: list[int]) -> bytes:
+    """SENDING's ``block_ids``: uint32, little endian."""
+    return np.asarray(block_ids, dtype="<u4").tobytes()
+
+
+def unpack_block_ids(data: bytes) -> list[int]:
+    return np.frombuffer(data, dtype="<u4").tolist()

@@ -69,6 +69,15 @@ class ConnectorSettings(BaseModel):
         "torch.distributed (Gloo, NCCL).",
     )
 
+    direct_reads: bool = Field(
+        True,
+        description="Let a decode worker copy held blocks straight out of the prefill worker's "
+        "cache when both share a host and their caches are in CPU memory (Linux "
+        "process_vm_readv, kvtransfer/reads.py): no gather, no link, nothing for the prefill "
+        "worker to do. A pair that cannot (another host, GPUs, a kernel that forbids it) finds "
+        "out when it pairs and uses a link (shared_memory's, or torch.distributed).",
+    )
+
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> ConnectorSettings:
         return cls.model_validate(dict(extra or {}))

@@ -25,6 +25,7 @@ COUNTERS = (
     "num_loads",  # decode workers: loads finished, ok or not
     "num_failed_loads",  # decode workers: loads that failed (the prompt is recomputed)
     "num_claims_sent",  # decode workers: CLAIM messages sent
+    "num_read_fallbacks",  # decode workers: pairs offered direct reads whose probe failed
     "num_bad_specs",  # workers: hold or load specs refused (the request fails, the engine lives)
     "num_duplicate_holds",  # prefill scheduler: a second hold under a held transfer id, refused
     "num_busy_holds",  # prefill scheduler: holds refused at max_held_blocks (answered busy)
@@ -35,6 +36,7 @@ COUNTERS = (
     "num_pulls", "num_failed_sends", "num_protocol_errors", "num_auth_failures", "num_busy",
     "num_layout_mismatches",
     "num_links_opened", "num_link_failures", "num_links_closed", "num_internal_errors",
+    "num_read_pairs",  # decode peers that read the blocks themselves (kvtransfer/reads.py)
 )
 GAUGES = ("num_held_blocks",)  # prefill scheduler: KV blocks held for decode right now
 # Per-transfer samples (lists, concatenated when stats merge), from decode workers:

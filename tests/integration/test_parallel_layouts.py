@@ -34,7 +34,11 @@ LAYOUTS = {
     # Fan-in again, through shared memory (kv_transfer.shared_memory): the two parts are
     # gathered into and scattered from /dev/shm.
     "tp2-tp1-shm": ((2, 1), (1, 1), [Fraction(1, 2)] * 2, [Fraction(1)]),
+    # And with direct reads (kv_transfer.direct_reads): the decode worker copies each prefill
+    # worker's head straight out of that worker's cache; no link on either side.
+    "tp2-tp1-reads": ((2, 1), (1, 1), [Fraction(1, 2)] * 2, [Fraction(1)]),
 }
+LINKS = {"shm": "ShmLink", "reads": "reads"}  # by layout suffix; else TorchDistLink
 NUM_PROMPTS = 6
 
 pytestmark = pytest.mark.slow
@@ -53,9 +57,10 @@ def worker_bytes(worker: Any) -> tuple[int, int, int, list[str]]:
         from kvtransfer.worker import worker_place
 
         place = worker_place(None)
-    links = [type(p._link).__name__ for p in side.producer._peers.values()] \
-        if side.producer is not None else \
-        [type(c._link).__name__ for c in side.consumer._channels.values()]
+    links = [type(p._link).__name__ if hasattr(p, "_link") else "reads"
+             for p in side.producer._peers.values()] if side.producer is not None else \
+        ["reads" if c._remote is not None else type(c._link).__name__
+         for c in side.consumer._channels.values()]
     return place.pp_rank * place.tp_size + place.tp_rank, sent, received, sorted(links)
 
 
@@ -64,9 +69,9 @@ def cores(tp: int, pp: int, single: str) -> str:
 
 
 async def start_pair(engine_config, prefill: tuple[int, int], decode: tuple[int, int],
-                     shared_memory: bool = False):
+                     shared_memory: bool = False, direct_reads: bool = False):
     extra = {"host": "127.0.0.1", "lease_s": 20, "timeout_s": 10, "unknown_retry_s": 2,
-             "shared_memory": shared_memory}
+             "shared_memory": shared_memory, "direct_reads": direct_reads}
     engines = []
     for role, (tp, pp), core, options in (("kv_producer", prefill, "0", {"port": 0}),
                                           ("kv_consumer", decode, "1", {})):
@@ -86,8 +91,10 @@ async def test_layout_parity_and_each_workers_share(layout, engine_config, vocab
     from kvtransfer.link_shm import shm_files
 
     files_before = shm_files()
+    suffix = layout.rsplit("-", 1)[1]
     prefill, decode = await start_pair(engine_config, prefill_layout, decode_layout,
-                                       shared_memory=layout.endswith("-shm"))
+                                       shared_memory=suffix == "shm",
+                                       direct_reads=suffix == "reads")
     try:
         block_bytes = bytes_per_block(engine_config.model, engine_config)
         num_blocks = 0
@@ -125,7 +132,7 @@ async def test_layout_parity_and_each_workers_share(layout, engine_config, vocab
         assert ok, (layout, sent, expected_sent, received, expected_received)
         assert decode.stats.num_failed_loads == 0
         assert decode.stats.num_loads == NUM_PROMPTS * len(received_share)  # one per worker
-        link = "ShmLink" if layout.endswith("-shm") else "TorchDistLink"
+        link = LINKS.get(suffix, "TorchDistLink")
         assert all(set(links) == {link} for *_, links in sent + received), (sent, received)
         if layout.endswith("-shm"):  # the links mapped their files and removed them
             assert shm_files() == files_before

@@ -301,3 +301,20 @@ def test_num_held_blocks_counts_every_state(clock: FakeClock) -> None:
     assert table.num_held_blocks == 3
     table.finish_send("b", ok=True)
     assert table.num_held_blocks == 1
+
+
+def test_a_further_range_is_given_only_to_the_puller_whose_send_is_in_flight(
+        table: HoldTable) -> None:
+    table.add("t", "req", [5, 6, 7, 8], 60.0)
+    with pytest.raises(HoldError) as e:
+        table.blocks_in_flight("t", 2, 2, "p")  # no send in flight yet
+    assert e.value.code is ErrorCode.STATE
+    assert table.start_send("t", 0, 2, "p") == [5, 6]
+    assert table.blocks_in_flight("t", 2, 2, "p") == [7, 8]
+    with pytest.raises(HoldError) as e:
+        table.blocks_in_flight("t", 2, 2, "q")  # another puller
+    assert e.value.code is ErrorCode.STATE
+    with pytest.raises(HoldError) as e:
+        table.blocks_in_flight("t", 3, 2, "p")
+    assert e.value.code is ErrorCode.RANGE
+    assert table.num_sending == 1  # unchanged by the further ranges

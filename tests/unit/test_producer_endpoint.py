@@ -415,3 +415,55 @@ def test_close_joins_every_thread() -> None:
         wait_until(lambda: len(kv_threads()) == len(before) + 3, what="a thread per peer")
     assert set(kv_threads()) <= before
     assert not producer.endpoint.is_alive()
+
+
+# -- direct reads ------------------------------------------------------------------------------
+
+
+def test_a_peer_that_reads_gets_block_ids_and_a_read_without_done_expires() -> None:
+    """A HELLO with a pid is answered with where the cache is, and no link is built. A PULL is
+    answered by SENDING with the block ids; the blocks stay in flight (the lease cannot free
+    them) until the peer's DONE, or the deadline: then the read counts as a failed send and the
+    hold can be pulled again. A HELLO without a pid still gets a link."""
+    from kvtransfer.protocol import unpack_block_ids
+
+    with running_producer(timeout_s=0.5, direct_reads=True) as producer, \
+            peers(producer, 2) as (reader, linked):
+        producer.holds.add("t", "req", [4, 1, 7], LEASE_S)
+        kind, welcome = reader.request(MsgType.HELLO, peer_id=reader.peer_id,
+                                       layout=reader.layout.to_wire(), pid=12345)
+        assert kind is MsgType.WELCOME
+        offer = welcome["reads"]
+        assert offer["pid"] == producer.endpoint._read_offer["pid"]
+        assert offer["timeout_ms"] == 500  # the producer's timeout_s: reads end before it
+        assert [stride for _, stride in offer["layers"]] == \
+            [ly.bytes_per_block for ly in producer.layout.layers]
+        assert offer["layers"][0][0] == producer.caches[sorted(producer.caches)[0]].data_ptr()
+        kind, sending = reader.request(MsgType.PULL, peer_id=reader.peer_id, transfer_id="t",
+                                       first_block=1, num_blocks=2, tag=9)
+        assert kind is MsgType.SENDING and sending["tag"] == 9
+        assert unpack_block_ids(sending["block_ids"]) == [1, 7]
+        assert sending["num_bytes"] == 2 * producer.layout.bytes_per_block
+        assert producer.holds.num_sending == 1
+        wait_until(lambda: producer.holds.num_sending == 0, 5.0, what="the read's deadline")
+        assert producer.endpoint.counts["num_failed_sends"] == 1
+        assert producer.endpoint.counts["num_bytes_sent"] == 0
+        # The hold is pullable again; this time the DONE ends the read and releases it.
+        kind, sending = reader.request(MsgType.PULL, peer_id=reader.peer_id, transfer_id="t",
+                                       first_block=0, num_blocks=3, tag=10)
+        assert kind is MsgType.SENDING
+        reader.send(MsgType.DONE, transfer_id="t", peer_id=reader.peer_id, pullers=1)
+        wait_until(lambda: producer.holds.take_released() == {"req"}, 5.0, what="release")
+        assert producer.endpoint.counts["num_bytes_sent"] == 3 * producer.layout.bytes_per_block
+        assert "reads" not in linked.hello()  # no pid: a link, as before
+        producer.holds.add("t2", "req2", [2], LEASE_S)
+        got = linked.pull("t2", 0, 1, tag=3)
+        assert isinstance(got, torch.Tensor)
+        assert torch.equal(got, expected_bytes(producer.caches, [2]))
+
+
+def test_a_producer_without_direct_reads_ignores_the_offer() -> None:
+    with running_producer(timeout_s=1.0) as producer, peers(producer) as (peer,):
+        kind, welcome = peer.request(MsgType.HELLO, peer_id=peer.peer_id,
+                                     layout=peer.layout.to_wire(), pid=12345)
+        assert kind is MsgType.WELCOME and "reads" not in welcome

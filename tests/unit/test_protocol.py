@@ -19,6 +19,8 @@ from kvtransfer.protocol import (
     MsgType,
     ProtocolError,
     TooLargeError,
+    pack_block_ids,
+    unpack_block_ids,
 )
 
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -28,12 +30,15 @@ SIGNED = Codec(SECRET)
 
 # One valid message of each type with all its fields (ERROR's transfer_id is optional).
 SAMPLES: dict[MsgType, dict[str, Any]] = {
-    MsgType.HELLO: {"peer_id": "host-1-0-abcd", "layout": LAYOUT},
-    MsgType.WELCOME: {"store_port": 29517, "group": "0f0f"},
+    MsgType.HELLO: {"peer_id": "host-1-0-abcd", "layout": LAYOUT, "pid": 4242},
+    MsgType.WELCOME: {"store_port": 29517, "group": "0f0f",
+                      "reads": {"pid": 7, "probe": [1 << 40, b"n" * 16],
+                                "layers": [[1 << 41, 4096]], "timeout_ms": 30000}},
     MsgType.CLAIM: {"transfer_id": "t-1"},
     MsgType.PULL: {"peer_id": "p", "transfer_id": "t-1", "first_block": 2, "num_blocks": 5,
                    "tag": 17, "first_head": 1, "num_heads": 2},
-    MsgType.SENDING: {"transfer_id": "t-1", "num_bytes": 1 << 33, "tag": 17},
+    MsgType.SENDING: {"transfer_id": "t-1", "num_bytes": 1 << 33, "tag": 17,
+                      "block_ids": pack_block_ids([3, 70000, 2**32 - 1])},
     MsgType.DONE: {"transfer_id": "t-1", "peer_id": "p", "pullers": 2},
     MsgType.ERROR: {"message": "blocks [0, 9) out of range", "code": "range",
                     "transfer_id": "t-1"},
@@ -69,8 +74,8 @@ def test_samples_cover_every_type() -> None:
     assert set(SAMPLES) == set(MsgType) == set(REQUIRED)
 
 
-def test_current_version_is_four() -> None:
-    assert PROTOCOL_VERSION == 4
+def test_current_version_is_five() -> None:
+    assert PROTOCOL_VERSION == 5
 
 
 @pytest.mark.parametrize("codec", [PLAIN, SIGNED], ids=["plain", "signed"])
@@ -95,19 +100,19 @@ def test_error_codes_are_distinct_strings() -> None:
 @pytest.mark.parametrize("kind", list(MsgType), ids=lambda k: k.value)
 def test_wire_form_is_a_versioned_map(kind: MsgType) -> None:
     raw = msgpack.unpackb(PLAIN.encode(kind, **SAMPLES[kind]))
-    assert raw == {"v": 4, "type": WIRE_NAMES[kind], **SAMPLES[kind]}
+    assert raw == {"v": 5, "type": WIRE_NAMES[kind], **SAMPLES[kind]}
 
 
 @pytest.mark.parametrize("kind", list(MsgType), ids=lambda k: k.value)
 def test_signed_wire_form_matches_an_independent_hmac(kind: MsgType) -> None:
-    fields = {"v": 4, "type": WIRE_NAMES[kind], **SAMPLES[kind]}
+    fields = {"v": 5, "type": WIRE_NAMES[kind], **SAMPLES[kind]}
     assert msgpack.unpackb(SIGNED.encode(kind, **SAMPLES[kind])) == msgpack.unpackb(
         _signed(**fields))
     assert SIGNED.decode(_signed(**fields))[0] is kind
 
 
-# 2: before remote_addresses; 3: before head ranges and pullers
-@pytest.mark.parametrize("version", [0, 2, 3, 5, None, "4", 4.0, True])
+# 2: before remote_addresses; 3: before head ranges and pullers; 4: before direct reads
+@pytest.mark.parametrize("version", [0, 2, 3, 4, 6, None, "5", 5.0, True])
 def test_wrong_version_is_refused(version: Any) -> None:
     with pytest.raises(ProtocolError, match="version"):
         PLAIN.decode(_packed(v=version, type="done", transfer_id="t"))
@@ -170,6 +175,11 @@ BAD_VALUES = [
     (MsgType.SENDING, "num_bytes", -1),
     (MsgType.SENDING, "num_bytes", 1e3),
     (MsgType.SENDING, "tag", True),
+    (MsgType.SENDING, "block_ids", [3, 4]),
+    (MsgType.SENDING, "block_ids", b"abc"),
+    (MsgType.HELLO, "pid", 0),
+    (MsgType.HELLO, "pid", "4242"),
+    (MsgType.WELCOME, "reads", [7]),
     (MsgType.PULL, "first_head", -1),
     (MsgType.PULL, "first_head", True),
     (MsgType.PULL, "num_heads", 0),
@@ -358,3 +368,11 @@ def test_secret_is_never_logged(monkeypatch: pytest.MonkeyPatch,
         assert env.kv_secret() == b"short-secret"
     assert "shorter than" in caplog.text
     assert "short-secret" not in caplog.text
+
+
+def test_block_ids_travel_as_uint32() -> None:
+    ids = [0, 1, 65535, 65536, 2**32 - 1]
+    kind, msg = PLAIN.decode(PLAIN.encode(MsgType.SENDING, transfer_id="t", num_bytes=0, tag=1,
+                                          block_ids=pack_block_ids(ids)))
+    assert unpack_block_ids(msg["block_ids"]) == ids
+    assert len(pack_block_ids(ids)) == 4 * len(ids)

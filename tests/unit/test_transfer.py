@@ -566,3 +566,154 @@ def test_a_replicated_kv_cache_moves_whole_from_one_rank_and_the_other_is_releas
     finally:
         for endpoint in [consumer, *(p.endpoint for p in producers)]:
             endpoint.close()
+
+
+# -- the same endpoints with direct reads (same host, CPU caches) --------------------------------
+
+
+def reads_consumer(caches: dict[str, torch.Tensor], timeout_s: float = TIMEOUT_S,
+                   **kwargs: object) -> ConsumerEndpoint:
+    from kvtransfer.reads import CacheRegions
+
+    layout = head_layout(caches)
+    return ConsumerEndpoint(HOST, 0, caches, layout, timeout_s, 2.0,
+                            regions=CacheRegions.of(caches, layout), **kwargs)
+
+
+def assert_equal_blocks(src: dict[str, torch.Tensor], dst: dict[str, torch.Tensor],
+                        src_ids: list[int], dst_ids: list[int]) -> None:
+    for name, tensor in src.items():
+        for s, t in zip(src_ids, dst_ids, strict=True):
+            assert torch.equal(dst[name][t], tensor[s]), (name, s, t)
+
+
+def test_direct_reads_copy_blocks_and_heads_without_a_link() -> None:
+    """The decode worker offers to read, the prefill worker takes the offer: whole blocks, then
+    one head of a TP-2 prefill worker into head 1 of a 2-head decode cache, exact bytes, no
+    link on either side, and each hold released once its DONE came."""
+    whole = make_kv_caches("cpu", NUM_BLOCKS, seed=71)
+    holds = CountingHoldTable()
+    holds.add("t-read", "engine-1", [7, 2, 9], LEASE_S)
+    holds.add("t-read-head", "engine-2", [4], LEASE_S)
+    one_head = heads_caches(whole, 1, 1)  # a prefill rank of TP 2 holding head 1
+    head_holds = CountingHoldTable()
+    head_holds.add("t-read-head", "engine-3", [4], LEASE_S)
+    producer = ProducerEndpoint(HOST, 0, whole, head_layout(whole), holds, TIMEOUT_S,
+                                direct_reads=True)
+    head_producer = ProducerEndpoint(HOST, 0, one_head, head_layout(one_head), head_holds,
+                                     TIMEOUT_S, direct_reads=True)
+    caches = make_kv_caches("cpu", NUM_BLOCKS, fill="zeros")
+    consumer = reads_consumer(caches)
+    head_consumer = reads_consumer(caches, place=Place(0, 1, 0, num_kv_heads=2))
+    try:
+        consumer.submit(LoadSpec("t-read", "req-1", [producer.address], 0, [0, 5, 8]))
+        assert wait_for_result(consumer, "req-1").failed == set()
+        assert_equal_blocks(whole, caches, [7, 2, 9], [0, 5, 8])
+        channel = next(iter(consumer._channels.values()))
+        assert channel._remote is not None and channel._link is None
+        assert producer.counts["num_read_pairs"] == 1 and producer.counts["num_links_opened"] == 0
+        assert consumer.counts["num_read_fallbacks"] == 0
+        assert wait_for_release(holds, "engine-1") == {"engine-1"}
+        # Prefill rank 0 (the whole cache) gives head 0 of block 4, rank 1 head 1.
+        head_consumer.submit(LoadSpec("t-read-head", "req-2",
+                                      [producer.address, head_producer.address], 0, [3],
+                                      remote_tp_size=2))
+        assert wait_for_result(head_consumer, "req-2").failed == set()
+        for name, tensor in whole.items():
+            assert torch.equal(caches[name][3], tensor[4])
+            untouched = [b for b in range(NUM_BLOCKS) if b not in (0, 3, 5, 8)]
+            assert not torch.any(caches[name][untouched])
+        layout = head_layout(whole)
+        assert producer.counts["num_bytes_sent"] == 3 * layout.bytes_per_block + \
+            layout.nbytes(1, 1)
+        assert head_producer.counts["num_bytes_sent"] == layout.nbytes(1, 1)
+        assert wait_for_release(head_holds, "engine-3") == {"engine-3"}
+        assert producer._reads == {} and holds.num_sending == 0
+    finally:
+        for endpoint in (consumer, head_consumer, producer, head_producer):
+            endpoint.close()
+
+
+def test_a_failed_probe_pairs_over_a_link(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode worker that cannot read the prefill worker (another host, a kernel that forbids
+    it) says HELLO again without the offer and gets its blocks over a link."""
+    from kvtransfer import consumer_peer
+
+    monkeypatch.setattr(consumer_peer, "probe", lambda *args: "Operation not permitted")
+    whole = make_kv_caches("cpu", NUM_BLOCKS, seed=72)
+    holds = CountingHoldTable()
+    holds.add("t-probe", "engine-1", [1, 6], LEASE_S)
+    producer = ProducerEndpoint(HOST, 0, whole, head_layout(whole), holds, TIMEOUT_S,
+                                direct_reads=True)
+    caches = make_kv_caches("cpu", NUM_BLOCKS, fill="zeros")
+    consumer = reads_consumer(caches)
+    try:
+        consumer.submit(LoadSpec("t-probe", "req-1", [producer.address], 0, [2, 3]))
+        assert wait_for_result(consumer, "req-1").failed == set()
+        assert_equal_blocks(whole, caches, [1, 6], [2, 3])
+        channel = next(iter(consumer._channels.values()))
+        assert channel._remote is None and channel._link is not None
+        assert consumer.counts["num_read_fallbacks"] == 1  # visible: exported as a metric
+        assert producer.counts["num_links_opened"] == 1
+    finally:
+        consumer.close()
+        producer.close()
+
+
+def test_a_read_that_ends_after_its_deadline_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode worker keeps the bytes of a read only if it ended within the prefill worker's
+    timeout of its PULL (after that the blocks may be freed; the prefill worker's timeout is
+    the shorter here, 5 ms, and the read takes 50): the load fails, vLLM would recompute, and
+    the hold is released all the same."""
+    from kvtransfer import consumer_peer
+
+    read_blocks = consumer_peer.read_blocks
+
+    def slow_read(*args: object, **kwargs: object) -> int:
+        time.sleep(0.05)
+        return read_blocks(*args, **kwargs)
+
+    monkeypatch.setattr(consumer_peer, "read_blocks", slow_read)
+    whole = make_kv_caches("cpu", NUM_BLOCKS, seed=73)
+    holds = CountingHoldTable()
+    holds.add("t-late", "engine-1", [5], LEASE_S)
+    producer = ProducerEndpoint(HOST, 0, whole, head_layout(whole), holds, 0.005,
+                                direct_reads=True)
+    consumer = reads_consumer(make_kv_caches("cpu", NUM_BLOCKS, fill="zeros"))
+    try:
+        consumer.submit(LoadSpec("t-late", "req-1", [producer.address], 0, [0]))
+        assert wait_for_result(consumer, "req-1").failed == {"req-1"}
+        channel = next(iter(consumer._channels.values()))
+        assert channel._read_timeout_s == 0.005
+        assert wait_for_release(holds, "engine-1") == {"engine-1"}
+        assert producer._reads == {} and holds.num_sending == 0
+    finally:
+        consumer.close()
+        producer.close()
+
+
+def test_a_long_transfer_is_read_in_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SENDING names at most MAX_READ_BLOCKS blocks (2 here): five blocks are read in three
+    ranges of one send in flight, which the one DONE ends."""
+    from kvtransfer import consumer_peer, producer
+
+    monkeypatch.setattr(consumer_peer, "MAX_READ_BLOCKS", 2)
+    monkeypatch.setattr(producer, "MAX_READ_BLOCKS", 2)
+    whole = make_kv_caches("cpu", NUM_BLOCKS, seed=74)
+    holds = CountingHoldTable()
+    holds.add("t-long", "engine-1", [9, 3, 1, 6, 4], LEASE_S)
+    endpoint = ProducerEndpoint(HOST, 0, whole, head_layout(whole), holds, TIMEOUT_S,
+                                direct_reads=True)
+    caches = make_kv_caches("cpu", NUM_BLOCKS, fill="zeros")
+    consumer = reads_consumer(caches)
+    try:
+        consumer.submit(LoadSpec("t-long", "req-1", [endpoint.address], 0, [0, 2, 5, 7, 8]))
+        assert wait_for_result(consumer, "req-1").failed == set()
+        assert_equal_blocks(whole, caches, [9, 3, 1, 6, 4], [0, 2, 5, 7, 8])
+        assert wait_for_release(holds, "engine-1") == {"engine-1"}
+        assert endpoint.counts["num_pulls"] == 3
+        assert endpoint.counts["num_bytes_sent"] == 5 * head_layout(whole).bytes_per_block
+        assert holds.num_refused == 0 and endpoint._reads == {}
+    finally:
+        consumer.close()
+        endpoint.close()
