@@ -47,7 +47,7 @@ from kvtransfer.protocol import (
     ProtocolError,
     unpack_block_ids,
 )
-from kvtransfer.reads import CacheRegions, ReadError, probe, read_blocks
+from kvtransfer.reads import NONCE_BYTES, CacheRegions, ReadError, probe, read_blocks
 
 if TYPE_CHECKING:
     import torch
@@ -300,7 +300,7 @@ class PeerChannel:
         sock.connect(f"tcp://{self.address[0]}:{self.address[1]}")
         offer = ctx.regions is not None and not self._reads_refused
         msg = self._hello(offer)
-        if "reads" in msg:
+        if offer and "reads" in msg:
             problem = self._take_reads(msg["reads"])
             if problem is None:
                 return
@@ -333,18 +333,21 @@ class PeerChannel:
         """Check the peer's read offer and probe it: None (and reads on) when it works."""
         try:
             pid, (address, nonce) = offer["pid"], offer["probe"]
-            layers = tuple((int(a), int(s)) for a, s in offer["layers"])
-            timeout_ms = offer["timeout_ms"]
-            if type(pid) is not int or type(nonce) is not bytes or type(address) is not int \
-                    or type(timeout_ms) is not int:
-                raise TypeError("field types")
+            layers = tuple((a, s) for a, s in offer["layers"])
+            timeout_ms, num_blocks = offer["timeout_ms"], offer["num_blocks"]
+            counts = [pid, address, timeout_ms, num_blocks, *(v for layer in layers
+                                                              for v in layer)]
+            if any(type(v) is not int or v < 0 for v in counts) or type(nonce) is not bytes:
+                raise TypeError("fields must be non-negative ints, the nonce bytes")
+            if len(nonce) != NONCE_BYTES or timeout_ms < 1 or num_blocks < 1:
+                raise ValueError("a short nonce, or no time or blocks to read")
         except (KeyError, TypeError, ValueError) as e:
             return f"malformed offer: {e!r}"
         if len(layers) != len(self._ctx.layout.layers):
             return f"{len(layers)} layers offered for {len(self._ctx.layout.layers)}"
         problem = probe(pid, address, nonce)
         if problem is None:
-            self._remote = CacheRegions(pid, layers)
+            self._remote = CacheRegions(pid, layers, num_blocks)
             # A read must end before the prefill worker may free the blocks: within its
             # timeout of the PULL reaching it, and so within it of the PULL leaving here.
             self._read_timeout_s = min(self._ctx.timeout_s, timeout_ms / 1000)

@@ -19,11 +19,13 @@ releases the hold at once. Either way a release waits for sends in flight to end
     CLAIM --> lease now + claim_lease_s (never shortened)
 
 A hold with a send in flight does not expire: its blocks are being read. The producer guarantees
-that every ``start_send`` is followed by one ``finish_send`` (try/finally), and the link bounds
-each send with a deadline, so no send stays in flight forever. Released holds are handed to
-vLLM, by engine request id, through ``take_released`` so that it frees their blocks. The table
-remembers the transfer ids of recently released or expired holds (bounded in number and age) so
-that a late pull gets ``expired`` or ``state`` rather than ``unknown``.
+that every ``start_send`` is followed by one ``finish_send``: a send over a link in try/finally,
+bounded by the link's deadline; a direct read (``kvtransfer.reads``) on the reader's DONE or at
+its deadline (the endpoint's ``_expire_reads``). So no send stays in flight forever. Released
+holds are handed to vLLM, by engine request id, through ``take_released`` so that it frees
+their blocks. The table remembers the transfer ids of recently released or expired holds
+(bounded in number and age) so that a late pull gets ``expired`` or ``state`` rather than
+``unknown``.
 
 Thread-safe: the endpoint's threads pull, claim and confirm; the worker's main thread adds and
 reaps.

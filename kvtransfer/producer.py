@@ -134,6 +134,7 @@ class ProducerEndpoint:
         self._retiring: list[PeerLink | ReadPeer] = []
         # (transfer id, peer id) of each read in flight -> (its deadline, its bytes)
         self._reads: dict[tuple[str, str], tuple[float, int]] = {}
+        self._allows_readers = False
         self._read_offer = self._offer_reads(kv_caches) if direct_reads else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="pdserve-kv-producer", daemon=True)
@@ -160,10 +161,10 @@ class ProducerEndpoint:
             logger.info("KV producer: direct reads are on, but this worker's cache cannot be "
                         "read directly (not in CPU memory, or not block-major); using links")
             return None
-        reads.allow_readers()
         self._probe = reads.Probe()
         return {"pid": regions.pid, "probe": [self._probe.address, self._probe.nonce],
-                "layers": regions.to_wire(), "timeout_ms": math.ceil(self.timeout_s * 1000)}
+                "layers": regions.to_wire(), "num_blocks": regions.num_blocks,
+                "timeout_ms": math.floor(self.timeout_s * 1000)}
 
     def is_alive(self) -> bool:
         """True while the ROUTER thread serves (it survives any message; only close ends it)."""
@@ -293,10 +294,14 @@ class ProducerEndpoint:
             return
         group = uuid.uuid4().hex
         if "pid" in msg and self._read_offer is not None:  # no link: the peer reads
+            if not self._allows_readers:
+                from kvtransfer.reads import allow_readers
+
+                allow_readers()  # once, and only where a peer offers to read
+                self._allows_readers = True
             self._reply([identity], MsgType.WELCOME, store_port=self.store_port, group=group,
                         reads=self._read_offer)
             self._peers[msg["peer_id"]] = ReadPeer(msg["peer_id"])
-            self.counts.add("num_read_pairs")
             return
         self._reply([identity], MsgType.WELCOME, store_port=self.store_port, group=group)
         peer = PeerLink(self, msg["peer_id"], group)
@@ -352,6 +357,9 @@ class ProducerEndpoint:
         # Each range's deadline runs from its own PULL, as the peer's check does.
         self._reads[key] = (time.monotonic() + self.timeout_s,
                             self._reads.get(key, (0.0, 0))[1] + num_bytes)
+        if not peer.has_read:  # a pair that reads: counted once it does
+            peer.has_read = True
+            self.counts.add("num_read_pairs")
         self.counts.add("num_pulls")
         self._reply([identity], MsgType.SENDING, transfer_id=transfer_id, num_bytes=num_bytes,
                     tag=msg["tag"], block_ids=pack_block_ids(block_ids))

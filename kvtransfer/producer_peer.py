@@ -79,6 +79,7 @@ class ReadPeer:
     def __init__(self, peer_id: str) -> None:
         self.peer_id = peer_id
         self.last_active_s = time.monotonic()
+        self.has_read = False  # its probe worked: it pulled
 
     def start(self) -> None:
         return

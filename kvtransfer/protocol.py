@@ -14,7 +14,8 @@ Exchange, decode side first (``->`` decode to prefill, ``<-`` the reply):
     <- WELCOME store_port, group [, reads]   join this TCPStore prefix to build the pair's
                link; with ``reads`` (the offer taken), no link: read the blocks directly
                (``kvtransfer.reads``): {pid, probe: [address, nonce], layers: [[address,
-               stride], ...], timeout_ms: a read must end this soon after its PULL}. A
+               stride], ...], num_blocks, timeout_ms: a read must end this soon after its
+               PULL}. A
                decode worker whose probe fails says HELLO again without pid.
        (or ERROR layout / busy)
     -> CLAIM   transfer_id              a decode scheduler took the request: extend the lease

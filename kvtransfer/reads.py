@@ -17,8 +17,10 @@ Safety. A read is only correct while the prefill worker holds the blocks. The pr
 marks the pull's send in flight until the decode worker's DONE or ``timeout_s`` after the
 PULL reached it, whichever comes first (a send in flight keeps the hold). The decode worker
 started its clock before sending the PULL, and it keeps the bytes only if its read ended
-within ``timeout_s`` of that start (``CLOCK_MONOTONIC`` is one clock for the whole host); a
-read that ends later may have overlapped a release and is refused: vLLM recomputes.
+within the prefill worker's ``timeout_s`` (sent with the offer, rounded down to a
+millisecond; its own when shorter) of that start (``CLOCK_MONOTONIC`` is one clock for the
+whole host); a read that ends later may have overlapped a release and is refused: vLLM
+recomputes.
 
 Layouts. Only caches with the block axis first and contiguous blocks (vLLM's CPU layout,
 [blocks, heads, tokens, content]) are read; a head range is then one run of bytes per block.
@@ -96,6 +98,8 @@ class CacheRegions:
     pid: int
     layers: tuple[tuple[int, int], ...]
 
+    num_blocks: int = 0  # blocks per layer (a peer's block ids are checked against it)
+
     @classmethod
     def of(cls, kv_caches: dict[str, torch.Tensor], layout: KVLayout) -> CacheRegions | None:
         """This process's caches, or None when they cannot be read directly (not in CPU
@@ -106,7 +110,10 @@ class CacheRegions:
             if tensor.device.type != "cpu" or ly.block_dim != 0 or not tensor.is_contiguous():
                 return None
             layers.append((tensor.data_ptr(), tensor.stride(0) * tensor.element_size()))
-        return cls(os.getpid(), tuple(layers))
+        num_blocks = {kv_caches[ly.name].shape[0] for ly in layout.layers}
+        if len(num_blocks) != 1:
+            return None
+        return cls(os.getpid(), tuple(layers), num_blocks.pop())
 
     def to_wire(self) -> list[list[int]]:
         return [list(layer) for layer in self.layers]
@@ -153,15 +160,19 @@ def read_blocks(
     if len(remote_ids) != len(local_ids) or len(remote.layers) != len(layout.layers):
         raise ReadError(f"{len(remote_ids)} remote blocks for {len(local_ids)} local ones, "
                         f"{len(remote.layers)} remote layers for {len(layout.layers)}")
+    for regions, ids, where in ((remote, remote_ids, "there"), (local, local_ids, "here")):
+        if ids and regions.num_blocks and not 0 <= min(ids) <= max(ids) < regions.num_blocks:
+            raise ReadError(f"block ids out of range for the {regions.num_blocks} blocks {where}")
     remote_rows, local_rows = [], []
     theirs = np.asarray(remote_ids, dtype=np.uint64)
     ours = np.asarray(local_ids, dtype=np.uint64)
     for (r_base, r_stride), (l_base, l_stride), ly in zip(remote.layers, local.layers,
                                                            layout.layers, strict=True):
-        r_offset, length = _head_run(ly, r_stride, remote_heads)
-        l_offset, l_length = _head_run(ly, l_stride, local_heads)
-        if length != l_length:
-            raise ReadError(f"layer {ly.name}: {length} bytes per block there, {l_length} here")
+        r_offset, length = _head_run(ly, remote_heads, is_local=False)
+        l_offset, l_length = _head_run(ly, local_heads, is_local=True)
+        if length != l_length or r_offset + length > r_stride or l_offset + length > l_stride:
+            raise ReadError(f"layer {ly.name}: {length} bytes per block there from "
+                            f"{r_offset} of {r_stride}, {l_length} here from {l_offset}")
         remote_rows.append(_regions(r_base + r_offset, r_stride, theirs, length))
         local_rows.append(_regions(l_base + l_offset, l_stride, ours, length))
     remote_iov, local_iov = np.concatenate(remote_rows), np.concatenate(local_rows)
@@ -173,9 +184,11 @@ def read_blocks(
     return total
 
 
-def _head_run(ly: Any, stride: int, heads: tuple[int, int] | None) -> tuple[int, int]:
-    """(offset in a block, length) of the bytes of ``heads`` (all: the whole block)."""
-    if heads is None or heads[1] == ly.num_heads:
+def _head_run(ly: Any, heads: tuple[int, int] | None, is_local: bool) -> tuple[int, int]:
+    """(offset in a block, length) of the bytes of ``heads`` (None: all of them) in a block of
+    layer ``ly`` (our layout) here, or there: the peer's blocks hold another number of heads
+    of the same size, so all of ours is not all of theirs."""
+    if heads is None or (is_local and heads[1] == ly.num_heads):
         return 0, ly.bytes_per_block
     if ly.head_axis != 0 or ly.num_heads is None:
         raise ReadError(f"layer {ly.name}: heads are not the block's first axis")

@@ -125,3 +125,15 @@ def test_only_block_major_contiguous_cpu_caches_are_readable() -> None:
     strided = {name: t.transpose(1, 2).contiguous().transpose(1, 2) for name, t in cpu.items()}
     assert CacheRegions.of(strided, layout_of(strided)) is None
     assert CacheRegions.of(cpu, layout_of(cpu)) is not None
+
+
+def test_block_ids_beyond_either_cache_are_refused_before_any_read() -> None:
+    src = make_kv_caches("cpu", NUM_BLOCKS, seed=4)
+    dst = make_kv_caches("cpu", NUM_BLOCKS, fill="zeros")
+    layout = layout_of(src)
+    there, here = CacheRegions.of(src, layout), CacheRegions.of(dst, layout)
+    assert there.num_blocks == NUM_BLOCKS
+    for remote_ids, local_ids in (([NUM_BLOCKS], [0]), ([0], [NUM_BLOCKS]), ([-1], [0])):
+        with pytest.raises((ReadError, OverflowError)):
+            read_blocks(there, here, layout, remote_ids, local_ids)
+    assert not any(torch.any(t) for t in dst.values())

@@ -416,20 +416,27 @@ def test_a_decode_worker_pulls_its_heads_from_two_prefill_workers() -> None:
                 endpoint.close()
 
 
-def test_two_decode_workers_pull_one_head_each_and_the_hold_waits_for_both() -> None:
+@pytest.mark.parametrize("reads", [False, True], ids=["link", "direct-reads"])
+def test_two_decode_workers_pull_one_head_each_and_the_hold_waits_for_both(reads: bool) -> None:
     """Prefill TP 1, decode TP 2: the prefill worker's hold is released only when both decode
-    workers said DONE, and each got its own head (not the other's)."""
+    workers said DONE, and each got its own head (not the other's), over a link or read."""
+    from kvtransfer.reads import CacheRegions
+
     whole = make_kv_caches("cpu", NUM_BLOCKS, seed=41)
     remote, local = [3, 6], [1, 4]
     holds = CountingHoldTable()
     holds.add("t-out", "engine-req", remote, LEASE_S)
-    producer = ProducerEndpoint(HOST, 0, whole, head_layout(whole), holds, TIMEOUT_S)
+    producer = ProducerEndpoint(HOST, 0, whole, head_layout(whole), holds, TIMEOUT_S,
+                                direct_reads=reads)
     consumers: list[ConsumerEndpoint] = []
     try:
         for rank in range(2):
             caches = make_kv_caches("cpu", NUM_BLOCKS, num_heads=1, fill="zeros")
-            endpoint = ConsumerEndpoint(HOST, rank, caches, head_layout(caches), TIMEOUT_S, 2.0,
-                                        place=Place(rank, 2, 0, num_kv_heads=2))
+            layout = head_layout(caches)
+            endpoint = ConsumerEndpoint(HOST, rank, caches, layout, TIMEOUT_S, 2.0,
+                                        place=Place(rank, 2, 0, num_kv_heads=2),
+                                        regions=CacheRegions.of(caches, layout) if reads
+                                        else None)
             consumers.append(endpoint)
             endpoint.submit(LoadSpec("t-out", "req-out", [producer.address], 0, local,
                                      remote_tp_size=1))
@@ -443,6 +450,7 @@ def test_two_decode_workers_pull_one_head_each_and_the_hold_waits_for_both() -> 
         assert wait_for_release(holds, "engine-req") == {"engine-req"}
         assert producer.counts["num_bytes_sent"] == \
             len(remote) * head_layout(whole).bytes_per_block  # two halves, once each
+        assert producer.counts["num_read_pairs"] == (2 if reads else 0)
     finally:
         for endpoint in [*consumers, producer]:
             endpoint.close()
@@ -717,3 +725,36 @@ def test_a_long_transfer_is_read_in_ranges(monkeypatch: pytest.MonkeyPatch) -> N
     finally:
         consumer.close()
         endpoint.close()
+
+
+@pytest.mark.parametrize("change", [
+    {"nonce": b""},  # a read of 0 bytes succeeds whatever the pid: it would prove nothing
+    {"timeout_ms": 0},  # every read would be refused
+    {"num_blocks": 0},
+    {"layers": "float"},
+], ids=["empty-nonce", "no-time", "no-blocks", "float-address"])
+def test_a_malformed_offer_is_refused_and_the_pair_takes_a_link(change: dict) -> None:
+    whole = make_kv_caches("cpu", NUM_BLOCKS, seed=75)
+    holds = CountingHoldTable()
+    holds.add("t-offer", "engine-1", [8], LEASE_S)
+    producer = ProducerEndpoint(HOST, 0, whole, head_layout(whole), holds, TIMEOUT_S,
+                                direct_reads=True)
+    offer = producer._read_offer
+    assert offer is not None
+    if "nonce" in change:
+        offer["probe"] = [offer["probe"][0], change["nonce"]]
+    elif change.get("layers") == "float":
+        offer["layers"] = [[float(a), s] for a, s in offer["layers"]]
+    else:
+        offer.update(change)
+    caches = make_kv_caches("cpu", NUM_BLOCKS, fill="zeros")
+    consumer = reads_consumer(caches)
+    try:
+        consumer.submit(LoadSpec("t-offer", "req-1", [producer.address], 0, [1]))
+        assert wait_for_result(consumer, "req-1").failed == set()
+        assert_equal_blocks(whole, caches, [8], [1])
+        assert consumer.counts["num_read_fallbacks"] == 1
+        assert producer.counts["num_read_pairs"] == 0
+    finally:
+        consumer.close()
+        producer.close()
