@@ -37,6 +37,8 @@ LAYOUTS = {
     # And with direct reads (kv_transfer.direct_reads): the decode worker copies each prefill
     # worker's head straight out of that worker's cache; no link on either side.
     "tp2-tp1-reads": ((2, 1), (1, 1), [Fraction(1, 2)] * 2, [Fraction(1)]),
+    # Fan-out with direct reads: decode rank 1 reads the second half of each block's heads.
+    "tp1-tp2-reads": ((1, 1), (2, 1), [Fraction(1)], [Fraction(1, 2)] * 2),
 }
 LINKS = {"shm": "ShmLink", "reads": "reads"}  # by layout suffix; else TorchDistLink
 NUM_PROMPTS = 6
