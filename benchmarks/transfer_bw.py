@@ -121,11 +121,9 @@ def run_rank(rank: int, port: int, links: list[str], sizes: list[int], repeats: 
                         while ready.value != tag:  # until the receiver is about to recv
                             pass
                         lead(lead_s)
-                        if kind == READS:
-                            times.append(time.perf_counter())
-                            written.value = tag
-                        elif bare is not None:
-                            bare.copy_(data)
+                        if kind in NO_LINK:
+                            if bare is not None:
+                                bare.copy_(data)
                             times.append(time.perf_counter())
                             written.value = tag
                         elif kind == VIEWS:
@@ -137,14 +135,13 @@ def run_rank(rank: int, port: int, links: list[str], sizes: list[int], repeats: 
                             link.send(data, tag)
                     else:
                         ready.value = tag
-                        if kind == READS:
+                        if kind in NO_LINK:
                             while written.value != tag:
                                 pass
-                            read_bytes(source[0], source[1], received.data_ptr(), size)
-                        elif bare is not None:
-                            while written.value != tag:
-                                pass
-                            received.copy_(bare)
+                            if bare is not None:
+                                received.copy_(bare)
+                            else:
+                                read_bytes(source[0], source[1], received.data_ptr(), size)
                         elif kind == VIEWS:
                             with link.recv_view(size, tag) as view:
                                 received.copy_(view)  # as the consumer scatters from it
@@ -185,7 +182,7 @@ def measure(links: list[str], sizes: list[int], repeats: int, lead_s: float, thr
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(2, timeout=TIMEOUT_S)
     ready = ctx.Value("q", 0, lock=False)  # the tag the receiver is about to recv
-    written = ctx.Value("q", 0, lock=False)  # the tag the sender wrote (cross-core only)
+    written = ctx.Value("q", 0, lock=False)  # the tag the sender wrote (no-link kinds only)
     shared = ctx.RawArray("B", max(sizes) if BARE_COPY in links else 1)
     source = ctx.RawArray("Q", 2)  # the sender's pid and tensor address (reads only)
     results = ctx.Queue()

@@ -156,10 +156,8 @@ class ProducerEndpoint:
         """What a decode worker needs to read this worker's blocks, or None if it cannot."""
         from kvtransfer import reads
 
-        regions = reads.CacheRegions.of(kv_caches, self.layout)
-        if regions is None or not reads.is_supported():
-            logger.info("KV producer: direct reads are on, but this worker's cache cannot be "
-                        "read directly (not in CPU memory, or not block-major); using links")
+        regions = reads.own_regions(kv_caches, self.layout, "producer")
+        if regions is None:
             return None
         self._probe = reads.Probe()
         return {"pid": regions.pid, "probe": [self._probe.address, self._probe.nonce],

@@ -9,9 +9,10 @@ block's bytes (only its heads, with another TP size) straight into its own cache
 
 Who may read. The kernel allows it where the reader may ptrace the prefill worker: same user,
 and, under Yama's ``ptrace_scope`` 1, a prefill worker that said so (``allow_readers``, done
-when direct reads are on). A pair that cannot (another host, another PID namespace, scope 2
-or 3, a seccomp filter) finds out at pairing: the decode worker reads a random nonce the
-prefill worker published and compares it (``probe``); if that fails it pairs over a link.
+when a decode worker first offers to read it). A pair that cannot (another host, another PID
+namespace, scope 2 or 3, a seccomp filter) finds out at pairing: the decode worker reads a
+random nonce the prefill worker published and compares it (``probe``); if that fails it pairs
+over a link.
 
 Safety. A read is only correct while the prefill worker holds the blocks. The prefill worker
 marks the pull's send in flight until the decode worker's DONE or ``timeout_s`` after the
@@ -117,6 +118,17 @@ class CacheRegions:
 
     def to_wire(self) -> list[list[int]]:
         return [list(layer) for layer in self.layers]
+
+
+def own_regions(kv_caches: dict[str, torch.Tensor], layout: KVLayout,
+                role: str) -> CacheRegions | None:
+    """This worker's cache for direct reads (read from as a prefill ``role``, read into as a
+    decode one), or None, logged, when it cannot take part."""
+    regions = CacheRegions.of(kv_caches, layout) if is_supported() else None
+    if regions is None:
+        logger.info("KV %s: direct reads are on, but this worker's cache cannot take part (not "
+                    "in CPU memory, not block-major, or no process_vm_readv); using links", role)
+    return regions
 
 
 class Probe:

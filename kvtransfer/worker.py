@@ -32,6 +32,7 @@ from kvtransfer.metadata import HoldSpec, LoadSpec, PDConnectorMetadata, PDHands
 from kvtransfer.params import own_host
 from kvtransfer.producer import ProducerEndpoint
 from kvtransfer.protocol import Codec
+from kvtransfer.reads import own_regions
 from kvtransfer.settings import ConnectorSettings
 from kvtransfer.stats import TransferStats
 
@@ -40,21 +41,7 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
 
-    from kvtransfer.reads import CacheRegions
-
 logger = logging.getLogger(__name__)
-
-
-def readable_regions(kv_caches: dict[str, torch.Tensor], layout: KVLayout) -> CacheRegions | None:
-    """This decode worker's cache, to read prefill workers' blocks into (``direct_reads``), or
-    None when it cannot (logged)."""
-    from kvtransfer import reads
-
-    regions = reads.CacheRegions.of(kv_caches, layout) if reads.is_supported() else None
-    if regions is None:
-        logger.info("KV consumer: direct reads are on, but this worker's cache cannot take "
-                    "them (not in CPU memory, or not block-major); using links")
-    return regions
 
 
 def worker_place(num_kv_heads: int | None) -> Place:
@@ -116,7 +103,7 @@ class PDWorker:
                 host, index, kv_caches, layout, s.timeout_s, s.unknown_retry_s,
                 num_workers=self._num_workers, place=place, control_timeout_s=s.control_timeout_s,
                 idle_s=s.link_idle_s, codec=codec, link_factory=links,
-                regions=readable_regions(kv_caches, layout) if s.direct_reads else None)
+                regions=own_regions(kv_caches, layout, "consumer") if s.direct_reads else None)
 
     def handshake(self) -> PDHandshake | None:
         """This worker's bound control endpoint, for the scheduler side (prefill role only)."""

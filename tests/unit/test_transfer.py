@@ -493,6 +493,32 @@ def test_a_pull_of_heads_the_worker_lacks_fails_the_load_and_counts_as_done() ->
 # -- the same endpoints over shared memory (same host, CPU caches) -------------------------------
 
 
+def assert_equal_blocks(src: dict[str, torch.Tensor], dst: dict[str, torch.Tensor],
+                        src_ids: list[int], dst_ids: list[int]) -> None:
+    for name, tensor in src.items():
+        for s, t in zip(src_ids, dst_ids, strict=True):
+            assert torch.equal(dst[name][t], tensor[s]), (name, s, t)
+
+
+def whole_and_head_producers(seed: int, transfer: str, **options: object) -> tuple[
+        dict[str, torch.Tensor], HoldTable, HoldTable, ProducerEndpoint, ProducerEndpoint]:
+    """A prefill worker holding a whole 2-head cache (``transfer``: blocks 7, 2, 9 for engine
+    request 1; ``transfer``-head: block 4 for request 2) and a TP-2 rank holding its head 1
+    (``transfer``-head: block 4 for request 3), both serving with ``options``."""
+    whole = make_kv_caches("cpu", NUM_BLOCKS, seed=seed)
+    holds = CountingHoldTable()
+    holds.add(transfer, "engine-1", [7, 2, 9], LEASE_S)
+    holds.add(f"{transfer}-head", "engine-2", [4], LEASE_S)
+    one_head = heads_caches(whole, 1, 1)
+    head_holds = CountingHoldTable()
+    head_holds.add(f"{transfer}-head", "engine-3", [4], LEASE_S)
+    producer = ProducerEndpoint(HOST, 0, whole, head_layout(whole), holds, TIMEOUT_S,
+                                **options)
+    head_producer = ProducerEndpoint(HOST, 0, one_head, head_layout(one_head), head_holds,
+                                     TIMEOUT_S, **options)
+    return whole, holds, head_holds, producer, head_producer
+
+
 def test_pulls_over_shared_memory_copy_blocks_and_heads_and_leave_no_files() -> None:
     """With ``same_host_link`` both ends pick the shared-memory link: whole blocks, then one
     head into a 2-head decode cache (gathered into and scattered from shared memory), exact
@@ -500,26 +526,15 @@ def test_pulls_over_shared_memory_copy_blocks_and_heads_and_leave_no_files() -> 
     from kvtransfer.link_shm import ShmLink, same_host_link, shm_files
 
     files_before = shm_files()
-    whole = make_kv_caches("cpu", NUM_BLOCKS, seed=51)
-    holds = CountingHoldTable()
-    holds.add("t-shm", "engine-1", [7, 2, 9], LEASE_S)
-    holds.add("t-shm-head", "engine-2", [4], LEASE_S)
-    one_head = heads_caches(whole, 1, 1)  # a prefill rank of TP 2 holding head 1
-    head_holds = CountingHoldTable()
-    head_holds.add("t-shm-head", "engine-2", [4], LEASE_S)
-    producer = ProducerEndpoint(HOST, 0, whole, head_layout(whole), holds, TIMEOUT_S,
-                                link_factory=same_host_link)
-    head_producer = ProducerEndpoint(HOST, 0, one_head, head_layout(one_head), head_holds,
-                                     TIMEOUT_S, link_factory=same_host_link)
+    whole, _, _, producer, head_producer = whole_and_head_producers(
+        51, "t-shm", link_factory=same_host_link)
     caches = make_kv_caches("cpu", NUM_BLOCKS, fill="zeros")
     consumer = ConsumerEndpoint(HOST, 0, caches, head_layout(caches), TIMEOUT_S, 2.0,
                                 link_factory=same_host_link)
     try:
         consumer.submit(LoadSpec("t-shm", "req-1", [producer.address], 0, [0, 5, 8]))
         assert wait_for_result(consumer, "req-1").failed == set()
-        for name, tensor in whole.items():
-            for s, t in ((7, 0), (2, 5), (9, 8)):
-                assert torch.equal(caches[name][t], tensor[s])
+        assert_equal_blocks(whole, caches, [7, 2, 9], [0, 5, 8])
         channel = next(iter(consumer._channels.values()))
         assert isinstance(channel._link, ShmLink)
         # Decode TP 1 with 2 heads, prefill TP 2: this part is head 1, from prefill rank 1.
@@ -588,28 +603,12 @@ def reads_consumer(caches: dict[str, torch.Tensor], timeout_s: float = TIMEOUT_S
                             regions=CacheRegions.of(caches, layout), **kwargs)
 
 
-def assert_equal_blocks(src: dict[str, torch.Tensor], dst: dict[str, torch.Tensor],
-                        src_ids: list[int], dst_ids: list[int]) -> None:
-    for name, tensor in src.items():
-        for s, t in zip(src_ids, dst_ids, strict=True):
-            assert torch.equal(dst[name][t], tensor[s]), (name, s, t)
-
-
 def test_direct_reads_copy_blocks_and_heads_without_a_link() -> None:
     """The decode worker offers to read, the prefill worker takes the offer: whole blocks, then
     one head of a TP-2 prefill worker into head 1 of a 2-head decode cache, exact bytes, no
     link on either side, and each hold released once its DONE came."""
-    whole = make_kv_caches("cpu", NUM_BLOCKS, seed=71)
-    holds = CountingHoldTable()
-    holds.add("t-read", "engine-1", [7, 2, 9], LEASE_S)
-    holds.add("t-read-head", "engine-2", [4], LEASE_S)
-    one_head = heads_caches(whole, 1, 1)  # a prefill rank of TP 2 holding head 1
-    head_holds = CountingHoldTable()
-    head_holds.add("t-read-head", "engine-3", [4], LEASE_S)
-    producer = ProducerEndpoint(HOST, 0, whole, head_layout(whole), holds, TIMEOUT_S,
-                                direct_reads=True)
-    head_producer = ProducerEndpoint(HOST, 0, one_head, head_layout(one_head), head_holds,
-                                     TIMEOUT_S, direct_reads=True)
+    whole, holds, head_holds, producer, head_producer = whole_and_head_producers(
+        71, "t-read", direct_reads=True)
     caches = make_kv_caches("cpu", NUM_BLOCKS, fill="zeros")
     consumer = reads_consumer(caches)
     head_consumer = reads_consumer(caches, place=Place(0, 1, 0, num_kv_heads=2))
