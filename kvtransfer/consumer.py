@@ -119,7 +119,7 @@ class ConsumerEndpoint:
             control_timeout_s=control_timeout_s, unknown_retry_s=unknown_retry_s, idle_s=idle_s,
             codec=codec if codec is not None else Codec.from_env(), zmq_ctx=self._ctx,
             link_factory=link_factory, next_tag=lambda: (next(tags) - 1) % MAX_TAG + 1,
-            on_result=self._on_result, notify=self._notify_done, regions=regions,
+            on_result=self._on_result, notify_failed=self._notify_failed, regions=regions,
             count=self._count,
         )
         self._lock = threading.Lock()
@@ -300,8 +300,10 @@ class ConsumerEndpoint:
                 del self._channels[address]
             return True
 
-    def _notify_done(self, address: Address, transfer_id: str, pullers: int) -> None:
-        self._notify(address, MsgType.DONE, transfer_id, peer_id=self.peer_id, pullers=pullers)
+    def _notify_failed(self, address: Address, transfer_id: str, pullers: int) -> None:
+        """DONE for a load that failed: the prefill worker frees the blocks now."""
+        self._notify(address, MsgType.DONE, transfer_id, peer_id=self.peer_id, pullers=pullers,
+                     failed=True)
 
     def _notify(self, address: Address, kind: MsgType, transfer_id: str, **fields: Any) -> None:
         try:

@@ -83,7 +83,8 @@ class LoadContext:
     next_tag: Callable[[], int]
     # part, ok, bytes, seconds in all, seconds waiting for the peer's SENDING (0 if none)
     on_result: Callable[[Part, bool, int, float, float], None]
-    notify: Callable[[Address, str, int], None]  # address, transfer id, pullers
+    # DONE of a failed load: address, transfer id, pullers
+    notify_failed: Callable[[Address, str, int], None]
     regions: CacheRegions | None = None  # our cache, when this worker offers direct reads
     count: Callable[[str], None] = lambda name: None  # add one to the endpoint's counter
 
@@ -171,7 +172,7 @@ class PeerChannel:
                            *self.address, e)
             if drop:
                 self._drop()
-            self._ctx.notify(self.address, spec.transfer_id, part.pullers)
+            self._ctx.notify_failed(self.address, spec.transfer_id, part.pullers)
         self._ctx.on_result(part, ok, num_bytes, time.monotonic() - started_s, pull_wait_s)
 
     def _load(self, part: Part) -> tuple[int, float]:

@@ -267,7 +267,8 @@ class ProducerEndpoint:
             if not self.holds.claim(msg["transfer_id"], self._claim_lease_s):
                 logger.debug("CLAIM of transfer %s, which is not held", msg["transfer_id"])
         elif kind is MsgType.DONE:
-            self._end_read(msg["transfer_id"], msg.get("peer_id", ""), ok=True)
+            self._end_read(msg["transfer_id"], msg.get("peer_id", ""),
+                           ok=not msg.get("failed", False))
             self.holds.confirm(msg["transfer_id"], msg.get("peer_id", ""), msg.get("pullers"))
         else:
             self._refuse([identity], ErrorCode.PROTOCOL, "unexpected",

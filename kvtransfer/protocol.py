@@ -25,10 +25,11 @@ Exchange, decode side first (``->`` decode to prefill, ``<-`` the reply):
                the link, with tag; with ``block_ids`` (a pair that reads: uint32, little
                endian), read those blocks now, then say DONE
        (or ERROR unknown / expired / state / range / link, with the transfer_id)
-    -> DONE    transfer_id [, peer_id, pullers]   no reply. Without ``pullers``: the blocks may
-               be freed. With it: this peer is done, one of ``pullers`` decode workers that
-               pull this transfer here (another TP size: each pulls its heads); the blocks
-               are freed when that many have said DONE.
+    -> DONE    transfer_id [, peer_id, pullers, failed]   no reply. Without ``pullers``: the
+               blocks may be freed. With it: this peer is done, one of ``pullers`` decode
+               workers that pull this transfer here (another TP size: each pulls its heads);
+               the blocks are freed when that many have said DONE. ``failed``: this peer's
+               load failed (a direct read's bytes are not counted as sent).
 
 The same version travels in the transfer parameters a prefill engine returns (``protocol``,
 kvtransfer.scheduler), and the decode side refuses parameters of another version. Version 3: the
@@ -36,6 +37,7 @@ parameters list one ``[host, port]`` per prefill worker (``remote_addresses``), 
 had one ``remote_host`` and a list of ports. Version 4: a PULL names a range of heads, and a
 DONE may count pullers, so prefill and decode may use different TP sizes (kvtransfer.heads).
 Version 5: direct reads (HELLO's ``pid``, WELCOME's ``reads``, SENDING's ``block_ids``).
+Version 6: DONE's ``failed``.
 
 Replay of a captured signed message is not prevented (there is no nonce): the MAC only proves
 the message was made by a holder of the deployment's secret.
@@ -52,7 +54,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAX_MESSAGE_BYTES = 64 * 1024
 MAC_BYTES = 32
 MAX_ID_CHARS = 256
@@ -108,6 +110,10 @@ def _int(low: int, high: int = _MAX_INT) -> Callable[[Any], bool]:
     return lambda x: type(x) is int and low <= x <= high
 
 
+def _is_bool(x: Any) -> bool:
+    return type(x) is bool
+
+
 def _is_map(x: Any) -> bool:
     return type(x) is dict
 
@@ -123,7 +129,8 @@ def _is_code(x: Any) -> bool:
 _ID = _text(MAX_ID_CHARS)
 _MESSAGE = _text(4096)
 _FIELD_HINTS = {"layout": "a map", "reads": "a map", "pid": "an int in [1, 2**31 - 1]",
-                "block_ids": "bytes (uint32 ids)", "code": f"one of {[c.value for c in ErrorCode]}",
+                "block_ids": "bytes (uint32 ids)", "failed": "a bool",
+                "code": f"one of {[c.value for c in ErrorCode]}",
                 "tag": f"an int in [1, {MAX_TAG}]", "store_port": "an int in [1, 65535]",
                 "message": "a str of at most 4096 chars"}
 
@@ -141,7 +148,7 @@ FIELDS: dict[MsgType, dict[str, tuple[Callable[[Any], bool], bool]]] = {
     MsgType.SENDING: {"transfer_id": (_ID, True), "num_bytes": (_int(0), True),
                       "tag": (_int(1, MAX_TAG), True), "block_ids": (_block_ids, False)},
     MsgType.DONE: {"transfer_id": (_ID, True), "peer_id": (_ID, False),
-                   "pullers": (_int(1, MAX_HEADS), False)},
+                   "pullers": (_int(1, MAX_HEADS), False), "failed": (_is_bool, False)},
     MsgType.ERROR: {"message": (_MESSAGE, True), "code": (_is_code, True),
                     "transfer_id": (_ID, False)},
 }

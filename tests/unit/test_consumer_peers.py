@@ -154,6 +154,7 @@ def test_a_sending_for_another_pull_is_refused_and_never_scattered(
         for tensor in consumer.test_caches.values():
             assert not torch.any(tensor)
         wait_until(lambda: MsgType.DONE in peer.kinds(), 5, what="DONE after the failure")
+        assert [m.get("failed") for k, m in peer.received if k is MsgType.DONE] == [True]
         assert consumer.counts["num_failed_loads"] == 1
         # The link was dropped: the next load pairs again.
         consumer.submit(spec(peer.port, "t-2", "req-2", [5]))
@@ -179,6 +180,7 @@ def test_a_matching_sending_is_received_and_scattered(
         caches = consumer.test_caches
         assert all(torch.any(t[6]) and not torch.any(t[5]) for t in caches.values())
         wait_until(lambda: MsgType.DONE in peer.kinds(), 5, what="DONE")
+        assert [m.get("failed") for k, m in peer.received if k is MsgType.DONE] == [None]
         tags = [m["tag"] for k, m in peer.received if k is MsgType.PULL]
         assert len(tags) == 1 and 1 <= tags[0] < 2**31
     finally:

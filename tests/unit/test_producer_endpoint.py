@@ -462,6 +462,25 @@ def test_a_peer_that_reads_gets_block_ids_and_a_read_without_done_expires() -> N
         assert torch.equal(got, expected_bytes(producer.caches, [2]))
 
 
+def test_a_failed_read_releases_the_hold_and_counts_no_bytes() -> None:
+    """A peer whose read failed says so in its DONE: the blocks are freed, and the bytes it
+    never got are not counted as sent (a DONE without ``failed`` counts them, above)."""
+    with running_producer(timeout_s=5.0, direct_reads=True) as producer, \
+            peers(producer) as (reader,):
+        producer.holds.add("t", "req", [4, 1], LEASE_S)
+        kind, _ = reader.request(MsgType.HELLO, peer_id=reader.peer_id,
+                                 layout=reader.layout.to_wire(), pid=12345)
+        assert kind is MsgType.WELCOME
+        kind, _ = reader.request(MsgType.PULL, peer_id=reader.peer_id, transfer_id="t",
+                                 first_block=0, num_blocks=2, tag=4)
+        assert kind is MsgType.SENDING and producer.holds.num_sending == 1
+        reader.send(MsgType.DONE, transfer_id="t", peer_id=reader.peer_id, pullers=1,
+                    failed=True)
+        wait_until(lambda: producer.holds.take_released() == {"req"}, 5.0, what="release")
+        assert producer.holds.num_sending == 0
+        assert producer.endpoint.counts["num_bytes_sent"] == 0
+
+
 def test_a_producer_without_direct_reads_ignores_the_offer() -> None:
     with running_producer(timeout_s=1.0) as producer, peers(producer) as (peer,):
         kind, welcome = peer.request(MsgType.HELLO, peer_id=peer.peer_id,

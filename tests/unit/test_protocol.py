@@ -40,7 +40,7 @@ SAMPLES: dict[MsgType, dict[str, Any]] = {
                    "tag": 17, "first_head": 1, "num_heads": 2},
     MsgType.SENDING: {"transfer_id": "t-1", "num_bytes": 1 << 33, "tag": 17,
                       "block_ids": pack_block_ids([3, 70000, 2**32 - 1])},
-    MsgType.DONE: {"transfer_id": "t-1", "peer_id": "p", "pullers": 2},
+    MsgType.DONE: {"transfer_id": "t-1", "peer_id": "p", "pullers": 2, "failed": True},
     MsgType.ERROR: {"message": "blocks [0, 9) out of range", "code": "range",
                     "transfer_id": "t-1"},
 }
@@ -75,8 +75,8 @@ def test_samples_cover_every_type() -> None:
     assert set(SAMPLES) == set(MsgType) == set(REQUIRED)
 
 
-def test_current_version_is_five() -> None:
-    assert PROTOCOL_VERSION == 5
+def test_current_version_is_six() -> None:
+    assert PROTOCOL_VERSION == 6
 
 
 @pytest.mark.parametrize("codec", [PLAIN, SIGNED], ids=["plain", "signed"])
@@ -101,19 +101,19 @@ def test_error_codes_are_distinct_strings() -> None:
 @pytest.mark.parametrize("kind", list(MsgType), ids=lambda k: k.value)
 def test_wire_form_is_a_versioned_map(kind: MsgType) -> None:
     raw = msgpack.unpackb(PLAIN.encode(kind, **SAMPLES[kind]))
-    assert raw == {"v": 5, "type": WIRE_NAMES[kind], **SAMPLES[kind]}
+    assert raw == {"v": 6, "type": WIRE_NAMES[kind], **SAMPLES[kind]}
 
 
 @pytest.mark.parametrize("kind", list(MsgType), ids=lambda k: k.value)
 def test_signed_wire_form_matches_an_independent_hmac(kind: MsgType) -> None:
-    fields = {"v": 5, "type": WIRE_NAMES[kind], **SAMPLES[kind]}
+    fields = {"v": 6, "type": WIRE_NAMES[kind], **SAMPLES[kind]}
     assert msgpack.unpackb(SIGNED.encode(kind, **SAMPLES[kind])) == msgpack.unpackb(
         _signed(**fields))
     assert SIGNED.decode(_signed(**fields))[0] is kind
 
 
 # 2: before remote_addresses; 3: before head ranges and pullers; 4: before direct reads
-@pytest.mark.parametrize("version", [0, 2, 3, 4, 6, None, "5", 5.0, True])
+@pytest.mark.parametrize("version", [0, 2, 3, 4, 5, 7, None, "6", 6.0, True])
 def test_wrong_version_is_refused(version: Any) -> None:
     with pytest.raises(ProtocolError, match="version"):
         PLAIN.decode(_packed(v=version, type="done", transfer_id="t"))
@@ -189,6 +189,8 @@ BAD_VALUES = [
     (MsgType.DONE, "pullers", 0),
     (MsgType.DONE, "pullers", 2.0),
     (MsgType.DONE, "peer_id", 3),
+    (MsgType.DONE, "failed", 1),
+    (MsgType.DONE, "failed", "yes"),
     (MsgType.CLAIM, "transfer_id", {"id": "t"}),
     (MsgType.ERROR, "code", "hold"),
     (MsgType.ERROR, "code", 1),
