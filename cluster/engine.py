@@ -23,6 +23,7 @@ import sys
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from cluster.engine_watch import WATCH_ENV
 from cluster.metrics import engine_role
 from cluster.ports import KV_EVENTS_CONFIG, kv_event_endpoints
 from cluster.speeds import EngineSpeeds
@@ -248,6 +249,7 @@ class OpenAIEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         # The engine-core process inherits these when it is spawned.
+        os.environ[WATCH_ENV] = str(os.getpid())  # it ends with this process (engine_watch)
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.cpu_kvcache_space_gib)
         if cpu_cores is not None:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal, TypeVar
 
 if TYPE_CHECKING:
+    import psutil
     import torch
 
 T = TypeVar("T")
@@ -91,6 +92,16 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what} not reached within {timeout_s} s")
         time.sleep(interval_s)
+
+
+def alive(process: psutil.Process) -> bool:
+    """The process runs (not gone, not a zombie waiting to be reaped)."""
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def keys_at_home(home: int, count: int, capacity: int) -> list[int]:

@@ -24,6 +24,7 @@ import psutil
 import pytest
 
 from cluster.config import PDConfig, PoolConfig
+from tests.helpers import alive
 from tests.integration.support import (
     ALWAYS_TRANSFER,
     completion_body,
@@ -203,13 +204,6 @@ async def test_engine_core_killed_under_load(app, client, engine_config, vocab_s
                             interval_s=0.5)
     assert idle, "KV blocks still held or used after twice the lease"
     await replaced_and_serving(client, role, victim, killed_at, engine_config, capsys)
-
-
-def alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @pytest.mark.parametrize("role", ["prefill", "decode"])
