@@ -12,7 +12,7 @@ from typing import Any
 
 import psutil
 
-from tests.helpers import alive
+from tests.helpers import alive, wait_until
 
 STARTUP_S = 240  # the engine's start, on a busy 2-core machine
 ENDED_S = 30  # the watch's poll, vLLM's SIGTERM shutdown, the workers' death pipe
@@ -59,11 +59,9 @@ def test_engine_processes_end_when_their_replica_is_sigkilled(engine_config, cap
         killed_at = time.monotonic()
         os.kill(replica.pid, signal.SIGKILL)
         replica.join(10)
-        deadline = killed_at + ENDED_S
-        while any(alive(p) for p in engine) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        left = [(p.pid, p.name()) for p in engine if alive(p)]
-        assert not left, f"engine processes outlived their replica by {ENDED_S} s: {left}"
+        wait_until(lambda: not any(alive(p) for p in engine),
+                   killed_at + ENDED_S - time.monotonic(), 0.2,
+                   what=f"the end of engine processes {[p.pid for p in engine]}")
         with capsys.disabled():
             print(f"\nSIGKILL of a process holding an engine: its {len(engine)} engine "
                   f"processes had ended {time.monotonic() - killed_at:.1f} s later")
