@@ -24,7 +24,9 @@ SEED = 1234
 VOCAB_SIZE = 2048
 MAX_POSITIONS = 1024
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+# Tools are printed as a JSON line, as real models' templates put them in the prompt.
 CHAT_TEMPLATE = (
+    "{% if tools %}<s>tools: {{ tools | tojson }}\n{% endif %}"
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant: {% endif %}"
 )
@@ -104,8 +106,13 @@ def is_built(out_dir: Path) -> bool:
 
 
 def ensure_demo_model(out_dir: Path = DEMO_MODEL_DIR) -> Path:
-    """Build the demo model into ``out_dir`` unless it is already there; return the path."""
+    """Build the demo model into ``out_dir`` unless it is already there (then only bring its
+    chat template up to date); return the path."""
     if is_built(out_dir):
+        template = out_dir / "chat_template.jinja"
+        if template.exists() and template.read_text() != CHAT_TEMPLATE:
+            template.write_text(CHAT_TEMPLATE)
+            logger.info("updated the demo model's chat template in %s", out_dir)
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab_size = build_tokenizer(out_dir)

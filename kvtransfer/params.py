@@ -5,6 +5,10 @@ A prefill engine answers a held request with ``kv_transfer_params`` (kvtransfer.
 (``pp_rank * tp_size + tp_rank``): each worker binds on its own node, so the workers of one
 engine whose pipeline stages sit on different nodes report different hosts. The parameters
 travel as JSON through the router, so an address arrives as a two-item list.
+
+A decode request with several prompts (a completion's list of prompts) carries one such set per
+prompt, under ``batch`` (``batch_params``): vLLM hands every engine request of an API request
+the same parameters, and each prompt's request finds its own set by its tokens' digest.
 """
 
 from __future__ import annotations
@@ -13,6 +17,25 @@ import sys
 from typing import Any
 
 Address = tuple[str, int]
+BATCH_KEY = "batch"
+MAX_BATCH = 4096  # transfer parameter sets in one request
+
+
+def batch_params(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One decode request's parameters for several prompts, each prefilled on its own."""
+    return {"do_remote_prefill": True, BATCH_KEY: entries}
+
+
+def transfer_entries(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The transfers ``params`` names: each set of a batch, or ``params`` itself."""
+    entries = params.get(BATCH_KEY)
+    if entries is None:
+        return [params]
+    if type(entries) is not list or len(entries) > MAX_BATCH:
+        raise ValueError(f"{BATCH_KEY} must be a list of at most {MAX_BATCH} parameter sets")
+    if not all(type(e) is dict for e in entries):
+        raise ValueError(f"every item of {BATCH_KEY} must be a dict")
+    return entries
 
 
 def parse_addresses(value: Any) -> list[Address]:

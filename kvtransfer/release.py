@@ -8,8 +8,8 @@ blocks until the lease runs out.
 outside the decode engine; the engine's own workers claim through ``ConsumerEndpoint.claim``
 when its scheduler receives the request.
 
-Both send one signed message (DONE or CLAIM) to every worker ``remote_addresses`` lists, and
-return without waiting (neither has a reply).
+Both send one signed message (DONE or CLAIM) to every worker ``remote_addresses`` lists (for
+every prompt of a batch's parameters), and return without waiting (neither has a reply).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import zmq
 
-from kvtransfer.params import Address, parse_addresses
+from kvtransfer.params import Address, parse_addresses, transfer_entries
 from kvtransfer.protocol import MAX_MESSAGE_BYTES, Codec, MsgType, ProtocolError
 
 logger = logging.getLogger(__name__)
@@ -36,12 +36,19 @@ def release_targets(params: dict[str, Any]) -> tuple[list[Address], str]:
 
 
 def release_transfer(params: dict[str, Any], codec: Codec | None = None) -> bool:
-    """Send DONE for ``params["transfer_id"]`` to every worker of the prefill engine.
+    """Send DONE for ``params["transfer_id"]`` (each one of a batch) to every worker of the
+    prefill engine.
 
-    Returns False (and logs) when the parameters cannot be used. ``codec`` defaults to one with
-    the deployment's secret (``PDSERVE_KV_SECRET``).
+    Returns False (and logs) when the parameters, or one set of a batch, cannot be used.
+    ``codec`` defaults to one with the deployment's secret (``PDSERVE_KV_SECRET``).
     """
-    return _notify(MsgType.DONE, params, codec)
+    try:
+        entries = transfer_entries(params)
+    except ValueError as e:
+        logger.warning("cannot send DONE for KV transfers: %s", e)
+        return False
+    ok = [_notify(MsgType.DONE, entry, codec) for entry in entries]
+    return all(ok)
 
 
 def claim_transfer(params: dict[str, Any], codec: Codec | None = None) -> bool:

@@ -5,9 +5,12 @@ The first time it sees a request carrying a prefill engine's transfer parameters
 transfer (a ``ClaimSpec``: the workers send CLAIM so the prefill side keeps the blocks for
 ``claim_lease_s`` while the request queues). It reports every prompt token beyond the local
 prefix cache as loadable asynchronously and, once vLLM has allocated blocks, tells the workers
-which remote blocks go into which local blocks. Requests that share a transfer id (vLLM fans a
-request with n > 1 out into n requests with the same parameters) load it once: while one loads,
-the others get ``(None, False)`` ("ask again later"); once it has loaded, vLLM has put the loaded
+which remote blocks go into which local blocks. A request of several prompts carries one set of
+parameters per prompt (``kvtransfer.params.batch_params``); each prompt's engine request takes
+the set whose digest matches its tokens, and one without a set computes its prompt. Requests
+that share a transfer id (vLLM fans a request with n > 1 out into n requests with the same
+parameters; a batch's identical prompts share one set) load it once: while one loads, the
+others get ``(None, False)`` ("ask again later"); once it has loaded, vLLM has put the loaded
 blocks in its prefix cache (``Scheduler._update_waiting_for_remote_kv`` caches them before the
 waiting queue is scanned, since requests holding blocks are drained first), so the others find
 them there and compute only what is not cached. A transfer nobody will load (all cached, request
@@ -27,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvtransfer.heads import pair_problem
 from kvtransfer.metadata import ClaimSpec, LoadSpec, Outbox
-from kvtransfer.params import parse_addresses
+from kvtransfer.params import BATCH_KEY, parse_addresses, transfer_entries
 from kvtransfer.protocol import MAX_ID_CHARS, PROTOCOL_VERSION
 
 if TYPE_CHECKING:
@@ -77,6 +80,10 @@ class DecodeScheduler:
         if not isinstance(params, dict) or params.get("do_remote_prefill") is not True:
             return None
         rid = request.request_id
+        if BATCH_KEY in params:
+            params = self._batch_entry(request, params)
+            if params is None:
+                return None
         problem = _params_problem(params)
         if problem:
             self._out.counts["num_bad_specs"] += 1
@@ -93,6 +100,20 @@ class DecodeScheduler:
                 self._release(params)
             return None
         return params
+
+    def _batch_entry(self, request: Request, params: dict[str, Any]) -> dict[str, Any] | None:
+        """The set of a batch's parameters made for this request's prompt (by its tokens'
+        digest), or None: a prompt the router could not prefill elsewhere has none and is
+        computed here (the router counted it)."""
+        try:
+            entries = transfer_entries(params)
+        except ValueError as e:
+            self._out.counts["num_bad_specs"] += 1
+            self._out.warn("bad_params", "request %s: bad transfer parameters (%s); computing its "
+                           "prompt here", request.request_id, e)
+            return None
+        digest = prompt_hash(request.prompt_token_ids)
+        return next((e for e in entries if e.get("prompt_hash") == digest), None)
 
     def _layout_problem(self, tp_size: int, pp_size: int) -> str | None:
         """Why this engine cannot pull from a prefill engine of that TP x PP, if it cannot."""

@@ -6,9 +6,13 @@ replica has cached (the KV index) and how loaded it is. A prefill replica comput
 and keeps its KV blocks; the decode replica loads them and generates, and the router streams
 its output back. Both calls are pinned to the chosen replicas (the ``pin`` keyword, honoured by
 ``router.serve_router``); ``router.calls`` makes them, with deadlines and retries on other
-replicas. When the decode replica already caches most of the prompt, the prefill pool is
-saturated or unhealthy, or the request makes several engine requests (a list of prompts,
-n > 1, best_of > 1, beam search), the decode replica prefills locally and nothing moves; each
+replicas. A completion with several prompts has each distinct prompt prefilled on its own
+(in parallel, each on the prefill replica the policy picks for it), then all of them decoded
+on one decode replica, which loads every prompt's blocks; ``n > 1`` is prefilled once and its
+n sequences load it once. When the decode replica already caches most of the prompt, the
+prefill pool is saturated or unhealthy, the engine makes the request's engine requests itself
+(best_of > 1, beam search), or the prompt's own logprobs are asked for (which only the engine
+computing the whole prompt has), the decode replica prefills locally and nothing moves; each
 such request is counted by reason (``GET /routing``, Ray metrics). The client sees a slower
 answer, not an error, unless no decode replica can serve it (503).
 
@@ -34,6 +38,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from kvtransfer.params import batch_params
 from router.calls import CallLimits, ReplicaCalls
 from router.coordinator import CoordinatorSettings, get_coordinator
 from router.grpc_api.service import GrpcIngress
@@ -42,7 +47,8 @@ from router.openai_api import (
     check_api_key,
     check_chat_template,
     check_token_ids,
-    is_batch,
+    has_several_prompts,
+    local_prefill_reason,
     parse_body,
     read_body,
 )
@@ -50,6 +56,7 @@ from router.tokenizing import PromptTokenizer
 
 logger = logging.getLogger(__name__)
 REFRESH_S = 2.0
+MAX_PARALLEL_PREFILLS = 32  # prefill calls in flight for one request of several prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,27 +151,24 @@ class PDRouter(GrpcIngress):
             self._check_content(kind, body)
         except APIError as e:
             return e.response()
-        batch = is_batch(kind, body)
-        token_ids = None if batch else await asyncio.to_thread(
-            self._tokenizer.token_ids, kind, body)
+        reason = local_prefill_reason(kind, body)
+        if reason is not None:
+            return await self._prefill_on_decode(kind, body, arrival_s, reason)
+        if has_several_prompts(kind, body):
+            prompts = await asyncio.to_thread(self._tokenizer.prompts_ids, body)
+            if prompts is None:
+                return await self._prefill_on_decode(kind, body, arrival_s, "batch")
+            return await self._route_prompts(body, prompts, arrival_s)
+        token_ids = await asyncio.to_thread(self._tokenizer.token_ids, kind, body)
         if kind == "completion" and token_ids is not None:
             body["prompt"] = token_ids  # the engines do not tokenize again
         ctx = self.coordinator.context(uuid.uuid4().hex, token_ids)
-        if batch:
-            # Several engine requests: prefilled on the decode replica, never one transfer id
-            # for several requests. Splitting them into one prefill and one transfer per
-            # prompt would go here (a fan-out over self.calls.prefill, one ctx per prompt).
-            decode = self.coordinator.choose_decode(ctx)
-            self.coordinator.count_local_prefill("batch")
-            return await self.calls.decode(kind, body, None, ctx,
-                                           decode.replica_id if decode else None, [],
-                                           arrival_s=arrival_s)
         choice = self.coordinator.choose(ctx)
         kv_params = None
         used: list[str] = []
         if choice is None or not choice.is_local_prefill:
-            prefill_body = body if token_ids is None else \
-                {"model": body.get("model"), "prompt": token_ids}  # prefill needs only tokens
+            prefill_body = {k: v for k, v in body.items() if k != "n"} if token_ids is None \
+                else {"model": body.get("model"), "prompt": token_ids}  # only tokens needed
             kv_params = await self.calls.prefill(
                 "completion" if token_ids is not None else kind, prefill_body, ctx,
                 choice.prefill.replica_id if choice else None, used, arrival_s=arrival_s)
@@ -174,6 +178,62 @@ class PDRouter(GrpcIngress):
         return await self.calls.decode(kind, body, kv_params, ctx,
                                        choice.decode.replica_id if choice else None, used,
                                        arrival_s=arrival_s)
+
+    async def _prefill_on_decode(self, kind: str, body: dict[str, Any], arrival_s: float,
+                                 reason: str) -> Response:
+        """A request only its decode engine can prefill (``local_prefill_reason``)."""
+        ctx = self.coordinator.context(uuid.uuid4().hex, None)
+        decode = self.coordinator.choose_decode(ctx)
+        self.coordinator.count_local_prefill(reason)
+        return await self.calls.decode(kind, body, None, ctx,
+                                       decode.replica_id if decode else None, [],
+                                       arrival_s=arrival_s)
+
+    async def _route_prompts(self, body: dict[str, Any], prompts: list[list[int]],
+                             arrival_s: float) -> Response:
+        """A completion with several prompts: one decode replica for the request, one prefill
+        (and one transfer) per distinct prompt, made in parallel. A prompt whose prefill found
+        no replica, failed everywhere or was refused has no transfer and is computed by the
+        decode engine, which also answers a refused prompt's error for the whole request (and
+        so releases the other prompts' blocks)."""
+        ctx = self.coordinator.context(uuid.uuid4().hex, None)
+        ctx.num_prompt_tokens = sum(map(len, prompts))
+        decode = self.coordinator.choose_decode(ctx)
+        body["prompt"] = prompts  # the engines do not tokenize again
+        limit = asyncio.Semaphore(MAX_PARALLEL_PREFILLS)
+
+        async def prefill(ids: list[int]) -> dict[str, Any] | None:
+            async with limit:
+                return await self._prefill_prompt(body.get("model"), ids, arrival_s)
+
+        distinct = [list(ids) for ids in dict.fromkeys(map(tuple, prompts))]
+        sent_s = time.monotonic()
+        results = await asyncio.gather(*map(prefill, distinct))
+        self.calls.prefilled_apart(ctx, arrival_s, sent_s, time.monotonic())
+        entries = [params for params in results if params is not None]
+        return await self.calls.decode("completion", body,
+                                       batch_params(entries) if entries else None, ctx,
+                                       decode.replica_id if decode else None, [],
+                                       arrival_s=arrival_s)
+
+    async def _prefill_prompt(self, model: Any, ids: list[int],
+                              arrival_s: float) -> dict[str, Any] | None:
+        """One prompt of several on the prefill replica its policy picks: its transfer
+        parameters, or None (computed on decode; counted)."""
+        ctx = self.coordinator.context(uuid.uuid4().hex, ids)
+        choice = self.coordinator.choose_prefill(ctx)
+        if choice is None:
+            self.coordinator.count_local_prefill("no_prefill_replica")
+            return None
+        self.coordinator.metrics.decision("transfer")
+        used: list[str] = []
+        try:
+            params = await self.calls.prefill("completion", {"model": model, "prompt": ids},
+                                              ctx, choice.replica_id, used,
+                                              arrival_s=arrival_s)
+        finally:
+            self.coordinator.done(ctx, used)
+        return params if isinstance(params, dict) else None
 
     def _check_content(self, kind: str, body: dict[str, Any]) -> None:
         """What vLLM's request model lets through but this server refuses (400)."""

@@ -175,6 +175,14 @@ class ReplicaCalls:
             phases.prefill_compute_s = timing.get("compute_s")
         return result["kv_transfer_params"]
 
+    def prefilled_apart(self, ctx: RoutingContext, arrival_s: float, sent_s: float,
+                        done_s: float) -> None:
+        """``ctx``'s request had its prompts prefilled under contexts of their own (one per
+        prompt of several), from ``sent_s`` to ``done_s``: its TTFT phases show that span
+        as the prefill call."""
+        phases = self._track(ctx, arrival_s).phases
+        phases.prefill_sent_s, phases.prefill_done_s = sent_s, done_s
+
     # -- decode -------------------------------------------------------------------------------
 
     async def decode(self, kind: str, body: dict[str, Any], kv_params: dict[str, Any] | None,

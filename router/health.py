@@ -28,9 +28,12 @@ ROLES = ("prefill", "decode")
 # prefill_failed: every prefill replica tried failed or timed out;
 # no_prefill_replica: no healthy prefill replica was known;
 # busy: the prefill replicas tried answered 503 (backpressure, not a failure);
-# batch: several prompts, n > 1, best_of > 1 or beam search (one transfer id cannot serve
-# several engine requests).
-LOCAL_PREFILL_REASONS = ("policy", "prefill_failed", "no_prefill_replica", "busy", "batch")
+# batch: best_of > 1 or beam search, whose engine requests the engine makes itself (a
+# request of several prompts counts each prompt that falls back, under its own reason);
+# prompt_logprobs: the prompt's own logprobs were asked for (vLLM then computes the whole
+# prompt whatever is cached or transferred).
+LOCAL_PREFILL_REASONS = ("policy", "prefill_failed", "no_prefill_replica", "busy", "batch",
+                         "prompt_logprobs")
 
 
 class ReplicaHealth:

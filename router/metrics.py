@@ -25,8 +25,9 @@ EVENT_OUTCOMES = {"applied": "num_events", "bad": "num_bad_events", "gap": "num_
                   "resync": "num_resyncs"}
 
 # The path a request took: prefilled on a prefill replica and transferred; prefilled on its
-# decode replica (the pairing's choice, a batch request, no prefill replica known); prefilled
-# on its decode replica because the prefill failed or every prefill replica was busy.
+# decode replica (the pairing's choice, best_of or beam search, no prefill replica known);
+# prefilled on its decode replica because the prefill failed or every prefill replica was busy.
+# A request of several prompts is disaggregated when at least one prompt was transferred.
 PATHS = ("disaggregated", "prefilled_on_decode", "fallback")
 
 # vLLM's bucket families (vllm/v1/metrics/buckets.py) of the latency histograms.
@@ -64,7 +65,7 @@ ROUTER_FAMILIES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
                   ("outcome",)),
     "local_prefills": ("pdserve_router_local_prefills", "counter", "Requests prefilled on "
                        "their decode replica, by reason: policy, prefill_failed, "
-                       "no_prefill_replica, busy, batch.", ("reason",)),
+                       "no_prefill_replica, busy, batch, prompt_logprobs.", ("reason",)),
     "decode_retries": ("pdserve_router_decode_retries", "counter", "Decode calls retried on "
                        "another decode replica after a failure or timeout before their first "
                        "token.", ()),

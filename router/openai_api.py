@@ -119,6 +119,8 @@ def validate_body(body: dict[str, Any], kind: str, model_name: str) -> dict[str,
         raise APIError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
     for field in ("max_tokens", "max_completion_tokens"):
         value = body.get(field)
+        if value == 0 and field == "max_tokens" and kind == "completion" and body.get("echo"):
+            continue  # the prompt echoed back (with its logprobs), nothing generated
         if value is not None and value < 1:
             raise APIError(400, f"{field} must be at least 1, got {value}", param=field)
     return body
@@ -165,15 +167,30 @@ def check_token_ids(body: dict[str, Any], vocab_size: int) -> None:
                                f"(0 to {vocab_size - 1})", param="prompt")
 
 
-def is_batch(kind: str, body: dict[str, Any]) -> bool:
-    """Whether the request makes several engine requests: several prompts, n > 1,
-    best_of > 1, or beam search. One transfer id cannot serve them."""
+def has_several_prompts(kind: str, body: dict[str, Any]) -> bool:
+    """Whether a completion carries several prompts (texts or lists of token ids): each
+    becomes an engine request of its own, with a transfer of its own."""
     prompt = body.get("prompt")
-    if kind == "completion" and isinstance(prompt, list) and len(prompt) > 1 and \
-            all(isinstance(p, (str, list)) for p in prompt):
-        return True
-    return any(isinstance(body.get(f), int) and body[f] > 1 for f in ("n", "best_of")) or \
-        body.get("use_beam_search") is True
+    return kind == "completion" and isinstance(prompt, list) and len(prompt) > 1 and \
+        all(isinstance(p, (str, list)) for p in prompt)
+
+
+def local_prefill_reason(kind: str, body: dict[str, Any]) -> str | None:
+    """Why the request must be prefilled on its decode replica whatever the router knows, or
+    None. ``batch``: ``best_of > 1`` or beam search, whose engine requests the engine makes
+    itself (beam search's prompts grow with every step), so no prefill's transfer can serve
+    them (``n > 1`` is transferred: its n engine requests share one prompt and load it once).
+    ``prompt_logprobs``: the prompt's own logprobs (``prompt_logprobs``, or ``echo`` with
+    logprobs), which only an engine that computes the whole prompt has; vLLM loads no cached
+    or transferred blocks for such a request, so a transfer would be wasted."""
+    best_of = body.get("best_of")
+    if (isinstance(best_of, int) and best_of > 1) or body.get("use_beam_search") is True:
+        return "batch"
+    logprobs = body.get("logprobs" if kind == "completion" else "top_logprobs")
+    if body.get("prompt_logprobs") is not None or \
+            (body.get("echo") is True and (kind == "chat" or logprobs is not None)):
+        return "prompt_logprobs"
+    return None
 
 
 def request_body_schemas() -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:

@@ -4,8 +4,11 @@ The router routes on token ids (the KV index is keyed on token blocks) and passe
 a completion's prefill and decode engines do not tokenize again. A chat request is rendered
 with the model's chat template the way vLLM renders it (template to text, then tokens without
 special tokens); its prefill runs on those ids, and the decode engine's own rendering is
-checked against them by the connector (``prompt_hash``). ``vocab_size`` (the model config's,
-else the tokenizer's) bounds the token ids a client may send.
+checked against them by the connector (``prompt_hash``): the template gets what vLLM gives it
+(``template_kwargs``: tools, documents, reasoning effort), and a request the router cannot
+render the same way (non-text parts, truncation, a completion's ``suffix``) is routed without
+tokens and rendered by the engines alone. ``vocab_size`` (the model config's, else the
+tokenizer's) bounds the token ids a client may send.
 """
 
 from __future__ import annotations
@@ -34,7 +37,22 @@ class PromptTokenizer:
             logger.warning("cannot tokenize a %s request at the router: %s", kind, e)
             return None
 
+    def prompts_ids(self, body: dict[str, Any]) -> list[list[int]] | None:
+        """Each prompt's token ids for a completion with several prompts (texts or lists of
+        token ids), or None when one of them cannot be tokenized."""
+        if body.get("suffix") is not None:
+            return None
+        add_special = body.get("add_special_tokens", True)
+        try:
+            return [self._tok.encode(p, add_special_tokens=add_special) if isinstance(p, str)
+                    else list(p) for p in body["prompt"]]
+        except Exception as e:
+            logger.warning("cannot tokenize a completion's prompts at the router: %s", e)
+            return None
+
     def _completion_ids(self, body: dict[str, Any]) -> list[int] | None:
+        if body.get("suffix") is not None:
+            return None  # fill-in-the-middle: the engines render prompt and suffix together
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a list of one prompt is that prompt
@@ -47,15 +65,33 @@ class PromptTokenizer:
 
     def _chat_ids(self, body: dict[str, Any]) -> list[int] | None:
         messages = body.get("messages") or []
-        if not all(isinstance(m.get("content"), str) for m in messages):
-            return None
+        if not all(isinstance(m.get("content"), str) for m in messages) or \
+                body.get("truncate_prompt_tokens") is not None:
+            return None  # rendered by the engines alone (parts, truncation)
         template = {"chat_template": body["chat_template"]} if body.get("chat_template") else {}
-        text = self._tok.apply_chat_template(
-            messages, tokenize=False, **template,
-            add_generation_prompt=body.get("add_generation_prompt", True),
-            continue_final_message=body.get("continue_final_message", False),
-            **(body.get("chat_template_kwargs") or {}))
+        text = self._tok.apply_chat_template(messages, tokenize=False, **template,
+                                             **template_kwargs(body))
         return self._tok.encode(text, add_special_tokens=body.get("add_special_tokens", False))
+
+
+def template_kwargs(body: dict[str, Any]) -> dict[str, Any]:
+    """The chat template's keyword arguments for a chat body, as vLLM makes them
+    (``ChatCompletionRequest.build_chat_params``): the request's own fields over its
+    ``chat_template_kwargs``, unset ones left out, and ``tools`` dumped by vLLM's request model
+    (a template that prints them must see the same dicts the engines see)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionToolsParam
+
+    user = dict(body.get("chat_template_kwargs") or {})
+    own = {"add_generation_prompt": body.get("add_generation_prompt", True),
+           "continue_final_message": body.get("continue_final_message", False),
+           "documents": body.get("documents"), "reasoning_effort": body.get("reasoning_effort")}
+    if own["reasoning_effort"] is not None and "enable_thinking" not in user:
+        own["enable_thinking"] = own["reasoning_effort"] != "none"
+    kwargs = user | {k: v for k, v in own.items() if v not in (None, "auto")}
+    if body.get("tools") is not None:
+        kwargs["tools"] = [ChatCompletionToolsParam.model_validate(tool).model_dump()
+                           for tool in body["tools"]]
+    return kwargs
 
 
 def _vocab_size(model: str, tokenizer_size: int) -> int:

@@ -45,13 +45,17 @@ def app(engine_config):
 
 
 async def send_traffic(client: httpx.AsyncClient, stub, cfg, vocab_size: int) -> dict[str, int]:
-    """By HTTP, 4 plain and 3 streaming single-prompt requests (disaggregated) and one batch of 2
-    prompts (prefilled on decode); by gRPC, 2 unary and 1 streaming single-prompt requests
-    (disaggregated). Returns the completion tokens the clients received, by kind."""
+    """By HTTP, 4 plain and 3 streaming single-prompt requests and one of 2 prompts (all
+    disaggregated), and one asking for its prompt's logprobs (prefilled on decode); by gRPC, 2
+    unary and 1 streaming single-prompt requests (disaggregated). Returns the completion
+    tokens the clients received, by kind, and how many requests and engine requests of each
+    path there were."""
     rng = random.Random(7)
     prompts = [[rng.randrange(3, vocab_size) for _ in range(n)] for n in (5, 40, 130, 300)]
     # completion tokens by kind; "single": single-prompt requests, "streams": streamed ones
-    received = {"plain": 0, "stream": 0, "batch": 0, "grpc": 0, "single": 0, "streams": 0}
+    # "transferred": engine requests loaded by transfer
+    received = {"plain": 0, "stream": 0, "batch": 0, "grpc": 0, "local": 0, "single": 0,
+                "streams": 0, "transferred": 2}
     for prompt in prompts:
         r = await client.post("/v1/completions", json=completion_body(cfg, prompt))
         assert r.status_code == 200, r.text
@@ -71,6 +75,10 @@ async def send_traffic(client: httpx.AsyncClient, stub, cfg, vocab_size: int) ->
                           json=completion_body(cfg, [prompts[3], prompts[1][:9]]))
     assert r.status_code == 200, r.text
     received["batch"] += r.json()["usage"]["completion_tokens"]
+    r = await client.post("/v1/completions",
+                          json=completion_body(cfg, prompts[0][1:], prompt_logprobs=1))
+    assert r.status_code == 200, r.text
+    received["local"] += r.json()["usage"]["completion_tokens"]
     for prompt in prompts[1:3]:
         answer = await stub.Completion(completion_request(cfg.name, prompt[1:]))
         received["grpc"] += answer.usage.completion_tokens
@@ -81,6 +89,7 @@ async def send_traffic(client: httpx.AsyncClient, stub, cfg, vocab_size: int) ->
     received["grpc"] += chunks[-1].usage.completion_tokens
     received["streams"] += 1
     received["single"] += 1
+    received["transferred"] += received["single"]
     return received
 
 
@@ -93,12 +102,12 @@ async def replica_call(role: str, method: str) -> dict:
 def expected_values(received: dict[str, int], prefill: dict, decode: dict) -> dict:
     """(metric, role) -> its value on that role's replica, from the traffic and the replicas'
     own counters (``stats()``)."""
-    num_transferred = received["single"]
+    num_transferred = received["transferred"]
     return {
         ("ray_vllm_generation_tokens_total", "decode"): sum(
-            received[k] for k in ("plain", "stream", "batch", "grpc")),
+            received[k] for k in ("plain", "stream", "batch", "grpc", "local")),
         ("ray_vllm_generation_tokens_total", "prefill"): num_transferred,  # one token each
-        ("ray_vllm_time_to_first_token_seconds_count", "decode"): num_transferred + 2,
+        ("ray_vllm_time_to_first_token_seconds_count", "decode"): num_transferred + 1,
         ("ray_pdserve_kv_bytes_transferred_total", "decode"): decode["num_bytes_received"],
         ("ray_pdserve_kv_bytes_transferred_total", "prefill"): prefill["num_bytes_sent"],
         ("ray_pdserve_kv_num_transfers_total", "decode"): decode["num_loads"],
@@ -119,14 +128,14 @@ async def test_metrics_follow_the_traffic(app, engine_config, vocab_size, capsys
         received = await send_traffic(client, stub, engine_config, vocab_size)
         routing = (await client.get("/routing")).json()
     assert received["plain"] == 4 * MAX_TOKENS and received["batch"] == 2 * MAX_TOKENS
-    assert received["grpc"] == 3 * MAX_TOKENS
+    assert received["grpc"] == 3 * MAX_TOKENS and received["local"] == MAX_TOKENS
     replica = {role: next(iter(routing["replicas"][role])) for role in ("prefill", "decode")}
-    num_transferred = received["single"]
     decode_stats = await replica_call("decode", "stats")
-    assert decode_stats["num_loads"] == num_transferred and decode_stats["num_failed_loads"] == 0
+    assert decode_stats["num_loads"] == received["transferred"]
+    assert decode_stats["num_failed_loads"] == 0
     router_expected = {
         ("ray_pdserve_router_e2e_request_latency_seconds_count", "disaggregated"):
-            num_transferred,
+            received["single"] + 1,
         ("ray_pdserve_router_e2e_request_latency_seconds_count", "prefilled_on_decode"): 1,
         ("ray_pdserve_router_time_to_first_token_seconds_count", "disaggregated"):
             received["streams"],
@@ -172,7 +181,8 @@ async def test_metrics_follow_the_traffic(app, engine_config, vocab_size, capsys
                                       ("decode", "read_fallback"))}
     assert links["opened"] + links["direct_reads"] >= 1, links
     assert links["read_fallback"] >= links["opened"], links
-    assert total(samples, "ray_pdserve_router_local_prefills_total", reason="batch") == 1
+    assert total(samples, "ray_pdserve_router_local_prefills_total",
+                 reason="prompt_logprobs") == 1
     # Both engines publish int block hashes: indexed through the compiled key maps.
     assert total(samples, "ray_pdserve_router_replicas", mode="event_fed") == 2
     assert total(samples, "ray_pdserve_router_replicas", mode="dict_keyed") == 0

@@ -179,7 +179,16 @@ async def test_client_disconnect_frees_blocks(app, client, engine_config, vocab_
     assert 3 <= generated < max_tokens // 2, (generated, max_tokens)
 
 
-async def test_chat_prompt_is_transferred_not_recomputed(app, client, engine_config):
+@pytest.mark.parametrize("extra", [
+    {},
+    # The demo's template prints the tools, as real models' templates do; "none": no tool
+    # parser is configured.
+    {"tools": [{"type": "function", "function": {
+        "name": "add", "description": "Add two numbers.",
+        "parameters": {"type": "object", "properties": {"a": {"type": "number"}}}}}],
+     "tool_choice": "none"},
+], ids=["plain", "tools"])
+async def test_chat_prompt_is_transferred_not_recomputed(app, client, engine_config, extra):
     """The router renders the chat template once and the prefill runs on those ids; the decode
     engine's own rendering must give the same tokens (the connector checks their digest), so
     its prompt arrives by transfer."""
@@ -187,7 +196,8 @@ async def test_chat_prompt_is_transferred_not_recomputed(app, client, engine_con
     messages = [{"role": "system", "content": "You answer in Python."},
                 {"role": "user", "content": "Write a function that adds two numbers. " * 8}]
     r = await client.post("/v1/chat/completions", json={
-        "model": engine_config.name, "messages": messages, "max_tokens": 4, "temperature": 0})
+        "model": engine_config.name, "messages": messages, "max_tokens": 4, "temperature": 0,
+        **extra})
     assert r.status_code == 200, r.text
     num_prompt = r.json()["usage"]["prompt_tokens"]
     after = await wait_until(lambda: _loaded(before), timeout_s=10)
@@ -196,31 +206,45 @@ async def test_chat_prompt_is_transferred_not_recomputed(app, client, engine_con
     assert after["prompt_tokens_external"] - before["prompt_tokens_external"] >= num_prompt - 1
 
 
-async def _loaded(before: dict) -> dict | None:
+async def _loaded(before: dict, num_loads: int = 1) -> dict | None:
     stats = await replica_stats("decode")
-    return stats if stats["num_loads"] == before["num_loads"] + 1 else None
+    return stats if stats["num_loads"] == before["num_loads"] + num_loads else None
 
 
-async def test_several_prompts_and_n2(app, client, engine_config, reference_outputs):
-    """A list of prompts and ``n = 2`` give the plain engine's outputs, both engines stay
-    alive, and the next cold prompt is still transferred, not prefilled on decode."""
-    prompts = ["def hello():", "import os"]
-    r = await client.post("/v1/completions",
-                          json=completion_body(engine_config, prompts, max_tokens=4))
+async def test_several_prompts_and_n2_are_transferred(app, client, engine_config, vocab_size,
+                                                     reference_outputs):
+    """A list of prompts (one of them twice) and ``n = 2`` give the plain engine's outputs and
+    are disaggregated: each distinct prompt is prefilled on the prefill replica and loaded
+    once by decode, which computes no more than each request's last partial block."""
+    prompts = make_prompts(engine_config, vocab_size, seed=41)
+    first, second = prompts[10], prompts[12]  # 5 blocks + 17 tokens, 8 blocks + 1
+    block = engine_config.block_size
+    routing = (await client.get("/routing")).json()
+    before = await replica_stats("decode")
+    r = await client.post("/v1/completions", json=completion_body(
+        engine_config, [first, second, first], max_tokens=4))
     assert r.status_code == 200, r.text
     texts = [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
     assert texts == [await reference_outputs(completion_body(engine_config, p, max_tokens=4))
-                     for p in prompts]
+                     for p in (first, second, first)]
+    after = await wait_until(lambda: _loaded(before, 2), timeout_s=10)
+    assert after, (before, await replica_stats("decode"))
+    assert after["num_failed_loads"] == before["num_failed_loads"]
+    assert after["prompt_tokens_computed"] - before["prompt_tokens_computed"] <= 3 * block
+
     # vLLM refuses n > 1 with greedy sampling; top_k = 1 samples the greedy token.
-    body = completion_body(engine_config, "class Widget:", max_tokens=4, n=2, temperature=1.0,
-                           top_k=1)
-    r = await client.post("/v1/completions", json=body)
+    third = make_prompts(engine_config, vocab_size, seed=42)[12]
+    before = after
+    r = await client.post("/v1/completions", json=completion_body(
+        engine_config, third, max_tokens=4, n=2, temperature=1.0, top_k=1))
     assert r.status_code == 200, r.text
-    expected = await reference_outputs(completion_body(engine_config, "class Widget:",
-                                                       max_tokens=4))
+    expected = await reference_outputs(completion_body(engine_config, third, max_tokens=4))
     assert [c["text"] for c in r.json()["choices"]] == [expected, expected]
-    routing = (await client.get("/routing")).json()
-    assert routing["local_prefills"].get("batch", 0) >= 2, routing
+    after = await wait_until(lambda: _loaded(before, 1), timeout_s=10)
+    assert after, (before, await replica_stats("decode"))
+    assert after["prompt_tokens_computed"] - before["prompt_tokens_computed"] <= 2 * block
+    assert (await client.get("/routing")).json()["local_prefills"] == routing["local_prefills"]
+
     before = await replica_stats("decode")
     cold = completion_body(engine_config, "A cold prompt nobody has sent before. " * 6)
     r = await client.post("/v1/completions", json=cold)

@@ -10,6 +10,7 @@ import pytest
 from vllm.v1.request import RequestStatus
 
 from kvtransfer.metadata import ClaimSpec, HoldSpec, LoadSpec, PDHandshake
+from kvtransfer.params import batch_params
 from kvtransfer.protocol import PROTOCOL_VERSION
 from kvtransfer.scheduler import PDScheduler, prompt_hash
 from kvtransfer.settings import ConnectorSettings
@@ -604,3 +605,58 @@ def test_another_prompt_under_a_transfer_id_in_use_computes_locally_without_rele
     assert sched.get_num_new_matched_tokens(second, 0) == (0, False)
     assert sched.build_connector_meta().loads == []
     assert sched.get_num_new_matched_tokens(first, 0) == (64, True)
+
+
+# -- decode side: a request of several prompts --------------------------------------------------
+
+
+def batch_request(request_id: str, first_token: int, params: dict[str, Any]) -> SimpleNamespace:
+    request = make_request(request_id, params=params)
+    request.prompt_token_ids = list(range(first_token, first_token + 64))
+    return request
+
+
+def test_each_prompt_of_a_batch_loads_its_own_transfer() -> None:
+    """vLLM gives every prompt's engine request the same parameters: each finds its own set
+    by its tokens' digest; a prompt without a set (its prefill failed) computes here."""
+    entries = [remote_params(transfer_id=f"xfer-{first}", remote_block_ids=[first] * 4,
+                             prompt_hash=prompt_hash(list(range(first, first + 64))))
+               for first in (100, 300)]
+    params = batch_params(entries)
+    sched = make_scheduler()
+    a, b, c = (batch_request(f"dec-{first}", first, params) for first in (300, 100, 500))
+    for request in (a, b, c):
+        sched.on_new_request(request)
+    assert [claim.transfer_id for claim in sched.build_connector_meta().claims] == \
+        ["xfer-300", "xfer-100"]
+    assert sched.get_num_new_matched_tokens(c, 0) == (0, False)  # no set: computed here
+    for request in (a, b):
+        assert sched.get_num_new_matched_tokens(request, 0) == (64, True)
+        sched.update_state_after_alloc(request, make_blocks([1, 2, 3, 4], 0), 64)
+    loads = sched.build_connector_meta().loads
+    assert [(ld.transfer_id, ld.request_id) for ld in loads] == \
+        [("xfer-300", "dec-300"), ("xfer-100", "dec-100")]
+    assert sched.counts["num_bad_specs"] == 0
+
+
+def test_a_batch_ended_before_scheduling_releases_every_prompts_transfer() -> None:
+    entries = [remote_params(transfer_id=f"xfer-{first}",
+                             prompt_hash=prompt_hash(list(range(first, first + 64))))
+               for first in (100, 300)]
+    sched = make_scheduler()
+    for first in (100, 300):
+        request = batch_request(f"dec-{first}", first, batch_params(entries))
+        request.status = RequestStatus.FINISHED_ABORTED
+        assert sched.request_finished(request, []) == (False, None)
+    assert sched.build_connector_meta().loads == [release_spec("xfer-100"),
+                                                  release_spec("xfer-300")]
+
+
+@pytest.mark.parametrize("batch", ["xfer-1", [["not", "a", "dict"]], [remote_params()] * 4097])
+def test_a_malformed_batch_computes_locally_and_is_counted(batch: Any) -> None:
+    sched = make_scheduler()
+    request = make_request(params={"do_remote_prefill": True, "batch": batch})
+    assert sched.get_num_new_matched_tokens(request, 0) == (0, False)
+    meta = sched.build_connector_meta()
+    assert meta.claims == [] and meta.loads == []
+    assert sched.counts["num_bad_specs"] == 1

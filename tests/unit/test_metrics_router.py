@@ -139,11 +139,14 @@ async def test_a_failed_prefill_is_a_fallback(routed) -> None:
     assert recorder.kinds() == [("e2e", "fallback")]
 
 
-async def test_a_batch_is_prefilled_on_decode(routed) -> None:
+async def test_several_prompts_are_disaggregated_and_beam_search_is_not(routed) -> None:
     h, recorder = routed
     r = await h.client.post("/v1/completions", json=completion(["hello world", "the cat"]))
     assert r.status_code == 200
-    assert recorder.kinds() == [("e2e", "prefilled_on_decode")]
+    assert recorder.kinds() == [("e2e", "disaggregated")]
+    r = await h.client.post("/v1/completions", json=completion(use_beam_search=True, n=2))
+    assert r.status_code == 200
+    assert recorder.kinds()[1:] == [("e2e", "prefilled_on_decode")]
 
 
 async def test_a_stream_records_ttft_each_later_chunk_and_its_end(routed) -> None:
@@ -223,6 +226,16 @@ async def test_a_stream_records_its_ttft_phases(routed) -> None:
     assert 0 <= phases["route"] < ttft
     # The engine's times exceed the fake call's real duration: the hops come out negative.
     assert sum(phases.values()) <= ttft + 1e-6
+
+
+async def test_a_stream_of_several_prompts_records_their_prefills_as_one_call(routed) -> None:
+    h, recorder = routed
+    r = await h.client.post("/v1/completions",
+                            json=completion(["hello world", "the cat"], stream=True))
+    assert r.status_code == 200
+    [phases] = recorder.phases  # one request: its prompts' own prefills record no phases
+    assert list(phases) == ["route", "prefill_call", "decode"]
+    assert 0 <= sum(phases.values()) <= recorder.seen[0][2] + 1e-6
 
 
 async def test_a_non_streaming_request_records_no_phases(routed) -> None:

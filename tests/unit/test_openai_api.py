@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from router.openai_api import APIError, parse_body, status_of
+from router.openai_api import APIError, local_prefill_reason, parse_body, status_of
 
 MODEL = "demo-llama"
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -103,6 +103,33 @@ def test_non_positive_token_limits(kind: str, field: str, value: int) -> None:
     err = rejection(raw({**body, field: value}), kind)
     assert_error_body(err, 400, field, "BadRequestError")
     assert err.body["error"]["message"] == f"{field} must be at least 1, got {value}"
+
+
+def test_an_echo_without_generation_is_valid() -> None:
+    """``echo`` with ``max_tokens = 0`` (a prompt scored, nothing generated) is a request vLLM
+    serves; without ``echo`` it is not."""
+    body = parse_body(raw({"prompt": "hi", "max_tokens": 0, "echo": True, "logprobs": 1}),
+                      "completion", MODEL)
+    assert body["max_tokens"] == 0
+    err = rejection(raw({"prompt": "hi", "max_tokens": 0, "echo": False}))
+    assert_error_body(err, 400, "max_tokens", "BadRequestError")
+
+
+@pytest.mark.parametrize(("kind", "body", "reason"), [
+    ("completion", {"prompt": "hi"}, None),
+    ("completion", {"prompt": "hi", "n": 3}, None),
+    ("completion", {"prompt": "hi", "echo": True}, None),
+    ("completion", {"prompt": "hi", "logprobs": 2}, None),
+    ("completion", {"prompt": "hi", "echo": True, "logprobs": 0}, "prompt_logprobs"),
+    ("completion", {"prompt": "hi", "prompt_logprobs": 1}, "prompt_logprobs"),
+    ("completion", {"prompt": "hi", "use_beam_search": True}, "batch"),
+    ("chat", {"messages": MESSAGES, "best_of": 2}, "batch"),
+    ("chat", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 2}, None),
+    ("chat", {"messages": MESSAGES, "prompt_logprobs": 0}, "prompt_logprobs"),
+    ("chat", {"messages": MESSAGES, "echo": True}, "prompt_logprobs"),
+])
+def test_local_prefill_reason(kind: str, body: dict[str, Any], reason: str | None) -> None:
+    assert local_prefill_reason(kind, body) == reason
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import zmq
 
 from kvtransfer import producer as producer_module
 from kvtransfer.holds import HoldTable
+from kvtransfer.params import batch_params
 from kvtransfer.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Codec, ErrorCode, MsgType
 from kvtransfer.release import claim_transfer, release_transfer
 from tests.helpers import wait_until
@@ -360,6 +361,19 @@ def test_release_transfer_signs_and_reaches_every_worker() -> None:
                        what="release of every worker")
 
 
+def test_release_transfer_of_a_batch_releases_every_prompts_transfer() -> None:
+    with running_producer() as w0, running_producer(host=OTHER_HOST) as w1:
+        w0.holds.add("t0", "req-0", [1], LEASE_S)
+        w1.holds.add("t1", "req-1", [1], LEASE_S)
+        params = batch_params([
+            {"transfer_id": "t0", "remote_addresses": [list(w0.address)]},
+            {"transfer_id": "t1", "remote_addresses": [list(w1.address)]}])
+        assert release_transfer(params, CODEC) is True
+        for worker, request in ((w0, "req-0"), (w1, "req-1")):
+            wait_until(lambda w=worker, r=request: w.holds.take_released() == {r},
+                       what="release of each prompt's transfer")
+
+
 class ClaimRecordingHoldTable(HoldTable):
     def __init__(self, clock: FakeClock) -> None:
         super().__init__(clock=clock)
@@ -399,6 +413,9 @@ def test_claim_transfer_extends_every_workers_lease() -> None:
     {"transfer_id": "t", "remote_addresses": [HOST, 5000]},
     {"transfer_id": 3, "remote_addresses": [[HOST, 5000]]},
     {"transfer_id": "t"},
+    {"do_remote_prefill": True, "batch": "t"},
+    {"do_remote_prefill": True, "batch": [[HOST, 5000]]},
+    {"do_remote_prefill": True, "batch": [{"transfer_id": "t"}]},
 ])
 def test_release_transfer_refuses_bad_parameters(params: dict) -> None:
     assert release_transfer(params, CODEC) is False

@@ -448,29 +448,82 @@ async def test_failed_decode_replica_is_left_out_then_taken_back(make) -> None:
 
 # -- several engine requests ------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra", [
-    {"prompt": ["hello world", "the cat"]},
-    {"prompt": [[3, 4], [5, 6, 7]]},
-    {"n": 2},
-    {"best_of": 2},
-    {"use_beam_search": True, "n": 2},
-])
-async def test_batch_requests_prefill_on_decode(h, extra) -> None:
+@pytest.mark.parametrize("extra", [{"best_of": 2}, {"use_beam_search": True, "n": 2}])
+async def test_engine_made_requests_prefill_on_decode(h, extra) -> None:
     body = {**completion(), **extra}
     r = await h.client.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
-    assert h.prefill.pins == []  # never one transfer id for several engine requests
+    assert h.prefill.pins == []  # the engine makes these engine requests itself
     (call,) = h.decode.calls
     assert call["pin"] == "d0" and call["args"][2] is None
     assert call["args"][1]["prompt"] == body["prompt"]
     assert (await h.routing())["local_prefills"] == {"batch": 1}
 
 
-async def test_chat_with_n2_prefills_on_decode(h) -> None:
-    r = await h.client.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "hello"}], "n": 2})
-    assert r.status_code == 200 and h.prefill.pins == [] and h.decode.pins == ["d0"]
-    assert (await h.routing())["local_prefills"] == {"batch": 1}
+async def test_prompt_logprobs_prefill_on_decode(h) -> None:
+    """vLLM computes the whole prompt of a request that asks for the prompt's logprobs: a
+    transfer would be wasted."""
+    r = await h.client.post("/v1/completions", json=completion(echo=True, logprobs=1,
+                                                               max_tokens=0))
+    assert r.status_code == 200, r.text
+    assert h.prefill.pins == [] and h.decode.calls[0]["args"][2] is None
+    assert (await h.routing())["local_prefills"] == {"prompt_logprobs": 1}
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+async def test_n2_is_prefilled_once_and_transferred(h, kind) -> None:
+    if kind == "completion":
+        r = await h.client.post("/v1/completions", json=completion(n=2))
+    else:
+        r = await h.client.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "hello"}], "n": 2})
+    assert r.status_code == 200, r.text
+    (prefill,), (decode,) = h.prefill.calls, h.decode.calls
+    assert "n" not in prefill["args"][1]  # one prompt, one sequence, one transfer
+    assert decode["args"][1]["n"] == 2
+    assert decode["args"][2] == {"transfer_id": prefill["args"][2], "from": "p0"}
+    assert (await h.routing())["local_prefills"] == {}
+
+
+@pytest.mark.parametrize("prompts, tokens", [
+    (["hello world", "the cat", "hello world"], [[3, 4], [5, 6], [3, 4]]),
+    ([[3, 4], [5, 6, 7]], [[3, 4], [5, 6, 7]]),
+])
+async def test_several_prompts_are_prefilled_apart_and_decoded_together(
+        h, prompts, tokens) -> None:
+    r = await h.client.post("/v1/completions", json=completion(prompts, stream=True))
+    assert r.status_code == 200, r.text
+    distinct = [t for i, t in enumerate(tokens) if t not in tokens[:i]]
+    assert sorted(c["args"][1]["prompt"] for c in h.prefill.calls) == sorted(distinct)
+    (decode,) = h.decode.calls
+    assert decode["args"][1]["prompt"] == tokens  # tokenized once, at the router
+    kv = decode["args"][2]
+    assert kv["do_remote_prefill"] is True
+    assert sorted(e["transfer_id"] for e in kv["batch"]) == \
+        sorted(c["args"][2] for c in h.prefill.calls)
+    assert (await h.routing())["local_prefills"] == {}
+    coordinator = h.pd.coordinator
+    assert coordinator.routed.load("p0", coordinator.replicas("prefill")["p0"]) == \
+        coordinator.replicas("prefill")["p0"]  # nothing left counted as in flight
+
+
+async def test_a_prompt_whose_prefill_fails_everywhere_is_computed_on_decode(h) -> None:
+    h.prefill.behaviour.update(p0="raise", p1="raise")
+    r = await h.client.post("/v1/completions", json=completion(["hello world", "the cat"]))
+    assert r.status_code == 200, r.text
+    assert h.decode.calls[0]["args"][2] is None  # no transfer left: all computed there
+    assert (await h.routing())["local_prefills"] == {"prefill_failed": 2}
+
+
+async def test_refused_prompts_are_answered_by_the_decode_engine(h) -> None:
+    """Prompts a prefill engine refuses (400) have no transfer, and the decode engine answers
+    the request: its own 400 for such a prompt would release the other prompts' blocks."""
+    h.prefill.behaviour["p0"] = "client_error"
+    r = await h.client.post("/v1/completions", json=completion(["hello world", "the cat"]))
+    assert r.status_code == 200, r.text
+    assert [c["replica"] for c in h.prefill.calls] == ["p0", "p0"]
+    assert h.decode.calls[0]["args"][2] is None
+    assert r.json()["choices"][0]["text"] == "by d0"
 
 
 async def test_a_list_of_one_prompt_is_one_prompt(h) -> None:
