@@ -168,7 +168,7 @@ def ingress_rows(decisions: Decisions, rng: random.Random, n: int
         return parse_body(raw, "completion", "m")
 
     def tokenize(raw: bytes) -> list[int] | None:
-        return tokenizer.token_ids("completion", parse(raw))
+        return tokenizer.token_ids(parse(raw))
 
     def whole(raw: bytes) -> None:
         decisions.decide(array("I", tokenize(raw) or []))

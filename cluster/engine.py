@@ -191,6 +191,14 @@ def engine_flags(cfg: EngineConfig, kv_transfer: dict[str, Any] | None,
     return flags + list(cfg.extra_args)
 
 
+def renderer_flags(cfg: EngineConfig) -> list[str]:
+    """The flags of an engine that only renders prompts (the router's): ``cfg``'s, which hold
+    its tokenizer, chat template and tool and reasoning parsers, on one process."""
+    return engine_flags(cfg, None) + ["--tensor-parallel-size", "1",
+                                      "--pipeline-parallel-size", "1",
+                                      "--distributed-executor-backend", "uni"]
+
+
 def kv_transfer_config(role: str, extra: dict[str, Any]) -> dict[str, Any]:
     """vLLM's kv_transfer_config that loads our connector in ``role``."""
     return {**CONNECTOR, "kv_role": role, "kv_load_failure_policy": "recompute",

@@ -34,7 +34,7 @@ import secrets
 from typing import Any
 
 from cluster.config import PDConfig, PoolConfig
-from cluster.engine import OpenAIEngine, kv_transfer_config
+from cluster.engine import OpenAIEngine, kv_transfer_config, renderer_flags
 from cluster.local import parse_cores
 from cluster.pools import deployment_options
 from decode.server import DecodeServer
@@ -177,7 +177,8 @@ def build_app_from_config(cfg: PDConfig) -> Any:
         prefill.bind(config), decode.bind(config), cfg.model_name, engine.model,
         engine.max_model_len, cfg.router.prefill_timeout_s, cfg.router.prefill_retries,
         {**cfg.router.coordinator_settings(engine.block_size),
-         "enable_metrics": cfg.enable_metrics}, cfg.router.ingress_settings())
+         "enable_metrics": cfg.enable_metrics}, cfg.router.ingress_settings(),
+        renderer_flags(cfg.decode.engine))
 
 
 def build_app(args: dict[str, Any] | None = None) -> Any:

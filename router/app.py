@@ -74,13 +74,16 @@ class IngressSettings:
 class PDRouter(GrpcIngress):
     def __init__(self, prefill: Any, decode: Any, model_name: str, model_path: str,
                  max_model_len: int, prefill_timeout_s: float, prefill_retries: int,
-                 coordinator: dict[str, Any], ingress: dict[str, Any] | None = None) -> None:
+                 coordinator: dict[str, Any], ingress: dict[str, Any] | None = None,
+                 engine_flags: list[str] | None = None) -> None:
+        """``engine_flags``: the decode engines' vLLM flags, which the router's chat renderer
+        follows (``cluster.engine.renderer_flags``; by default the model's defaults)."""
         self.settings = IngressSettings(**(ingress or {}))
         self._prefill = prefill
         self._decode = decode
         self.model_name = model_name
         self._max_model_len = max_model_len
-        self._tokenizer = PromptTokenizer(model_path)
+        self._tokenizer = PromptTokenizer(model_path, engine_flags)
         self.coordinator = get_coordinator(CoordinatorSettings(**coordinator))
         s = self.settings
         self.calls = ReplicaCalls(prefill, decode, self.coordinator, CallLimits(
@@ -159,9 +162,12 @@ class PDRouter(GrpcIngress):
             if prompts is None:
                 return await self._prefill_on_decode(kind, body, arrival_s, "batch")
             return await self._route_prompts(body, prompts, arrival_s)
-        token_ids = await asyncio.to_thread(self._tokenizer.token_ids, kind, body)
-        if kind == "completion" and token_ids is not None:
-            body["prompt"] = token_ids  # the engines do not tokenize again
+        if kind == "completion":
+            token_ids = await asyncio.to_thread(self._tokenizer.token_ids, body)
+            if token_ids is not None:
+                body["prompt"] = token_ids  # the engines do not tokenize again
+        else:
+            token_ids = await self._tokenizer.chat_ids(body)
         ctx = self.coordinator.context(uuid.uuid4().hex, token_ids)
         choice = self.coordinator.choose(ctx)
         kv_params = None
@@ -175,6 +181,9 @@ class PDRouter(GrpcIngress):
             if isinstance(kv_params, Response):
                 self.coordinator.done(ctx, used)
                 return kv_params
+            if kind == "chat" and kv_params is not None and token_ids is not None:
+                # The decode engine takes the rendered prompt too (vLLM's token reuse).
+                kv_params = {**kv_params, "prompt_token_ids": token_ids}
         return await self.calls.decode(kind, body, kv_params, ctx,
                                        choice.decode.replica_id if choice else None, used,
                                        arrival_s=arrival_s)

@@ -1,41 +1,69 @@
-"""Tokenizing once, at the router, with the model's own tokenizer and chat template.
+"""Tokenizing once, at the router, the way the engines would.
 
 The router routes on token ids (the KV index is keyed on token blocks) and passes them on, so
-a completion's prefill and decode engines do not tokenize again. A chat request is rendered
-with the model's chat template the way vLLM renders it (template to text, then tokens without
-special tokens); its prefill runs on those ids, and the decode engine's own rendering is
-checked against them by the connector (``prompt_hash``): the template gets what vLLM gives it
-(``template_kwargs``: tools, documents, reasoning effort), and a request the router cannot
-render the same way (non-text parts, truncation, a completion's ``suffix``) is routed without
-tokens and rendered by the engines alone. ``vocab_size`` (the model config's, else the
-tokenizer's) bounds the token ids a client may send.
+the engines do not tokenize again. A completion's text is tokenized with the model's tokenizer
+and both engines run those ids. A chat request is rendered by vLLM's own chat renderer
+(``chat_renderer``: the ``OnlineRenderer`` of vLLM's CPU-only render server, built from the
+decode engine's flags, so it has the same tokenizer, chat template, content format, tool and
+reasoning parsers): tools, tool calls in the history, text parts, documents and reasoning
+effort come out exactly as the engines would render them. Its prefill runs on those ids, and
+the decode engine takes them too (vLLM's decode-side token reuse, ``prompt_token_ids`` in
+``kv_transfer_params``); the connector still checks both sides' digests. A request the router
+does not render (images or other non-text parts, a completion's ``suffix``, one vLLM refuses)
+is routed without tokens and rendered by the engines alone. ``vocab_size`` (the model
+config's, else the tokenizer's) bounds the token ids a client may send.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+from collections.abc import Sequence
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 
 class PromptTokenizer:
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, engine_flags: Sequence[str] | None = None) -> None:
+        """``engine_flags``: the vLLM flags of the engines whose rendering to reproduce
+        (``cluster.engine.renderer_flags``); by default the model's own defaults."""
         from transformers import AutoTokenizer
 
         self._tok = AutoTokenizer.from_pretrained(model)
         self.vocab_size = _vocab_size(model, len(self._tok))
+        self._renderer = chat_renderer(tuple(engine_flags or ("--model", model)))
 
-    def token_ids(self, kind: str, body: dict[str, Any]) -> list[int] | None:
-        """The prompt's token ids, or None when the request has no single prompt to route on
-        (several prompts, non-text message parts) or cannot be rendered."""
+    def token_ids(self, body: dict[str, Any]) -> list[int] | None:
+        """A completion's prompt as token ids, or None when it has no single prompt to route
+        on (several prompts, a suffix) or cannot be tokenized."""
         try:
-            if kind == "completion":
-                return self._completion_ids(body)
-            return self._chat_ids(body)
+            return self._completion_ids(body)
         except Exception as e:  # a prompt we cannot tokenize is routed without its tokens
-            logger.warning("cannot tokenize a %s request at the router: %s", kind, e)
+            logger.warning("cannot tokenize a completion at the router: %s", e)
             return None
+
+    async def chat_ids(self, body: dict[str, Any]) -> list[int] | None:
+        """A chat request's prompt as the engines would render it, or None (see the module's
+        docstring)."""
+        from vllm.renderers.chat_utils import has_non_text_content
+
+        from router.openai_api import request_model
+
+        try:
+            request = request_model("chat").model_validate(body)
+            if has_non_text_content(request.messages):
+                return None  # media: fetched and processed by the engines alone
+            result = await self._renderer.render_chat(request)
+        except Exception as e:  # the engines will answer it (with their own error if any)
+            logger.debug("chat request not rendered at the router: %s: %s", type(e).__name__, e)
+            return None
+        if not isinstance(result, tuple):  # vLLM's ErrorResponse: the engines answer it
+            return None
+        _, inputs = result
+        ids = inputs[0].get("prompt_token_ids") if len(inputs) == 1 else None
+        return list(ids) if ids else None
 
     def prompts_ids(self, body: dict[str, Any]) -> list[list[int]] | None:
         """Each prompt's token ids for a completion with several prompts (texts or lists of
@@ -63,35 +91,41 @@ class PromptTokenizer:
             return list(prompt)
         return None
 
-    def _chat_ids(self, body: dict[str, Any]) -> list[int] | None:
-        messages = body.get("messages") or []
-        if not all(isinstance(m.get("content"), str) for m in messages) or \
-                body.get("truncate_prompt_tokens") is not None:
-            return None  # rendered by the engines alone (parts, truncation)
-        template = {"chat_template": body["chat_template"]} if body.get("chat_template") else {}
-        text = self._tok.apply_chat_template(messages, tokenize=False, **template,
-                                             **template_kwargs(body))
-        return self._tok.encode(text, add_special_tokens=body.get("add_special_tokens", False))
 
+@functools.lru_cache(maxsize=4)
+def chat_renderer(flags: tuple[str, ...]) -> Any:
+    """vLLM's chat renderer for an engine started with ``flags``, without the engine: built
+    as vLLM's CPU-only render server builds it (``init_render_app_state``)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import resolve_default_chat_template_kwargs
+    from vllm.renderers import renderer_from_config
+    from vllm.renderers.chat_utils import load_chat_template
+    from vllm.renderers.online_renderer import OnlineRenderer
+    from vllm.usage.usage_lib import UsageContext
 
-def template_kwargs(body: dict[str, Any]) -> dict[str, Any]:
-    """The chat template's keyword arguments for a chat body, as vLLM makes them
-    (``ChatCompletionRequest.build_chat_params``): the request's own fields over its
-    ``chat_template_kwargs``, unset ones left out, and ``tools`` dumped by vLLM's request model
-    (a template that prints them must see the same dicts the engines see)."""
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionToolsParam
+    from cluster.engine import parse_flags
 
-    user = dict(body.get("chat_template_kwargs") or {})
-    own = {"add_generation_prompt": body.get("add_generation_prompt", True),
-           "continue_final_message": body.get("continue_final_message", False),
-           "documents": body.get("documents"), "reasoning_effort": body.get("reasoning_effort")}
-    if own["reasoning_effort"] is not None and "enable_thinking" not in user:
-        own["enable_thinking"] = own["reasoning_effort"] != "none"
-    kwargs = user | {k: v for k, v in own.items() if v not in (None, "auto")}
-    if body.get("tools") is not None:
-        kwargs["tools"] = [ChatCompletionToolsParam.model_validate(tool).model_dump()
-                           for tool in body["tools"]]
-    return kwargs
+    args = parse_flags(list(flags))
+    environ = dict(os.environ)
+    try:
+        config = AsyncEngineArgs.from_cli_args(args).create_engine_config(
+            UsageContext.ENGINE_CONTEXT)
+    finally:  # the platform sets what engine processes need (LD_PRELOAD...): not for us
+        os.environ.clear()
+        os.environ.update(environ)
+    renderer = OnlineRenderer(
+        model_config=config.model_config, renderer=renderer_from_config(config),
+        request_logger=None, chat_template=load_chat_template(args.chat_template),
+        chat_template_content_format=args.chat_template_content_format,
+        trust_request_chat_template=args.trust_request_chat_template,
+        enable_auto_tools=args.enable_auto_tool_choice,
+        exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
+        tool_parser=args.tool_call_parser, tool_strict_level=args.tool_strict_level,
+        reasoning_parser=args.reasoning_parser or
+        config.structured_outputs_config.reasoning_parser,
+        default_chat_template_kwargs=resolve_default_chat_template_kwargs(args))
+    renderer.warmup()
+    return renderer
 
 
 def _vocab_size(model: str, tokenizer_size: int) -> int:
