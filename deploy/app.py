@@ -22,8 +22,9 @@ within that much more.
 
 Secret: every build makes one KV transport secret (``secrets.token_hex(32)``, unless
 ``PDSERVE_KV_SECRET`` is set where the app is built) and gives it to the prefill and decode
-replicas only as an environment variable of their runtime_env; their engine-core processes
-inherit it, and ``kvtransfer.env.kv_secret()`` reads it. It is in no config and never logged.
+replicas and the router (which claims and releases the transfers of a request with several
+prompts) only as an environment variable of their runtime_env; engine-core processes inherit
+it, and ``kvtransfer.env.kv_secret()`` reads it. It is in no config and never logged.
 """
 
 from __future__ import annotations
@@ -170,8 +171,11 @@ def build_app_from_config(cfg: PDConfig) -> Any:
                                env_vars)
     decode = _pool_deployment(DecodeReplica, "decode", cfg.decode, cfg.router.decode_policy,
                               env_vars)
+    # The router claims and releases the transfers of requests with several prompts.
     router = serve.deployment(_ingress_class(), name="router", num_replicas=1,
-                              ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+                              ray_actor_options={"num_cpus": 0,
+                                                 "runtime_env": {"env_vars": env_vars}},
+                              max_ongoing_requests=1000)
     engine = cfg.prefill.engine
     return router.bind(
         prefill.bind(config), decode.bind(config), cfg.model_name, engine.model,

@@ -8,7 +8,8 @@ needs; the blocks stay allocated until the decode side confirms or the lease exp
 What it refuses, never running the prompt:
 
 - anything but exactly one prompt with ``n == 1`` and ``best_of <= 1`` (400: one transfer
-  carries one prompt's blocks; the router sends batches and ``n > 1`` to decode instead);
+  carries one prompt's blocks; the router sends each prompt of several apart, and ``n > 1``
+  without its ``n``);
 - any prompt while the engine holds ``max_held_blocks`` KV blocks for decode (503, busy).
 
 A prompt the scheduler would not hold blocks for (``{"busy": true}`` transfer parameters, or
@@ -74,8 +75,8 @@ def refusal(kind: str, body: dict[str, Any]) -> dict[str, Any] | None:
         return None
     return error_body(
         400, f"a prefill replica runs exactly one prompt with n == 1 and best_of <= 1, and got "
-        f"{problem}. The router sends such requests to a decode replica to prefill there, so "
-        "this one reached prefill by mistake (a routing bug).", "BadRequestError", param)
+        f"{problem}. The router sends each prompt apart and without n, so this one reached "
+        "prefill by mistake (a routing bug).", "BadRequestError", param)
 
 
 def busy_body(reason: str) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from kvtransfer.params import batch_params
+from kvtransfer.release import claim_transfer, release_transfer
 from router.calls import CallLimits, ReplicaCalls
 from router.coordinator import CoordinatorSettings, get_coordinator
 from router.grpc_api.service import GrpcIngress
@@ -56,7 +57,9 @@ from router.tokenizing import PromptTokenizer
 
 logger = logging.getLogger(__name__)
 REFRESH_S = 2.0
-MAX_PARALLEL_PREFILLS = 32  # prefill calls in flight for one request of several prompts
+# Distinct prompts of one request that are prefilled apart (in parallel); a request with more is
+# prefilled on its decode replica (each engine request carries every prompt's parameters).
+MAX_TRANSFER_PROMPTS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,12 +162,12 @@ class PDRouter(GrpcIngress):
             return await self._prefill_on_decode(kind, body, arrival_s, reason)
         if has_several_prompts(kind, body):
             prompts = await asyncio.to_thread(self._tokenizer.prompts_ids, body)
-            if prompts is None:
+            if prompts is None or len(set(map(tuple, prompts))) > MAX_TRANSFER_PROMPTS:
                 return await self._prefill_on_decode(kind, body, arrival_s, "batch")
             return await self._route_prompts(body, prompts, arrival_s)
         if kind == "completion":
             token_ids = await asyncio.to_thread(self._tokenizer.token_ids, body)
-            if token_ids is not None:
+            if token_ids is not None and not body.get("echo"):
                 body["prompt"] = token_ids  # the engines do not tokenize again
         else:
             token_ids = await self._tokenizer.chat_ids(body)
@@ -175,9 +178,13 @@ class PDRouter(GrpcIngress):
         if choice is None or not choice.is_local_prefill:
             prefill_body = {k: v for k, v in body.items() if k != "n"} if token_ids is None \
                 else {"model": body.get("model"), "prompt": token_ids}  # only tokens needed
-            kv_params = await self.calls.prefill(
-                "completion" if token_ids is not None else kind, prefill_body, ctx,
-                choice.prefill.replica_id if choice else None, used, arrival_s=arrival_s)
+            try:
+                kv_params = await self.calls.prefill(
+                    "completion" if token_ids is not None else kind, prefill_body, ctx,
+                    choice.prefill.replica_id if choice else None, used, arrival_s=arrival_s)
+            except BaseException:  # the client went away: nothing more goes to decode
+                self.coordinator.done(ctx, used)
+                raise
             if isinstance(kv_params, Response):
                 self.coordinator.done(ctx, used)
                 return kv_params
@@ -201,25 +208,35 @@ class PDRouter(GrpcIngress):
     async def _route_prompts(self, body: dict[str, Any], prompts: list[list[int]],
                              arrival_s: float) -> Response:
         """A completion with several prompts: one decode replica for the request, one prefill
-        (and one transfer) per distinct prompt, made in parallel. A prompt whose prefill found
-        no replica, failed everywhere or was refused has no transfer and is computed by the
-        decode engine, which also answers a refused prompt's error for the whole request (and
-        so releases the other prompts' blocks)."""
+        (and one transfer) per distinct prompt, all in parallel. Each transfer is claimed as
+        its prefill ends, so its blocks outlast the wait for the others; if the request ends
+        before the decode call (the client left), they are released at once. A prompt whose
+        prefill found no replica or failed everywhere has no transfer and is computed by the
+        decode engine (counted); one a prefill engine refused (4xx) too, and the decode engine
+        then answers the request's error itself, releasing the other prompts' blocks."""
         ctx = self.coordinator.context(uuid.uuid4().hex, None)
         ctx.num_prompt_tokens = sum(map(len, prompts))
         decode = self.coordinator.choose_decode(ctx)
-        body["prompt"] = prompts  # the engines do not tokenize again
-        limit = asyncio.Semaphore(MAX_PARALLEL_PREFILLS)
-
-        async def prefill(ids: list[int]) -> dict[str, Any] | None:
-            async with limit:
-                return await self._prefill_prompt(body.get("model"), ids, arrival_s)
-
+        if not body.get("echo"):  # an echo returns the prompts as sent
+            body["prompt"] = prompts  # the engines do not tokenize again
         distinct = [list(ids) for ids in dict.fromkeys(map(tuple, prompts))]
         sent_s = time.monotonic()
-        results = await asyncio.gather(*map(prefill, distinct))
-        self.calls.prefilled_apart(ctx, arrival_s, sent_s, time.monotonic())
+        tasks = [asyncio.ensure_future(self._prefill_prompt(body.get("model"), ids, arrival_s))
+                 for ids in distinct]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                if task.done() and not task.cancelled() and task.exception() is None and \
+                        task.result() is not None:
+                    release_transfer(task.result())
+            self.coordinator.done(ctx, [])
+            raise
         entries = [params for params in results if params is not None]
+        self.calls.prefilled_apart(ctx, arrival_s, sent_s, time.monotonic(),
+                                   fell_back=not entries)
         return await self.calls.decode("completion", body,
                                        batch_params(entries) if entries else None, ctx,
                                        decode.replica_id if decode else None, [],
@@ -228,7 +245,7 @@ class PDRouter(GrpcIngress):
     async def _prefill_prompt(self, model: Any, ids: list[int],
                               arrival_s: float) -> dict[str, Any] | None:
         """One prompt of several on the prefill replica its policy picks: its transfer
-        parameters, or None (computed on decode; counted)."""
+        parameters (claimed), or None: no replica or every one failed (counted), or refused."""
         ctx = self.coordinator.context(uuid.uuid4().hex, ids)
         choice = self.coordinator.choose_prefill(ctx)
         if choice is None:
@@ -242,7 +259,10 @@ class PDRouter(GrpcIngress):
                                               arrival_s=arrival_s)
         finally:
             self.coordinator.done(ctx, used)
-        return params if isinstance(params, dict) else None
+        if not isinstance(params, dict):
+            return None
+        claim_transfer(params)
+        return params
 
     def _check_content(self, kind: str, body: dict[str, Any]) -> None:
         """What vLLM's request model lets through but this server refuses (400)."""

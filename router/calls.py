@@ -176,12 +176,13 @@ class ReplicaCalls:
         return result["kv_transfer_params"]
 
     def prefilled_apart(self, ctx: RoutingContext, arrival_s: float, sent_s: float,
-                        done_s: float) -> None:
+                        done_s: float, fell_back: bool = False) -> None:
         """``ctx``'s request had its prompts prefilled under contexts of their own (one per
         prompt of several), from ``sent_s`` to ``done_s``: its TTFT phases show that span
-        as the prefill call."""
-        phases = self._track(ctx, arrival_s).phases
-        phases.prefill_sent_s, phases.prefill_done_s = sent_s, done_s
+        as the prefill call. ``fell_back``: none of them got a transfer."""
+        request = self._track(ctx, arrival_s)
+        request.phases.prefill_sent_s, request.phases.prefill_done_s = sent_s, done_s
+        request.fell_back = fell_back
 
     # -- decode -------------------------------------------------------------------------------
 

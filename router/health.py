@@ -28,8 +28,10 @@ ROLES = ("prefill", "decode")
 # prefill_failed: every prefill replica tried failed or timed out;
 # no_prefill_replica: no healthy prefill replica was known;
 # busy: the prefill replicas tried answered 503 (backpressure, not a failure);
-# batch: best_of > 1 or beam search, whose engine requests the engine makes itself (a
-# request of several prompts counts each prompt that falls back, under its own reason);
+# batch: best_of > 1 or beam search, whose engine requests the engine makes itself, or several
+# prompts that are not prefilled apart (more than 64 distinct ones, a suffix, truncation; a
+# request of several prompts otherwise counts each prompt that falls back, under its own
+# reason);
 # prompt_logprobs: the prompt's own logprobs were asked for (vLLM then computes the whole
 # prompt whatever is cached or transferred).
 LOCAL_PREFILL_REASONS = ("policy", "prefill_failed", "no_prefill_replica", "busy", "batch",

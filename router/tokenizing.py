@@ -9,8 +9,8 @@ reasoning parsers): tools, tool calls in the history, text parts, documents and 
 effort come out exactly as the engines would render them. Its prefill runs on those ids, and
 the decode engine takes them too (vLLM's decode-side token reuse, ``prompt_token_ids`` in
 ``kv_transfer_params``); the connector still checks both sides' digests. A request the router
-does not render (images or other non-text parts, a completion's ``suffix``, one vLLM refuses)
-is routed without tokens and rendered by the engines alone. ``vocab_size`` (the model
+does not render (images or other non-text parts, a completion's ``suffix`` or truncation, one
+vLLM refuses) is routed without tokens and rendered by the engines alone. ``vocab_size`` (the model
 config's, else the tokenizer's) bounds the token ids a client may send.
 """
 
@@ -67,8 +67,8 @@ class PromptTokenizer:
 
     def prompts_ids(self, body: dict[str, Any]) -> list[list[int]] | None:
         """Each prompt's token ids for a completion with several prompts (texts or lists of
-        token ids), or None when one of them cannot be tokenized."""
-        if body.get("suffix") is not None:
+        token ids), or None when the engines must tokenize them (see ``_completion_ids``)."""
+        if _engines_tokenize(body):
             return None
         add_special = body.get("add_special_tokens", True)
         try:
@@ -79,8 +79,8 @@ class PromptTokenizer:
             return None
 
     def _completion_ids(self, body: dict[str, Any]) -> list[int] | None:
-        if body.get("suffix") is not None:
-            return None  # fill-in-the-middle: the engines render prompt and suffix together
+        if _engines_tokenize(body):
+            return None
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a list of one prompt is that prompt
@@ -90,6 +90,14 @@ class PromptTokenizer:
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             return list(prompt)
         return None
+
+
+def _engines_tokenize(body: dict[str, Any]) -> bool:
+    """A completion whose prompt only the engines can turn into the ids they run: a ``suffix``
+    (fill-in-the-middle renders prompt and suffix together) or ``truncate_prompt_tokens``
+    (a prefill given the router's ids would compute the whole prompt, decode the truncated
+    one)."""
+    return body.get("suffix") is not None or body.get("truncate_prompt_tokens") is not None
 
 
 @functools.lru_cache(maxsize=4)

@@ -10,7 +10,9 @@ the route each request took (which replica every call was pinned to), not only t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import pytest
 
 import router.coordinator
 from cluster.config import API_KEY_ENV, RouterConfig
-from router.app import ROUTES, PDRouter
+from router.app import MAX_TRANSFER_PROMPTS, ROUTES, PDRouter
 from router.openai_api import install_openapi
 
 MODEL = "tiny"
@@ -92,8 +94,9 @@ class FakeStream:
 
 class FakePool:
     """A deployment handle over fake replicas; ``behaviour[replica_id]`` says what each does:
-    ok, raise, hang, busy (503), error500, client_error (400); for streams also midfail
-    (one chunk, then the replica dies) and empty."""
+    ok, raise, hang, busy (503), error500, client_error (400), hang_after_first (answers its
+    first call, hangs on the others); for streams also midfail (one chunk, then the replica
+    dies) and empty."""
 
     def __init__(self, role: str, loads: dict[str, int], stream: bool = False,
                  shared: FakePool | None = None) -> None:
@@ -134,6 +137,8 @@ class _Method:
         call = {"method": self._name, "pin": pin, "replica": replica, "args": args}
         pool.calls.append(call)
         mode = pool.behaviour[replica]
+        if mode == "hang_after_first":
+            mode = "ok" if sum(c["replica"] == replica for c in pool.calls) == 1 else "hang"
         if pool.stream:
             stream = FakeStream(_stream(mode, replica))
             call["stream"] = stream
@@ -516,6 +521,71 @@ async def test_a_prompt_whose_prefill_fails_everywhere_is_computed_on_decode(h) 
     assert r.status_code == 200, r.text
     assert h.decode.calls[0]["args"][2] is None  # no transfer left: all computed there
     assert (await h.routing())["local_prefills"] == {"prefill_failed": 2}
+
+
+@pytest.fixture
+def kv_messages(monkeypatch) -> dict[str, list[dict[str, Any]]]:
+    """The CLAIM and DONE messages the router sends, by kind (not sent: the fakes' transfer
+    parameters name no worker)."""
+    import router.app
+
+    sent: dict[str, list[dict[str, Any]]] = {"claim": [], "release": []}
+    monkeypatch.setattr(router.app, "claim_transfer", sent["claim"].append)
+    monkeypatch.setattr(router.app, "release_transfer", sent["release"].append)
+    return sent
+
+
+async def test_each_prompts_transfer_is_claimed_as_its_prefill_ends(h, kv_messages) -> None:
+    r = await h.client.post("/v1/completions", json=completion(["hello world", "the cat"]))
+    assert r.status_code == 200, r.text
+    assert kv_messages["claim"] == h.decode.calls[0]["args"][2]["batch"]
+    assert kv_messages["release"] == []  # the decode side releases what it loaded
+
+
+async def test_a_client_gone_during_the_prefills_frees_what_was_prefilled(h, kv_messages) -> None:
+    h.pd.calls.limits = dataclasses.replace(h.pd.calls.limits, prefill_timeout_s=60.0)
+    h.prefill.behaviour["p0"] = "hang_after_first"
+    body = completion(["hello world", "the cat"])
+    task = asyncio.ensure_future(h.pd.route_body("completion", body, time.monotonic()))
+    while len(kv_messages["claim"]) < 1 or len(h.prefill.calls) < 2:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert kv_messages["release"] == kv_messages["claim"] and len(kv_messages["claim"]) == 1
+    assert h.prefill.calls[1]["response"].is_cancelled
+    assert h.decode.calls == []
+    assert len(h.pd.coordinator.routed) == 0  # nothing left counted on any replica
+
+
+async def test_a_client_gone_during_a_prefill_leaves_nothing_counted(h) -> None:
+    h.pd.calls.limits = dataclasses.replace(h.pd.calls.limits, prefill_timeout_s=60.0)
+    h.prefill.behaviour["p0"] = "hang"
+    task = asyncio.ensure_future(h.pd.route_body("completion", completion(),
+                                                 time.monotonic()))
+    while not h.prefill.calls:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(h.pd.coordinator.routed) == 0
+
+
+async def test_more_distinct_prompts_than_transfers_prefill_on_decode(h) -> None:
+    prompts = [[3, 4, i % 50 + 5, i // 50 + 5] for i in range(MAX_TRANSFER_PROMPTS + 1)]
+    r = await h.client.post("/v1/completions", json=completion(prompts))
+    assert r.status_code == 200, r.text
+    assert h.prefill.calls == [] and h.decode.calls[0]["args"][2] is None
+    assert (await h.routing())["local_prefills"] == {"batch": 1}
+
+
+@pytest.mark.parametrize("prompt", ["hello world", ["hello world", "the cat"]])
+async def test_an_echo_gets_its_prompts_back_as_sent(h, prompt) -> None:
+    r = await h.client.post("/v1/completions", json=completion(prompt, echo=True))
+    assert r.status_code == 200, r.text
+    assert h.decode.calls[0]["args"][1]["prompt"] == prompt
+    assert h.decode.calls[0]["args"][2] is not None  # still transferred
+    assert all(c["args"][1]["prompt"] in ([3, 4], [5, 6]) for c in h.prefill.calls)
 
 
 async def test_refused_prompts_are_answered_by_the_decode_engine(h) -> None:

@@ -66,11 +66,13 @@ async def test_what_the_router_does_not_render_has_no_tokens(tokenizer, body) ->
     assert await tokenizer.chat_ids(body) is None
 
 
-def test_a_completion_with_a_suffix_has_no_router_tokens(tokenizer) -> None:
+@pytest.mark.parametrize("extra", [{"suffix": "the cat"}, {"truncate_prompt_tokens": 1}])
+def test_a_completion_only_the_engines_can_tokenize_has_no_router_tokens(tokenizer,
+                                                                         extra) -> None:
     assert tokenizer.token_ids({"prompt": "hello world"}) == [3, 4]
-    assert tokenizer.token_ids({"prompt": "hello world", "suffix": "the cat"}) is None
+    assert tokenizer.token_ids({"prompt": "hello world", **extra}) is None
     assert tokenizer.prompts_ids({"prompt": ["hello", "world"]}) == [[3], [4]]
-    assert tokenizer.prompts_ids({"prompt": ["hello", "world"], "suffix": "cat"}) is None
+    assert tokenizer.prompts_ids({"prompt": ["hello", "world"], **extra}) is None
 
 
 def test_building_a_renderer_leaves_the_environment_as_it_was(model_dir) -> None:
