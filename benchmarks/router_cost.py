@@ -11,7 +11,8 @@ each request is reported done 64 decisions later, so the policies track as many 
 It also times the ingress's whole work for one request of ``serve_compare``'s size, the text
 of 1,024 random token ids as vLLM's random dataset makes it (about 1,210 tokens once
 tokenized again): parsing the JSON body with vLLM's request model, tokenizing with the demo
-model's tokenizer, and the routing decision in the same index. Memory is measured with
+model's tokenizer, and the routing decision in the same index; and a chat request of the same
+text, parsed and rendered by vLLM's renderer (``router/tokenizing.py``). Memory is measured with
 tracemalloc in a second build. Prints one table; garbage collection stays on, as in a real
 router.
 """
@@ -143,7 +144,9 @@ INGRESS_REQUESTS = 500  # timed requests of that size (at most --queries)
 
 def ingress_rows(decisions: Decisions, rng: random.Random, n: int
                  ) -> list[tuple[str, Timing]]:
-    """The ingress's work for one request: parse, tokenize, decide (``router/app.py``)."""
+    """The ingress's work for one request: parse, tokenize, decide (``router/app.py``); for
+    a chat request of the same text, parse and render with vLLM's renderer."""
+    import asyncio
     import json
 
     from transformers import AutoTokenizer
@@ -158,11 +161,17 @@ def ingress_rows(decisions: Decisions, rng: random.Random, n: int
     # Prompts as vLLM's random dataset makes them: random token ids turned into text.
     decode = AutoTokenizer.from_pretrained(model).decode
     vocab = tokenizer.vocab_size
-    bodies = []
+    bodies, chats = [], []
     for _ in range(n):
         text = decode([rng.randrange(3, vocab) for _ in range(INGRESS_PROMPT_TOKENS)])
         bodies.append(json.dumps({"model": "m", "prompt": text, "max_tokens": 128,
                                   "stream": True}).encode())
+        chats.append(json.dumps({"model": "m", "messages": [{"role": "user", "content": text}],
+                                 "max_tokens": 128, "stream": True}).encode())
+    loop = asyncio.new_event_loop()
+
+    def render(raw: bytes) -> list[int] | None:
+        return loop.run_until_complete(tokenizer.chat_ids(parse_body(raw, "chat", "m")))
 
     def parse(raw: bytes) -> dict:
         return parse_body(raw, "completion", "m")
@@ -173,9 +182,12 @@ def ingress_rows(decisions: Decisions, rng: random.Random, n: int
     def whole(raw: bytes) -> None:
         decisions.decide(array("I", tokenize(raw) or []))
 
-    return [("ingress: parse the body", time_each(parse, bodies)),
+    rows = [("ingress: parse the body", time_each(parse, bodies)),
             ("ingress: parse + tokenize", time_each(tokenize, bodies)),
-            ("ingress: parse + tokenize + decide", time_each(whole, bodies))]
+            ("ingress: parse + tokenize + decide", time_each(whole, bodies)),
+            ("ingress: parse + render a chat", time_each(render, chats))]
+    loop.close()
+    return rows
 
 
 def make_queries(rng: random.Random, docs: Sequence[array], n: int) -> list[array]:
