@@ -210,7 +210,9 @@ class PDRouter(GrpcIngress):
         """A completion with several prompts: one decode replica for the request, one prefill
         (and one transfer) per distinct prompt, all in parallel. Each transfer is claimed as
         its prefill ends, so its blocks outlast the wait for the others; if the request ends
-        before the decode call (the client left), they are released at once. A prompt whose
+        before the decode call (the client left), they are released at once; after it, only the
+        decode side releases them (a decode replica that timed out may still be reading them),
+        and a request no decode replica took leaves them to ``claim_lease_s``. A prompt whose
         prefill found no replica or failed everywhere has no transfer and is computed by the
         decode engine (counted); one a prefill engine refused (4xx) too, and the decode engine
         then answers the request's error itself, releasing the other prompts' blocks."""
@@ -226,12 +228,9 @@ class PDRouter(GrpcIngress):
         try:
             results = await asyncio.gather(*tasks)
         except BaseException:
-            for task in tasks:
+            for task in tasks:  # a prefill may still end (and claim) after its cancel
                 task.cancel()
-            for task in tasks:
-                if task.done() and not task.cancelled() and task.exception() is None and \
-                        task.result() is not None:
-                    release_transfer(task.result())
+                task.add_done_callback(_release_result)
             self.coordinator.done(ctx, [])
             raise
         entries = [params for params in results if params is not None]
@@ -261,7 +260,10 @@ class PDRouter(GrpcIngress):
             self.coordinator.done(ctx, used)
         if not isinstance(params, dict):
             return None
-        claim_transfer(params)
+        try:
+            claim_transfer(params)
+        except Exception as e:  # the transfer keeps its first lease (lease_s)
+            logger.warning("cannot claim a prefilled prompt's transfer: %s", e)
         return params
 
     def _check_content(self, kind: str, body: dict[str, Any]) -> None:
@@ -283,6 +285,12 @@ class PDRouter(GrpcIngress):
                 with contextlib.suppress(Exception):  # a stalled replica must not stop this
                     await asyncio.wait_for(handle.record_routing_stats.remote(), REFRESH_S)
             await asyncio.sleep(REFRESH_S)
+
+
+def _release_result(task: asyncio.Future) -> None:
+    """Release the transfer a finished prompt's prefill task returned, if any."""
+    if not task.cancelled() and task.exception() is None and task.result() is not None:
+        release_transfer(task.result())
 
 
 # (HTTP method, path, PDRouter method name): what deploy/ mounts on the FastAPI app.

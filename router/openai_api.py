@@ -85,6 +85,11 @@ def parse_body(raw: bytes, kind: str, model_name: str) -> dict[str, Any]:
     return validate_body(body, kind, model_name)
 
 
+# vLLM's fields that only pdserve sets between its replicas: a client's are dropped (its
+# ``kv_transfer_params`` could name another request's blocks, or its own "rendered" prompt).
+CLIENT_IGNORED = ("kv_transfer_params", "ec_transfer_params")
+
+
 def validate_body(body: dict[str, Any], kind: str, model_name: str) -> dict[str, Any]:
     """Check a decoded OpenAI request body (from JSON or from gRPC); return what vLLM's request
     model parsed, or raise ``APIError``."""
@@ -114,6 +119,8 @@ def validate_body(body: dict[str, Any], kind: str, model_name: str) -> dict[str,
                        f"{str(e)[:200]})") from None
     if kind == "completion" and _is_empty_prompt(body.get("prompt")):
         raise APIError(400, "prompt must not be empty", param="prompt")
+    for field in CLIENT_IGNORED:
+        body.pop(field, None)
     model = body.get("model")
     if model is not None and model != model_name:
         raise APIError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")

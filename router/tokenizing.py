@@ -7,11 +7,13 @@ and both engines run those ids. A chat request is rendered by vLLM's own chat re
 decode engine's flags, so it has the same tokenizer, chat template, content format, tool and
 reasoning parsers): tools, tool calls in the history, text parts, documents and reasoning
 effort come out exactly as the engines would render them. Its prefill runs on those ids, and
-the decode engine takes them too (vLLM's decode-side token reuse, ``prompt_token_ids`` in
-``kv_transfer_params``); the connector still checks both sides' digests. A request the router
-does not render (images or other non-text parts, a completion's ``suffix`` or truncation, one
-vLLM refuses) is routed without tokens and rendered by the engines alone. ``vocab_size`` (the model
-config's, else the tokenizer's) bounds the token ids a client may send.
+the decode engine of a transferred request takes them too (vLLM's decode-side token reuse,
+``prompt_token_ids`` in ``kv_transfer_params``), so the two engines cannot disagree; the
+router's renderer is what makes those ids right. A request the router does not render (images
+or other non-text parts, a completion's ``suffix`` or truncation, one vLLM refuses, or any chat
+where vLLM finds no platform to build the renderer on) is routed without tokens and rendered by
+the engines, whose digests the connector then compares. ``vocab_size`` (the model config's,
+else the tokenizer's) bounds the token ids a client may send.
 """
 
 from __future__ import annotations
@@ -33,7 +35,13 @@ class PromptTokenizer:
 
         self._tok = AutoTokenizer.from_pretrained(model)
         self.vocab_size = _vocab_size(model, len(self._tok))
-        self._renderer = chat_renderer(tuple(engine_flags or ("--model", model)))
+        try:
+            self._renderer = chat_renderer(tuple(engine_flags or ("--model", model)))
+        except Exception as e:  # e.g. a router node where vLLM finds no platform
+            logger.warning("cannot build vLLM's chat renderer here (%s: %s); chat requests are "
+                           "routed without their tokens and rendered by the engines",
+                           type(e).__name__, e)
+            self._renderer = None
 
     def token_ids(self, body: dict[str, Any]) -> list[int] | None:
         """A completion's prompt as token ids, or None when it has no single prompt to route
@@ -51,6 +59,8 @@ class PromptTokenizer:
 
         from router.openai_api import request_model
 
+        if self._renderer is None:
+            return None
         try:
             request = request_model("chat").model_validate(body)
             if has_non_text_content(request.messages):
@@ -119,8 +129,11 @@ def chat_renderer(flags: tuple[str, ...]) -> Any:
         config = AsyncEngineArgs.from_cli_args(args).create_engine_config(
             UsageContext.ENGINE_CONTEXT)
     finally:  # the platform sets what engine processes need (LD_PRELOAD...): not for us
-        os.environ.clear()
-        os.environ.update(environ)
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        for key, value in environ.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
     renderer = OnlineRenderer(
         model_config=config.model_config, renderer=renderer_from_config(config),
         request_logger=None, chat_template=load_chat_template(args.chat_template),

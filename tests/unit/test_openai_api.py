@@ -105,6 +105,16 @@ def test_non_positive_token_limits(kind: str, field: str, value: int) -> None:
     assert err.body["error"]["message"] == f"{field} must be at least 1, got {value}"
 
 
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_a_clients_transfer_parameters_are_dropped(kind: str) -> None:
+    """Only pdserve sets them: a client's could name another request's blocks, or a prompt
+    the router's renderer would take as already rendered."""
+    body: dict[str, Any] = {"prompt": "hi"} if kind == "completion" else {"messages": MESSAGES}
+    parsed = parse_body(raw({**body, "kv_transfer_params": {"prompt_token_ids": [1, 2]},
+                             "ec_transfer_params": {"x": 1}}), kind, MODEL)
+    assert "kv_transfer_params" not in parsed and "ec_transfer_params" not in parsed
+
+
 def test_an_echo_without_generation_is_valid() -> None:
     """``echo`` with ``max_tokens = 0`` (a prompt scored, nothing generated) is a request vLLM
     serves; without ``echo`` it is not."""

@@ -79,3 +79,17 @@ def test_building_a_renderer_leaves_the_environment_as_it_was(model_dir) -> None
     before = dict(os.environ)
     chat_renderer(("--model", model_dir, "--max-model-len", "512"))
     assert dict(os.environ) == before
+
+
+async def test_without_a_renderer_chats_are_left_to_the_engines(model_dir, monkeypatch,
+                                                                caplog) -> None:
+    import router.tokenizing
+
+    def no_platform(flags: tuple[str, ...]) -> None:
+        raise RuntimeError("no platform")
+
+    monkeypatch.setattr(router.tokenizing, "chat_renderer", no_platform)
+    tokenizer = PromptTokenizer(model_dir)
+    assert "rendered by the engines" in caplog.text
+    assert await tokenizer.chat_ids({"messages": MESSAGES}) is None
+    assert tokenizer.token_ids({"prompt": "hello world"}) == [3, 4]
