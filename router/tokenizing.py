@@ -31,10 +31,8 @@ class PromptTokenizer:
     def __init__(self, model: str, engine_flags: Sequence[str] | None = None) -> None:
         """``engine_flags``: the vLLM flags of the engines whose rendering to reproduce
         (``cluster.engine.renderer_flags``); by default the model's own defaults."""
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-        self._tok = AutoTokenizer.from_pretrained(model)
-        self.vocab_size = _vocab_size(model, len(self._tok))
         try:
             self._renderer = chat_renderer(tuple(engine_flags or ("--model", model)))
         except Exception as e:  # e.g. a router node where vLLM finds no platform
@@ -42,6 +40,12 @@ class PromptTokenizer:
                            "routed without their tokens and rendered by the engines",
                            type(e).__name__, e)
             self._renderer = None
+        # The engines' own tokenizer (their --tokenizer, --revision...) where it is a Hugging
+        # Face one, as it is but for --tokenizer-mode mistral and the like.
+        tok = getattr(getattr(self._renderer, "renderer", None), "tokenizer", None)
+        self._tok = tok if isinstance(tok, PreTrainedTokenizerBase) else \
+            AutoTokenizer.from_pretrained(model)
+        self.vocab_size = _vocab_size(model, len(self._tok))
 
     def token_ids(self, body: dict[str, Any]) -> list[int] | None:
         """A completion's prompt as token ids, or None when it has no single prompt to route
