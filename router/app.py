@@ -223,7 +223,8 @@ class PDRouter(GrpcIngress):
             body["prompt"] = prompts  # the engines do not tokenize again
         distinct = [list(ids) for ids in dict.fromkeys(map(tuple, prompts))]
         sent_s = time.monotonic()
-        tasks = [asyncio.ensure_future(self._prefill_prompt(body.get("model"), ids, arrival_s))
+        tasks = [asyncio.ensure_future(self._prefill_prompt(body.get("model"), ids, arrival_s,
+                                                            decode is not None))
                  for ids in distinct]
         try:
             results = await asyncio.gather(*tasks)
@@ -241,21 +242,23 @@ class PDRouter(GrpcIngress):
                                        decode.replica_id if decode else None, [],
                                        arrival_s=arrival_s)
 
-    async def _prefill_prompt(self, model: Any, ids: list[int],
-                              arrival_s: float) -> dict[str, Any] | None:
+    async def _prefill_prompt(self, model: Any, ids: list[int], arrival_s: float,
+                              replicas_known: bool) -> dict[str, Any] | None:
         """One prompt of several on the prefill replica its policy picks: its transfer
-        parameters (claimed), or None: no replica or every one failed (counted), or refused."""
+        parameters (claimed), or None: no replica or every one failed (counted), or refused.
+        Until the router knows any replica (``replicas_known``: it knows a decode one) Ray
+        Serve picks the prefill replica, as for a single prompt."""
         ctx = self.coordinator.context(uuid.uuid4().hex, ids)
         choice = self.coordinator.choose_prefill(ctx)
-        if choice is None:
+        if choice is None and replicas_known:
             self.coordinator.count_local_prefill("no_prefill_replica")
             return None
         self.coordinator.metrics.decision("transfer")
         used: list[str] = []
         try:
             params = await self.calls.prefill("completion", {"model": model, "prompt": ids},
-                                              ctx, choice.replica_id, used,
-                                              arrival_s=arrival_s)
+                                              ctx, choice.replica_id if choice else None,
+                                              used, arrival_s=arrival_s)
         finally:
             self.coordinator.done(ctx, used)
         if not isinstance(params, dict):

@@ -572,6 +572,17 @@ async def test_a_client_gone_during_a_prefill_leaves_nothing_counted(h) -> None:
     assert len(h.pd.coordinator.routed) == 0
 
 
+async def test_before_any_replica_is_known_ray_serve_picks_the_prefill_replicas(
+        h, monkeypatch) -> None:
+    for method in ("choose_prefill", "choose_decode"):  # no replica known yet
+        monkeypatch.setattr(h.pd.coordinator, method, lambda ctx, exclude=(): None)
+    r = await h.client.post("/v1/completions", json=completion(["hello world", "the cat"]))
+    assert r.status_code == 200, r.text
+    assert h.prefill.calls[0]["pin"] is None and len(h.prefill.calls) == 2
+    assert len(h.decode.calls[0]["args"][2]["batch"]) == 2
+    assert (await h.routing())["local_prefills"] == {}
+
+
 async def test_more_distinct_prompts_than_transfers_prefill_on_decode(h) -> None:
     prompts = [[3, 4, i % 50 + 5, i // 50 + 5] for i in range(MAX_TRANSFER_PROMPTS + 1)]
     r = await h.client.post("/v1/completions", json=completion(prompts))
