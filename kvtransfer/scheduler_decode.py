@@ -80,8 +80,9 @@ class DecodeScheduler:
         if not isinstance(params, dict) or params.get("do_remote_prefill") is not True:
             return None
         rid = request.request_id
+        digest = prompt_hash(request.prompt_token_ids)
         if BATCH_KEY in params:
-            params = self._batch_entry(request, params)
+            params = self._batch_entry(rid, params, digest)
             if params is None:
                 return None
         problem = _params_problem(params)
@@ -90,7 +91,7 @@ class DecodeScheduler:
             self._out.warn("bad_params", "request %s: bad transfer parameters (%s); computing its "
                        "prompt here", rid, problem)
             return None
-        if params["prompt_hash"] != prompt_hash(request.prompt_token_ids):
+        if params["prompt_hash"] != digest:
             problem = "its prompt tokens differ from the ones the prefill engine computed"
         else:
             problem = self._layout_problem(params.get("tp_size", 1), params.get("pp_size", 1))
@@ -101,18 +102,18 @@ class DecodeScheduler:
             return None
         return params
 
-    def _batch_entry(self, request: Request, params: dict[str, Any]) -> dict[str, Any] | None:
-        """The set of a batch's parameters made for this request's prompt (by its tokens'
-        digest), or None: a prompt the router could not prefill elsewhere has none and is
+    def _batch_entry(self, rid: str, params: dict[str, Any],
+                     digest: str) -> dict[str, Any] | None:
+        """The set of a batch's parameters made for the prompt whose tokens' digest is
+        ``digest``, or None: a prompt the router could not prefill elsewhere has none and is
         computed here (the router counted it)."""
         try:
             entries = transfer_entries(params)
         except ValueError as e:
             self._out.counts["num_bad_specs"] += 1
             self._out.warn("bad_params", "request %s: bad transfer parameters (%s); computing its "
-                           "prompt here", request.request_id, e)
+                           "prompt here", rid, e)
             return None
-        digest = prompt_hash(request.prompt_token_ids)
         return next((e for e in entries if e.get("prompt_hash") == digest), None)
 
     def _layout_problem(self, tp_size: int, pp_size: int) -> str | None:

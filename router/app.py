@@ -162,7 +162,7 @@ class PDRouter(GrpcIngress):
             return await self._prefill_on_decode(kind, body, arrival_s, reason)
         if has_several_prompts(kind, body):
             prompts = await asyncio.to_thread(self._tokenizer.prompts_ids, body)
-            if prompts is None or len(set(map(tuple, prompts))) > MAX_TRANSFER_PROMPTS:
+            if prompts is None:
                 return await self._prefill_on_decode(kind, body, arrival_s, "batch")
             return await self._route_prompts(body, prompts, arrival_s)
         if kind == "completion":
@@ -215,13 +215,16 @@ class PDRouter(GrpcIngress):
         and a request no decode replica took leaves them to ``claim_lease_s``. A prompt whose
         prefill found no replica or failed everywhere has no transfer and is computed by the
         decode engine (counted); one a prefill engine refused (4xx) too, and the decode engine
-        then answers the request's error itself, releasing the other prompts' blocks."""
+        then answers the request's error itself, releasing the other prompts' blocks. More than
+        ``MAX_TRANSFER_PROMPTS`` distinct prompts are prefilled on decode."""
+        distinct = [list(ids) for ids in dict.fromkeys(map(tuple, prompts))]
+        if len(distinct) > MAX_TRANSFER_PROMPTS:
+            return await self._prefill_on_decode("completion", body, arrival_s, "batch")
         ctx = self.coordinator.context(uuid.uuid4().hex, None)
         ctx.num_prompt_tokens = sum(map(len, prompts))
         decode = self.coordinator.choose_decode(ctx)
         if not body.get("echo"):  # an echo returns the prompts as sent
             body["prompt"] = prompts  # the engines do not tokenize again
-        distinct = [list(ids) for ids in dict.fromkeys(map(tuple, prompts))]
         sent_s = time.monotonic()
         tasks = [asyncio.ensure_future(self._prefill_prompt(body.get("model"), ids, arrival_s,
                                                             decode is not None))
