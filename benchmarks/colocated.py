@@ -15,7 +15,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cluster.config import EngineConfig
-from cluster.engine import OpenAIEngine, error_body, is_error
+from cluster.engine import OpenAIEngine, is_error
+from cluster.sse import error_body
 
 ROUTES = (
     ("POST", "/v1/completions", "completions"),

@@ -27,6 +27,7 @@ from cluster.engine_watch import WATCH_ENV
 from cluster.metrics import engine_role
 from cluster.ports import KV_EVENTS_CONFIG, kv_event_endpoints
 from cluster.speeds import EngineSpeeds
+from cluster.sse import error_body, responses_events
 from cluster.worker_health import EXTENSION_CLS, EngineHealth
 
 if TYPE_CHECKING:
@@ -238,8 +239,12 @@ class OpenAIEngine:
         self.kv_events_endpoint = kv_events_endpoint
         self.kv_events_replay_endpoint = kv_events_replay_endpoint
         self.health = health or EngineHealth(engine, probe_workers=False)
-        self._completion = state.openai_serving_completion
-        self._chat = state.openai_serving_chat
+        self._handlers = {
+            "completion": state.openai_serving_completion.create_completion,
+            "chat": state.openai_serving_chat.create_chat_completion,
+        }
+        if state.openai_serving_responses is not None:
+            self._handlers["responses"] = state.openai_serving_responses.create_responses
 
     @classmethod
     async def start(
@@ -292,10 +297,11 @@ class OpenAIEngine:
         return bool(self.engine.errored)
 
     async def call(self, kind: str, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[str]:
-        """Run an OpenAI request (``kind`` "completion" or "chat") given as its JSON body.
+        """Run an OpenAI request (``kind`` "completion", "chat" or "responses") given as its
+        JSON body.
 
         Returns the response body, an error body (``{"error": {..., "code": status}}``), or,
-        for ``stream: true``, vLLM's server-sent-event lines.
+        for ``stream: true``, vLLM's server-sent events (``cluster.sse``).
         """
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.exceptions import VLLMClientError
@@ -304,10 +310,11 @@ class OpenAIEngine:
         if self.is_dead:
             raise EngineDeadError()
         try:
+            if kind not in self._handlers:
+                return error_body(404, f"this model does not serve the {kind} API",
+                                  "NotFoundError")
             request = request_model(kind).model_validate(body)
-            handler = self._completion.create_completion if kind == "completion" \
-                else self._chat.create_chat_completion
-            result = await handler(request, raw_request=None)
+            result = await self._handlers[kind](request, raw_request=None)
         except (VLLMClientError, ValueError) as e:  # pydantic's ValidationError is a ValueError
             return error_body(400, str(e), "BadRequestError", getattr(e, "parameter", None))
         except MALFORMED_INPUT_ERRORS as e:
@@ -322,7 +329,9 @@ class OpenAIEngine:
         if isinstance(result, ErrorResponse):
             return result.model_dump()
         if hasattr(result, "__aiter__"):
-            return result
+            return responses_events(result) if kind == "responses" else result
+        if kind == "responses":  # as vLLM's server writes it
+            return result.model_dump(mode="json", by_alias=True)
         return result.model_dump(exclude_none=True)
 
     def shutdown(self) -> None:
@@ -343,21 +352,11 @@ def request_model(kind: str) -> type:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
         return ChatCompletionRequest
+    if kind == "responses":
+        from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+        return ResponsesRequest
     raise ValueError(f"unknown request kind {kind!r}")
-
-
-def error_body(status: int, message: str, type_: str, param: str | None = None) -> dict[str, Any]:
-    """An OpenAI-style error body, as vLLM's server writes it (the status in ``code``)."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
-
-
-# The last server-sent event of an OpenAI stream.
-DONE_EVENT = "data: [DONE]\n\n"
-
-
-def error_event(status: int, message: str, type_: str) -> str:
-    """An OpenAI-style error as a server-sent event, as vLLM's server streams one."""
-    return f"data: {json.dumps(error_body(status, message, type_))}\n\n"
 
 
 def ray_node_id() -> str | None:

@@ -22,11 +22,11 @@ replica is told to free the blocks it holds for it (``release_transfer``): nobod
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cluster.engine import DONE_EVENT, EngineServer, error_event, is_error
+from cluster.engine import EngineServer, is_error
+from cluster.sse import closing_events, ends_stream, error_event, event_error
 from kvtransfer.release import release_transfer
 
 
@@ -42,23 +42,9 @@ def decode_body(body: dict[str, Any], kv_transfer_params: dict[str, Any] | None)
     return out
 
 
-def sse_error(chunk: Any) -> dict[str, Any] | None:
-    """The error body an SSE chunk carries (``data: {"error": ...}``), or None."""
-    if not isinstance(chunk, str) or not chunk.startswith("data:"):
-        return None
-    payload = chunk[len("data:"):].strip()
-    if not payload.startswith("{") or '"error"' not in payload[:16]:
-        return None
-    try:
-        body = json.loads(payload)
-    except ValueError:
-        return None
-    return body if is_error(body) and isinstance(body["error"], dict) else None
-
-
-def server_error_event(message: str) -> str:
+def server_error_event(message: str, kind: str = "completion") -> str:
     """An OpenAI-style SSE error event (a 500: the server failed, not the request)."""
-    return error_event(500, message, "InternalServerError")
+    return error_event(500, message, "InternalServerError", kind)
 
 
 class DecodeServer(EngineServer):
@@ -90,11 +76,12 @@ class DecodeServer(EngineServer):
                 yield result
                 return
             stream = result
-            first = await self._first_chunk(stream, kv_transfer_params)
+            first = await self._first_chunk(kind, stream, kv_transfer_params)
             yield first
             if isinstance(first, dict):  # the engine refused the request: a client error
                 return
-            async with contextlib.aclosing(self._rest(stream, first == DONE_EVENT)) as rest:
+            async with contextlib.aclosing(self._rest(kind, stream,
+                                                      ends_stream(kind, first))) as rest:
                 async for chunk in rest:
                     yield chunk
         finally:
@@ -116,8 +103,8 @@ class DecodeServer(EngineServer):
             self._release(kv_transfer_params, "the decode engine refused the request")
         return result
 
-    async def _first_chunk(self, stream: Any, kv_transfer_params: dict[str, Any] | None
-                           ) -> str | dict[str, Any]:
+    async def _first_chunk(self, kind: str, stream: Any,
+                           kv_transfer_params: dict[str, Any] | None) -> str | dict[str, Any]:
         """The stream's first chunk, or the error body of a 4xx error event (the request's
         fault); raises ``EngineStreamError`` when the engine failed first."""
         try:
@@ -129,7 +116,7 @@ class DecodeServer(EngineServer):
                                         f"{type(e).__name__}: {e}")
             failure.__cause__ = e
         else:
-            error = sse_error(first)
+            error = event_error(kind, first)
             if error is None:
                 return first
             code = error["error"].get("code")
@@ -146,28 +133,30 @@ class DecodeServer(EngineServer):
                            f"its first chunk, raised so the router can retry: {failure}")
         raise failure
 
-    async def _rest(self, stream: Any, ended: bool) -> AsyncIterator[str]:
-        """The chunks after the first; a failure, or an end without ``[DONE]``, becomes an
-        error event and ``[DONE]``."""
+    async def _rest(self, kind: str, stream: Any, ended: bool) -> AsyncIterator[str]:
+        """The chunks after the first; a failure, or an end without the stream's last event
+        (``[DONE]``, or a Responses stream's end), becomes an error event and that end."""
         try:
             async for chunk in stream:
-                if sse_error(chunk) is not None:
+                if event_error(kind, chunk) is not None:
                     self.count_failure("stream_error_event",
                                        "a decode stream ended with an engine error event")
-                ended = chunk == DONE_EVENT
+                ended = ends_stream(kind, chunk)
                 yield chunk
         except Exception as e:
             why = "the decode engine died" if self.engine.is_dead else "the decode stream failed"
             self.count_failure("stream_failed", f"{why} mid-stream: {type(e).__name__}: {e}")
             yield server_error_event(f"{why} mid-stream ({type(e).__name__}: {e}); the "
-                                     "response is incomplete")
-            yield DONE_EVENT
+                                     "response is incomplete", kind)
+            for event in closing_events(kind):
+                yield event
             return
         if not ended:
-            self.count_failure("stream_cut", "a decode stream ended without [DONE]")
+            self.count_failure("stream_cut", "a decode stream ended without its last event")
             yield server_error_event("the decode stream ended early; the response is "
-                                     "incomplete")
-            yield DONE_EVENT
+                                     "incomplete", kind)
+            for event in closing_events(kind):
+                yield event
 
     def _release(self, params: dict[str, Any] | None, why: str) -> None:
         """Tell the prefill replica to free the blocks it holds for ``params``."""

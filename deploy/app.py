@@ -128,12 +128,13 @@ def _ingress_class() -> type:
     from fastapi import FastAPI
     from ray import serve
 
-    from router.openai_api import install_openapi
+    from router.openai_api import install_error_handlers, install_openapi
 
     app = FastAPI(title="pdserve")
     for method, path, name in ROUTES:
         app.add_api_route(path, getattr(PDRouter, name), methods=[method])
     install_openapi(app)
+    install_error_handlers(app)
     return serve.ingress(app)(PDRouter)
 
 

@@ -21,13 +21,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from cluster.engine import (
-    TIMED_REQUEST_PREFIX,
-    EngineServer,
-    OpenAIEngine,
-    error_body,
-    is_error,
-)
+from cluster.engine import TIMED_REQUEST_PREFIX, EngineServer, OpenAIEngine, is_error
+from cluster.sse import error_body
 
 # Fields that only shape the output; a prefill produces none worth keeping.
 DROPPED_FIELDS = ("stream_options", "logprobs", "top_logprobs", "echo", "min_tokens", "n",

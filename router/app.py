@@ -1,4 +1,5 @@
-"""The ingress: pdserve's OpenAI-compatible front door, over HTTP and gRPC.
+"""The ingress: pdserve's OpenAI-compatible front door (completions, chat completions and the
+Responses API), over HTTP and gRPC.
 
 For each request it checks the API key, the body size and the body, tokenizes the prompt once,
 and asks the ``RoutingCoordinator`` for a prefill/decode pair chosen together from what every
@@ -101,12 +102,27 @@ class PDRouter(GrpcIngress):
     async def chat_completions(self, request: Request) -> Response:
         return await self._serve("chat", request)
 
+    async def responses(self, request: Request) -> Response:
+        return await self._serve("responses", request)
+
     async def models(self, request: Request) -> JSONResponse:
         try:
             check_api_key(request.headers, self.settings.api_key)
         except APIError as e:
             return e.response()
         return JSONResponse(self.model_list())
+
+    async def model(self, request: Request) -> JSONResponse:
+        """One model's card (the OpenAI API's model retrieval), or a 404."""
+        try:
+            check_api_key(request.headers, self.settings.api_key)
+            model_id = request.path_params["model_id"]
+            if model_id != self.model_name:
+                raise APIError(404, f"The model `{model_id}` does not exist.", "NotFoundError",
+                               "model")
+        except APIError as e:
+            return e.response()
+        return JSONResponse(self.model_list()["data"][0])
 
     def model_list(self) -> dict[str, Any]:
         """The OpenAI model list: the one model this app serves."""
@@ -169,8 +185,12 @@ class PDRouter(GrpcIngress):
             token_ids = await asyncio.to_thread(self._tokenizer.token_ids, body)
             if token_ids is not None and not body.get("echo"):
                 body["prompt"] = token_ids  # the engines do not tokenize again
-        else:
+        elif kind == "chat":
             token_ids = await self._tokenizer.chat_ids(body)
+        else:
+            token_ids = await self._tokenizer.responses_ids(body)
+            if token_ids is None:  # its prefill would need the Responses API and its store
+                return await self._prefill_on_decode(kind, body, arrival_s, "unrendered")
         ctx = self.coordinator.context(uuid.uuid4().hex, token_ids)
         choice = self.coordinator.choose(ctx)
         kv_params = None
@@ -188,7 +208,7 @@ class PDRouter(GrpcIngress):
             if isinstance(kv_params, Response):
                 self.coordinator.done(ctx, used)
                 return kv_params
-            if kind == "chat" and kv_params is not None and token_ids is not None:
+            if kind != "completion" and kv_params is not None and token_ids is not None:
                 # The decode engine takes the rendered prompt too (vLLM's token reuse).
                 kv_params = {**kv_params, "prompt_token_ids": token_ids}
         return await self.calls.decode(kind, body, kv_params, ctx,
@@ -274,10 +294,10 @@ class PDRouter(GrpcIngress):
 
     def _check_content(self, kind: str, body: dict[str, Any]) -> None:
         """What vLLM's request model lets through but this server refuses (400)."""
-        if kind == "chat":
-            check_chat_template(body, self.settings.allow_request_chat_template)
-        else:
+        if kind == "completion":
             check_token_ids(body, self._tokenizer.vocab_size)
+        else:
+            check_chat_template(body, self.settings.allow_request_chat_template)
 
     def _start_refreshing(self) -> None:
         """Keep the coordinator's replica view fresh while idle: a cheap call through each
@@ -303,7 +323,9 @@ def _release_result(task: asyncio.Future) -> None:
 ROUTES = (
     ("POST", "/v1/completions", "completions"),
     ("POST", "/v1/chat/completions", "chat_completions"),
+    ("POST", "/v1/responses", "responses"),
     ("GET", "/v1/models", "models"),
+    ("GET", "/v1/models/{model_id:path}", "model"),
     ("GET", "/health", "health"),
     ("GET", "/routing", "routing_state"),
 )

@@ -12,7 +12,8 @@ for the whole call. A call that fails or times out before its first token is lef
 retried on another decode replica (up to ``decode_retries``) with the same transfer parameters:
 if the first replica already took the blocks, the next one recomputes the prompt (vLLM's
 ``kv_load_failure_policy="recompute"``). With no replica left the client gets a 503. After the
-first chunk a failure ends the stream with an OpenAI error event and ``data: [DONE]``.
+first chunk a failure ends the stream with an OpenAI error event (then ``data: [DONE]``, but
+for the Responses API, whose streams have none).
 
 Every call is pinned to the replica the coordinator chose (``pin``, read by
 ``router.serve_router``); ``None`` lets Ray Serve choose (no replica known yet).
@@ -37,7 +38,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from cluster.engine import DONE_EVENT, error_body, error_event
+from cluster.sse import carries_output, closing_events, error_body, error_event
 from router.coordinator import RoutingCoordinator
 from router.metrics import FirstTokenPhases, RequestTimer
 from router.openai_api import status_of
@@ -252,13 +253,14 @@ class ReplicaCalls:
             return JSONResponse(first, status_code=status_of(first))
         self._coordinator.prefill_done(ctx)  # a local prefill is over once a token came
         used.extend([pin] if pin else [])
-        return StreamingResponse(self._relay(first, gen, ctx, pin, used, timer),
+        return StreamingResponse(self._relay(kind, first, gen, ctx, pin, used, timer),
                                  media_type="text/event-stream")
 
-    async def _relay(self, first: str, gen: Any, ctx: RoutingContext, pin: str | None,
-                     used: list[str], timer: RequestTimer) -> AsyncIterator[str]:
-        """The stream after its first chunk; a failure ends it with an error event. Each
-        chunk but ``[DONE]`` is timed as it goes out; a stream that ends well, as a whole."""
+    async def _relay(self, kind: str, first: str, gen: Any, ctx: RoutingContext,
+                     pin: str | None, used: list[str], timer: RequestTimer) -> AsyncIterator[str]:
+        """The stream after its first chunk; a failure ends it with an error event (in the
+        stream's own dialect, ``cluster.sse``). Each chunk that carries output is timed as it
+        goes out; a stream that ends well, as a whole."""
         num_chunks = 1
         try:
             timer.chunk()
@@ -266,11 +268,12 @@ class ReplicaCalls:
             async for chunk in gen:
                 if isinstance(chunk, dict):  # an error body mid-stream
                     yield error_event(status_of(chunk), str(chunk["error"].get("message")),
-                                      str(chunk["error"].get("type")))
-                    yield DONE_EVENT
+                                      str(chunk["error"].get("type")), kind)
+                    for event in closing_events(kind):
+                        yield event
                     return
                 num_chunks += 1
-                if not chunk.startswith(DONE_EVENT.strip()):
+                if carries_output(kind, chunk):
                     timer.chunk()
                 yield chunk
             timer.end()
@@ -278,8 +281,9 @@ class ReplicaCalls:
             self._failed("decode", pin, CallFailed(f"{type(e).__name__}: {e}"))
             logger.warning("decode stream on %s failed after %d chunks", pin, num_chunks)
             yield error_event(503, f"the decode replica failed after {num_chunks} chunks",
-                              "ServiceUnavailableError")
-            yield DONE_EVENT
+                              "ServiceUnavailableError", kind)
+            for event in closing_events(kind):
+                yield event
         finally:
             gen.cancel()  # a client that went away must not leave the request running
             self._coordinator.done(ctx, used)

@@ -33,9 +33,11 @@ ROLES = ("prefill", "decode")
 # request of several prompts otherwise counts each prompt that falls back, under its own
 # reason);
 # prompt_logprobs: the prompt's own logprobs were asked for (vLLM then computes the whole
-# prompt whatever is cached or transferred).
+# prompt whatever is cached or transferred);
+# unrendered: a Responses request the router could not render (it continues a stored response,
+# or its input holds media); its prefill would need the Responses API and the engine's store.
 LOCAL_PREFILL_REASONS = ("policy", "prefill_failed", "no_prefill_replica", "busy", "batch",
-                         "prompt_logprobs")
+                         "prompt_logprobs", "unrendered")
 
 
 class ReplicaHealth:

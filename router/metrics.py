@@ -65,7 +65,8 @@ ROUTER_FAMILIES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
                   ("outcome",)),
     "local_prefills": ("pdserve_router_local_prefills", "counter", "Requests prefilled on "
                        "their decode replica, by reason: policy, prefill_failed, "
-                       "no_prefill_replica, busy, batch, prompt_logprobs.", ("reason",)),
+                       "no_prefill_replica, busy, batch, prompt_logprobs, unrendered.",
+                       ("reason",)),
     "decode_retries": ("pdserve_router_decode_retries", "counter", "Decode calls retried on "
                        "another decode replica after a failure or timeout before their first "
                        "token.", ()),

@@ -16,14 +16,16 @@ import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from cluster.engine import error_body, request_model
+from cluster.engine import request_model
+from cluster.sse import error_body
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
 # (path, request kind) of the routes whose request body the OpenAPI schema describes.
-BODY_ROUTES = (("/v1/completions", "completion"), ("/v1/chat/completions", "chat"))
+BODY_ROUTES = (("/v1/completions", "completion"), ("/v1/chat/completions", "chat"),
+               ("/v1/responses", "responses"))
 
 
 class APIError(Exception):
@@ -124,7 +126,7 @@ def validate_body(body: dict[str, Any], kind: str, model_name: str) -> dict[str,
     model = body.get("model")
     if model is not None and model != model_name:
         raise APIError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
-    for field in ("max_tokens", "max_completion_tokens"):
+    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(field)
         if value == 0 and field == "max_tokens" and kind == "completion" and body.get("echo"):
             continue  # the prompt echoed back (with its logprobs), nothing generated
@@ -233,3 +235,19 @@ def install_openapi(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer what no route serves (an unknown path, a wrong method) with an OpenAI error body
+    instead of the framework's own, so every client reads every error the same way."""
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    async def http_error(request: Any, exc: HTTPException) -> JSONResponse:
+        type_ = {404: "NotFoundError", 405: "MethodNotAllowedError"}.get(exc.status_code,
+                                                                    "BadRequestError")
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(error_body(exc.status_code, message, type_),
+                            status_code=exc.status_code, headers=exc.headers)
+
+    app.add_exception_handler(HTTPException, http_error)  # type: ignore[arg-type]

@@ -12,8 +12,11 @@ the decode engine of a transferred request takes them too (vLLM's decode-side to
 router's renderer is what makes those ids right. A request the router does not render (images
 or other non-text parts, a completion's ``suffix`` or truncation, one vLLM refuses, or any chat
 where vLLM finds no platform to build the renderer on) is routed without tokens and rendered by
-the engines, whose digests the connector then compares. ``vocab_size`` (the model config's,
-else the tokenizer's) bounds the token ids a client may send.
+the engines, whose digests the connector then compares. Requests of the Responses API are
+rendered the same way (their input and instructions become chat messages), but for one that
+continues a stored response (``previous_response_id``), which the engines answer alone.
+``vocab_size`` (the model config's, else the tokenizer's) bounds the token ids a client may
+send.
 """
 
 from __future__ import annotations
@@ -79,6 +82,26 @@ class PromptTokenizer:
         ids = inputs[0].get("prompt_token_ids") if len(inputs) == 1 else None
         return list(ids) if ids else None
 
+    async def responses_ids(self, body: dict[str, Any]) -> list[int] | None:
+        """A Responses request's prompt as the engines would render it, or None: besides what
+        ``chat_ids`` leaves to the engines, a request that continues a stored response
+        (``previous_response_id``: only the engine that stored it has its history)."""
+        from router.openai_api import request_model
+
+        if self._renderer is None or body.get("previous_response_id") is not None or \
+                _has_media_input(body.get("input")):
+            return None
+        try:
+            request = request_model("responses").model_validate(body)
+            result = await self._renderer.render_responses(request)
+        except Exception as e:  # the engines will answer it (with their own error if any)
+            logger.debug("Responses request not rendered at the router: %s: %s",
+                         type(e).__name__, e)
+            return None
+        inputs = getattr(result, "engine_input", None)  # else vLLM's ErrorResponse
+        ids = inputs.get("prompt_token_ids") if isinstance(inputs, dict) else None
+        return list(ids) if ids else None
+
     def prompts_ids(self, body: dict[str, Any]) -> list[list[int]] | None:
         """Each prompt's token ids for a completion with several prompts (texts or lists of
         token ids), or None when the engines must tokenize them (see ``_completion_ids``)."""
@@ -104,6 +127,25 @@ class PromptTokenizer:
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             return list(prompt)
         return None
+
+
+# The Responses API's input parts that carry text; any other (an image, a file, audio) is
+# media, fetched and processed by the engines alone.
+TEXT_PART_TYPES = frozenset({"input_text", "output_text", "text", "refusal", "reasoning_text",
+                             "summary_text"})
+
+
+def _has_media_input(value: Any) -> bool:
+    """Whether a Responses ``input`` holds a part that is not text, at any depth."""
+    if isinstance(value, list):
+        return any(_has_media_input(item) for item in value)
+    if isinstance(value, dict):
+        part_type = value.get("type")
+        if isinstance(part_type, str) and part_type.startswith("input_") and \
+                part_type not in TEXT_PART_TYPES:
+            return True
+        return _has_media_input(value.get("content"))
+    return False
 
 
 def _engines_tokenize(body: dict[str, Any]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 
 import httpx
@@ -110,6 +111,8 @@ async def test_models_and_health(app, client, engine_config):
     r = await client.get("/v1/models")
     assert r.status_code == 200 and r.json()["data"][0]["id"] == engine_config.name
     assert (await client.get("/health")).status_code == 200
+    r = await client.post("/v1/embeddings", json={"input": "x"})  # a route nobody serves
+    assert r.status_code == 404 and r.json()["error"]["code"] == 404
 
 
 async def test_openai_client(app, engine_config, reference_outputs):
@@ -138,6 +141,9 @@ async def test_openai_client(app, engine_config, reference_outputs):
     assert streamed == chat.choices[0].message.content
     with pytest.raises(openai.NotFoundError):
         await oai.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+    assert (await oai.models.retrieve(body["model"])).id == body["model"]
+    with pytest.raises(openai.NotFoundError):
+        await oai.models.retrieve("no-such-model")
 
 
 async def idle() -> bool:
@@ -157,18 +163,31 @@ async def test_decode_rejection_releases_prefill_blocks(app, client, engine_conf
     assert await wait_until(idle, timeout_s=5)
 
 
-async def test_client_disconnect_frees_blocks(app, client, engine_config, vocab_size):
+@pytest.mark.parametrize("shape", ["one prompt", "two prompts", "responses"])
+async def test_client_disconnect_frees_blocks(app, client, engine_config, vocab_size, shape):
+    """A stream the client leaves half-way, for each shape of request: one prompt, a list of
+    prompts (one transfer each), a Responses stream."""
     assert await wait_until(idle, timeout_s=30)
-    prompt = make_prompts(engine_config, vocab_size, seed=13)[15]
+    prompts = make_prompts(engine_config, vocab_size, seed=13)
+    prompt = prompts[15]
     max_tokens = engine_config.max_model_len - len(prompt)
+    num_seqs = 1
+    path, body = "/v1/completions", completion_body(engine_config, prompt,
+                                                    max_tokens=max_tokens, stream=True)
+    if shape == "two prompts":
+        body["prompt"], num_seqs = [prompt, prompts[14]], 2
+    elif shape == "responses":
+        text = "Write a long story about a cat who learns to program. " * 8
+        path, body = "/v1/responses", {"model": engine_config.name, "input": text,
+                                       "max_output_tokens": max_tokens, "stream": True,
+                                       "temperature": 0, "ignore_eos": True}
     generated_before = (await replica_stats("decode"))["generation_tokens_total"]
-    body = completion_body(engine_config, prompt, max_tokens=max_tokens, stream=True)
-    async with client.stream("POST", "/v1/completions", json=body) as r:
+    async with client.stream("POST", path, json=body) as r:
         assert r.status_code == 200
         num_chunks = 0
         async for line in r.aiter_lines():
             num_chunks += line.startswith("data:")
-            if num_chunks >= 3:
+            if num_chunks >= 6:
                 break
     # The client has gone mid-stream: both replicas must drop the request and its blocks,
     # well before the lease (20 s) could free them.
@@ -176,7 +195,7 @@ async def test_client_disconnect_frees_blocks(app, client, engine_config, vocab_
                                                   ("prefill", "decode")]
     # ... and it was stopped, not run to its end.
     generated = (await replica_stats("decode"))["generation_tokens_total"] - generated_before
-    assert 3 <= generated < max_tokens // 2, (generated, max_tokens)
+    assert 2 <= generated < num_seqs * max_tokens // 2, (generated, max_tokens)
 
 
 @pytest.mark.parametrize("extra", [
@@ -204,6 +223,43 @@ async def test_chat_prompt_is_transferred_not_recomputed(app, client, engine_con
     assert after, await replica_stats("decode")
     assert after["prompt_tokens_computed"] - before["prompt_tokens_computed"] <= 1
     assert after["prompt_tokens_external"] - before["prompt_tokens_external"] >= num_prompt - 1
+
+
+async def test_responses_api_is_disaggregated(app, engine_config, reference_engine):
+    """The Responses API through the openai client, plain and streamed: a plain vLLM engine's
+    answer, with the prompt the router rendered arriving at decode by transfer."""
+    import openai
+
+    oai = openai.AsyncOpenAI(base_url=f"{app[0]}/v1", api_key="unused")
+    for i, stream in enumerate((False, True)):
+        body = {"model": engine_config.name, "instructions": "You answer in Python.",
+                "input": f"Write function number {i} that adds two numbers. " * 6,
+                "max_output_tokens": 6, "temperature": 0}
+        reference = await reference_engine.call("responses", dict(body))
+        expected = reference["output"][0]["content"][0]["text"]
+        before = await replica_stats("decode")
+        if stream:
+            events = [e async for e in await oai.responses.create(**body, stream=True)]
+            assert events[-1].type == "response.completed"
+            text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+            num_prompt = events[-1].response.usage.input_tokens
+        else:
+            done = await oai.responses.create(**body)
+            text, num_prompt = done.output_text, done.usage.input_tokens
+        assert text == expected
+        after = await wait_until(functools.partial(_loaded, before), timeout_s=10)
+        assert after, await replica_stats("decode")
+        assert after["prompt_tokens_computed"] - before["prompt_tokens_computed"] <= 1
+        assert after["prompt_tokens_external"] - before["prompt_tokens_external"] >= \
+            num_prompt - 1
+    # Stored responses live in the engine that made them (vLLM keeps no store by default).
+    with pytest.raises(openai.NotFoundError):
+        await oai.responses.create(model=engine_config.name, input="more",
+                                   previous_response_id="resp_unknown")
+    # Refused by the decode engine after its prefill: the prefill replica frees the blocks.
+    with pytest.raises(openai.BadRequestError):
+        await oai.responses.create(model=engine_config.name, input="more", background=True)
+    assert await wait_until(idle, timeout_s=10)
 
 
 async def _loaded(before: dict, num_loads: int = 1) -> dict | None:

@@ -23,7 +23,7 @@ import pytest
 import router.coordinator
 from cluster.config import API_KEY_ENV, RouterConfig
 from router.app import MAX_TRANSFER_PROMPTS, ROUTES, PDRouter
-from router.openai_api import install_openapi
+from router.openai_api import install_error_handlers, install_openapi
 
 MODEL = "tiny"
 VOCAB_SIZE = 64
@@ -229,6 +229,7 @@ def make_app(model_dir: Path, monkeypatch, **ingress: Any):
     for method, path, name in ROUTES:
         app.add_api_route(path, getattr(pd, name), methods=[method])
     install_openapi(app)
+    install_error_handlers(app)
     return app, pd, prefill, decode
 
 
@@ -399,6 +400,84 @@ async def test_stream_failing_after_its_first_chunk_ends_with_an_error_event(h) 
     assert h.decode.pins == ["d0"]  # no retry after the first token
     assert h.decode.calls[0]["stream"].is_cancelled
     assert "d0" in (await h.routing())["failed_replicas"]["decode"]
+
+
+async def test_responses_request_is_rendered_prefilled_and_transferred(h) -> None:
+    """A Responses request is rendered at the router as the engines would (instructions, then
+    the input as chat messages): its prefill runs those ids as a completion and its decode
+    engine, which answers in the Responses API, takes them with the transfer."""
+    r = await h.client.post("/v1/responses", json={
+        "model": MODEL, "instructions": "hello", "input": "the cat", "max_output_tokens": 4})
+    assert r.status_code == 200, r.text
+    (prefill,), (decode,) = h.prefill.calls, h.decode.calls
+    kind, body, transfer_id = prefill["args"]
+    # <s> system (not in the vocabulary) : hello <s> user : the cat <s> assistant :
+    assert (kind, body) == ("completion", {"model": MODEL,
+                                           "prompt": [1, 0, 12, 3, 1, 10, 12, 5, 6, 1, 11, 12]})
+    assert decode["args"][0] == "responses" and decode["args"][1]["input"] == "the cat"
+    assert decode["args"][2] == {"transfer_id": transfer_id, "from": "p0",
+                                 "prompt_token_ids": body["prompt"]}
+    assert (h.prefill.pins, h.decode.pins) == (["p0"], ["d0"])
+    assert (await h.routing())["local_prefills"] == {}
+
+
+@pytest.mark.parametrize("extra", [
+    {"previous_response_id": "resp_1"},
+    {"input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "the cat"},
+        {"type": "input_image", "image_url": "http://images.invalid/cat.png"}]}]},
+])
+async def test_responses_request_the_router_cannot_render_is_prefilled_on_decode(
+        h, extra) -> None:
+    """Only the engine that stored a response knows its history, and media are the engines'
+    to fetch: such a request goes to decode whole, counted."""
+    r = await h.client.post("/v1/responses", json={"model": MODEL, "input": "the cat", **extra})
+    assert r.status_code == 200, r.text
+    assert h.prefill.calls == [] and h.decode.calls[0]["args"][2] is None
+    assert (await h.routing())["local_prefills"] == {"unrendered": 1}
+
+
+async def test_responses_stream_failing_mid_way_ends_with_an_error_event(h) -> None:
+    """The Responses API's own error event, and no ``[DONE]``, which its streams never send."""
+    h.decode.behaviour["d0"] = "midfail"
+    r = await h.client.post("/v1/responses", json={"model": MODEL, "input": "the cat",
+                                                   "stream": True})
+    assert r.status_code == 200
+    *_, last = [e for e in r.text.split("\n\n") if e]
+    event, data = last.split("\n")
+    assert event == "event: error" and "[DONE]" not in r.text
+    error = json.loads(data[len("data: "):])
+    assert error["type"] == "error" and error["code"] == "503"
+    assert "decode replica failed" in error["message"]
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"input": "the cat", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "the cat", "temperature": "hot"}, "temperature"),
+    ({"input": "the cat", "model": "other"}, "model"),
+])
+async def test_bad_responses_request_gets_an_openai_error(h, body, param) -> None:
+    r = await h.client.post("/v1/responses", json=body)
+    assert 400 <= r.status_code < 500 and r.json()["error"]["param"] == param
+    assert h.prefill.calls == h.decode.calls == []
+
+
+async def test_one_model_is_retrieved_by_its_id(make) -> None:
+    h = make(api_key=KEY)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = await h.client.get(f"/v1/models/{MODEL}", headers=auth)
+    assert r.status_code == 200 and r.json()["id"] == MODEL and r.json()["object"] == "model"
+    r = await h.client.get("/v1/models/other/model", headers=auth)
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    assert (await h.client.get(f"/v1/models/{MODEL}")).status_code == 401
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("POST", "/v1/embeddings", 404), ("GET", "/v1/chat/completions", 405)])
+async def test_what_no_route_serves_gets_an_openai_error(h, method, path, status) -> None:
+    r = await h.client.request(method, path)
+    assert r.status_code == status
+    assert r.json()["error"]["code"] == status and path in r.json()["error"]["message"]
 
 
 async def test_decode_client_error_in_a_stream_is_returned_as_is(h) -> None:
@@ -699,14 +778,16 @@ async def test_token_ids_outside_the_vocabulary_are_a_400(h, prompt) -> None:
     assert h.prefill.pins == [] and h.decode.pins == []
 
 
-async def test_openapi_describes_both_request_bodies(h) -> None:
+async def test_openapi_describes_the_request_bodies(h) -> None:
     schema = (await h.client.get("/openapi.json")).json()
     components = schema["components"]["schemas"]
+    assert "input" in components["ResponsesRequest"]["properties"]
     for path, model in (("/v1/completions", "CompletionRequest"),
-                        ("/v1/chat/completions", "ChatCompletionRequest")):
+                        ("/v1/chat/completions", "ChatCompletionRequest"),
+                        ("/v1/responses", "ResponsesRequest")):
         body = schema["paths"][path]["post"]["requestBody"]
         assert body["content"]["application/json"]["schema"] == {
             "$ref": f"#/components/schemas/{model}"}
-        assert "max_tokens" in components[model]["properties"]
+        assert {"max_tokens", "max_output_tokens"} & set(components[model]["properties"])
     assert "messages" in components["ChatCompletionRequest"]["required"]
     assert "requestBody" not in schema["paths"]["/v1/models"]["get"]

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 
 import decode.server as decode_server
-from cluster.engine import EngineServer, error_body
+from cluster.engine import EngineServer
+from cluster.sse import DONE_EVENT, error_body, event_data, event_error
 from cluster.worker_health import UnhealthyError
-from decode.server import DONE_EVENT, DecodeServer, EngineStreamError, sse_error
+from decode.server import DecodeServer, EngineStreamError
 from tests.unit import fakes
 from tests.unit.fakes import PARAMS
 
@@ -103,7 +104,7 @@ async def test_failure_after_the_first_chunk_ends_with_an_error_event(released, 
     server = DecodeServer(FakeEngine(chunks(CHUNK, CHUNK, DONE_EVENT, die_after=2, error=error)))
     out = await collect(server)
     assert out[:2] == [CHUNK, CHUNK] and out[-1] == DONE_EVENT and len(out) == 4
-    body = sse_error(out[2])
+    body = event_error("completion", out[2])
     assert body is not None
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["code"] == 500 and body["error"]["type"] == "InternalServerError"
@@ -121,7 +122,7 @@ async def test_engines_own_error_event_mid_stream_passes_through_and_is_counted(
 async def test_a_stream_cut_without_done_gets_an_error_event(released) -> None:
     server = DecodeServer(FakeEngine(chunks(CHUNK, CHUNK)))
     out = await collect(server)
-    assert out[:2] == [CHUNK, CHUNK] and sse_error(out[2]) and out[3] == DONE_EVENT
+    assert out[:2] == [CHUNK, CHUNK] and event_error("completion", out[2]) and out[3] == DONE_EVENT
 
 
 async def test_engine_death_before_the_first_chunk_raises_and_releases(released) -> None:
@@ -196,10 +197,44 @@ async def test_client_gone_mid_stream_closes_the_engine_stream(released) -> None
     assert engine.streams[0].closed and server.num_in_flight == 0
 
 
-def test_sse_error_only_matches_error_events() -> None:
-    assert sse_error(VLLM_ERROR_EVENT)["error"]["message"] == "engine boom"
-    for chunk in (CHUNK, DONE_EVENT, "data: {not json", 'data: {"error": 1}\n\n', None, {}):
-        assert sse_error(chunk) is None
+def response_event(type_: str, **data: Any) -> str:
+    return f"event: {type_}\ndata: {json.dumps({'type': type_, **data})}\n\n"
+
+
+OPENING = response_event("response.created") + response_event("response.in_progress") + \
+    response_event("response.output_text.delta", delta="a")
+DELTA = response_event("response.output_text.delta", delta="b")
+COMPLETED = response_event("response.completed")
+
+
+async def collect_responses(server: DecodeServer) -> list:
+    return [c async for c in server.generate_stream("responses", {"input": "a"}, PARAMS)]
+
+
+async def test_a_responses_stream_passes_through_without_done(released) -> None:
+    server = DecodeServer(FakeEngine(chunks(OPENING, DELTA, COMPLETED)))
+    assert await collect_responses(server) == [OPENING, DELTA, COMPLETED]
+    assert server.health()["failures"] == {} and released == []
+
+
+@pytest.mark.parametrize("die", [True, False])
+async def test_a_responses_stream_that_fails_ends_with_its_own_error_event(released,
+                                                                          die) -> None:
+    """Killed or cut short, a Responses stream ends with the Responses API's error event; it
+    has no ``[DONE]`` to send."""
+    script = chunks(OPENING, DELTA, COMPLETED, die_after=2, error=DeadEngineError("gone")) \
+        if die else chunks(OPENING, DELTA)
+    out = await collect_responses(DecodeServer(FakeEngine(script)))
+    assert out[:2] == [OPENING, DELTA] and len(out) == 3
+    assert out[2].startswith("event: error\n") and DONE_EVENT not in out
+    assert event_error("responses", out[2])["error"]["code"] == 500
+    assert event_data(out[2])["type"] == "error"
+
+
+async def test_a_responses_error_event_as_first_chunk_raises(released) -> None:
+    error = response_event("error", code="500", message="boom")
+    with pytest.raises(EngineStreamError, match="boom"):
+        await collect_responses(DecodeServer(FakeEngine(chunks(error))))
 
 
 def test_record_routing_stats_reports_both_event_endpoints() -> None:
