@@ -44,6 +44,11 @@ def closing_events(kind: str) -> list[str]:
     return [] if kind == "responses" else [DONE_EVENT]
 
 
+def failed_stream_end(status: int, message: str, type_: str, kind: str) -> list[str]:
+    """The last events of a ``kind`` stream that failed: its error event, then its end."""
+    return [error_event(status, message, type_, kind), *closing_events(kind)]
+
+
 def event_data(chunk: Any) -> dict[str, Any] | None:
     """The JSON object the last event of a chunk of server-sent events carries (its ``data:``
     line), or None (``[DONE]``, not an event, not an object)."""

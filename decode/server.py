@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from cluster.engine import EngineServer, is_error
-from cluster.sse import closing_events, ends_stream, error_event, event_error
+from cluster.sse import ends_stream, event_error, failed_stream_end
 from kvtransfer.release import release_transfer
 
 
@@ -42,9 +42,10 @@ def decode_body(body: dict[str, Any], kv_transfer_params: dict[str, Any] | None)
     return out
 
 
-def server_error_event(message: str, kind: str = "completion") -> str:
-    """An OpenAI-style SSE error event (a 500: the server failed, not the request)."""
-    return error_event(500, message, "InternalServerError", kind)
+def server_failure_end(message: str, kind: str) -> list[str]:
+    """The end of a ``kind`` stream the server failed (a 500 error event, not the request's
+    fault)."""
+    return failed_stream_end(500, message, "InternalServerError", kind)
 
 
 class DecodeServer(EngineServer):
@@ -146,16 +147,14 @@ class DecodeServer(EngineServer):
         except Exception as e:
             why = "the decode engine died" if self.engine.is_dead else "the decode stream failed"
             self.count_failure("stream_failed", f"{why} mid-stream: {type(e).__name__}: {e}")
-            yield server_error_event(f"{why} mid-stream ({type(e).__name__}: {e}); the "
-                                     "response is incomplete", kind)
-            for event in closing_events(kind):
+            for event in server_failure_end(f"{why} mid-stream ({type(e).__name__}: {e}); "
+                                            "the response is incomplete", kind):
                 yield event
             return
         if not ended:
             self.count_failure("stream_cut", "a decode stream ended without its last event")
-            yield server_error_event("the decode stream ended early; the response is "
-                                     "incomplete", kind)
-            for event in closing_events(kind):
+            for event in server_failure_end("the decode stream ended early; the response "
+                                            "is incomplete", kind):
                 yield event
 
     def _release(self, params: dict[str, Any] | None, why: str) -> None:

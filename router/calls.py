@@ -38,7 +38,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from cluster.sse import carries_output, closing_events, error_body, error_event
+from cluster.sse import carries_output, error_body, failed_stream_end
 from router.coordinator import RoutingCoordinator
 from router.metrics import FirstTokenPhases, RequestTimer
 from router.openai_api import status_of
@@ -267,9 +267,9 @@ class ReplicaCalls:
             yield first
             async for chunk in gen:
                 if isinstance(chunk, dict):  # an error body mid-stream
-                    yield error_event(status_of(chunk), str(chunk["error"].get("message")),
-                                      str(chunk["error"].get("type")), kind)
-                    for event in closing_events(kind):
+                    for event in failed_stream_end(status_of(chunk),
+                                                   str(chunk["error"].get("message")),
+                                                   str(chunk["error"].get("type")), kind):
                         yield event
                     return
                 num_chunks += 1
@@ -280,9 +280,9 @@ class ReplicaCalls:
         except Exception as e:  # the replica died mid-stream: say so, never cut silently
             self._failed("decode", pin, CallFailed(f"{type(e).__name__}: {e}"))
             logger.warning("decode stream on %s failed after %d chunks", pin, num_chunks)
-            yield error_event(503, f"the decode replica failed after {num_chunks} chunks",
-                              "ServiceUnavailableError", kind)
-            for event in closing_events(kind):
+            for event in failed_stream_end(503, f"the decode replica failed after "
+                                           f"{num_chunks} chunks", "ServiceUnavailableError",
+                                           kind):
                 yield event
         finally:
             gen.cancel()  # a client that went away must not leave the request running

@@ -16,6 +16,7 @@ from cluster.sse import (
     error_event,
     event_data,
     event_error,
+    failed_stream_end,
     responses_events,
 )
 
@@ -67,6 +68,10 @@ def test_how_each_stream_ends(kind, chunk, ends) -> None:
 
 def test_closing_events_and_output() -> None:
     assert closing_events("chat") == [DONE_EVENT] and closing_events("responses") == []
+    assert failed_stream_end(503, "gone", "X", "chat") == [error_event(503, "gone", "X"),
+                                                           DONE_EVENT]
+    assert failed_stream_end(503, "gone", "X", "responses") == [
+        error_event(503, "gone", "X", "responses")]
     assert carries_output("chat", CHAT_CHUNK) and not carries_output("chat", DONE_EVENT)
     assert carries_output("responses", response_event("response.output_text.delta", delta="a"))
     assert not carries_output("responses", response_event("response.output_item.added"))
