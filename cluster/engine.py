@@ -288,7 +288,8 @@ class OpenAIEngine:
         except BaseException:
             engine.shutdown()
             raise
-        health = EngineHealth(engine, probe_workers=kv_transfer is not None)
+        health = EngineHealth(engine, probe_workers=kv_transfer is not None,
+                              progress=lambda: stats.num_steps)
         return cls(engine, state, stats, cfg, *endpoints, health=health)
 
     @property

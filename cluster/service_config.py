@@ -30,7 +30,7 @@ class RouterConfig(_Strict):
     decode_policy_kwargs: dict[str, Any] = Field(
         default_factory=lambda: {
             "running_seq_tokens": 1024.0, "kv_usage_tokens": 4096.0, "load_bound_abs_s": 0.2,
-            "load_bound_prompts": 0.0, "in_flight_ttl_s": 0.0,
+            "load_bound_prompts": 0.0, "in_flight_ttl_s": 0.0, "reuse_horizon_s": 0.0,
         },
         description="Settings of the decode policy: what a running sequence and a full KV "
         "cache weigh, in prefill-token equivalents, and a tight load band (the decode pool "

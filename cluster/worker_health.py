@@ -10,8 +10,12 @@ Two halves, in two processes:
   ``UnhealthyError`` when the engine is dead (its EngineCore exited, for example SIGKILLed by the
   OOM killer: vLLM's monitor thread sees the process sentinel even while idle and sets
   ``errored``), when a worker reports a dead transfer thread, or when the workers have not
-  answered ``max_probe_failures`` probes in a row. Ray Serve calls the replica's
-  ``check_health``, which calls ``check()``; after three failed checks it replaces the replica.
+  answered ``max_probe_failures`` probes in a row. A probe that times out while the engine
+  kept stepping (``progress``, its count of engine steps, moved) is not a failure: the workers
+  ran those steps, so they are alive, and the answer is only late (a busy machine, or a long
+  step ahead of it in the EngineCore's loop). It stays in flight and is counted as late. Ray
+  Serve calls the replica's ``check_health``, which calls ``check()``; after three failed checks
+  it replaces the replica.
 
 Each new reason is logged once; ``summary()`` tells what the last check found.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -70,7 +75,8 @@ class EngineHealth:
 
     def __init__(self, engine: Any, probe_workers: bool, probe_timeout_s: float = 5.0,
                  max_probe_failures: int = 2, probe_period_s: float = PROBE_PERIOD_S,
-                 clock: Any = time.monotonic) -> None:
+                 clock: Any = time.monotonic,
+                 progress: Callable[[], int] | None = None) -> None:
         if probe_timeout_s <= 0 or max_probe_failures < 1 or probe_period_s < 0:
             raise ValueError("probe_timeout_s must be > 0, max_probe_failures >= 1 and "
                              "probe_period_s >= 0")
@@ -80,12 +86,15 @@ class EngineHealth:
         self._max_probe_failures = max_probe_failures
         self._probe_period_s = probe_period_s
         self._clock = clock
+        self._progress = progress
+        self._progress_at_probe: int | None = None  # progress() when the probe was sent
         self._healthy_probe_at: float | None = None  # when workers last answered all healthy
         self._probe: asyncio.Task | None = None
         self.reason: str | None = None
         self.num_checks = 0
         self.num_probe_failures = 0  # consecutive
         self.num_probe_failures_total = 0
+        self.num_late_probes = 0  # timed out while the engine stepped: not failures
         self.last_check_time: float | None = None
         self.last_probe_error: str | None = None
         self._logged: str | None = None
@@ -109,6 +118,7 @@ class EngineHealth:
                 "num_checks": self.num_checks,
                 "consecutive_probe_failures": self.num_probe_failures,
                 "num_probe_failures": self.num_probe_failures_total,
+                "num_late_probes": self.num_late_probes,
                 "last_probe_error": self.last_probe_error,
                 "last_check_s_ago": None if self.last_check_time is None
                 else round(time.monotonic() - self.last_check_time, 3)}
@@ -134,16 +144,23 @@ class EngineHealth:
         if self._probe is None:
             self._probe = asyncio.ensure_future(self._engine.collective_rpc(
                 PROBE_METHOD, timeout=self._probe_timeout_s))
+            self._progress_at_probe = self._steps()
         probe = self._probe
         deadline = time.monotonic() + self._probe_timeout_s
         # A probe sent to an engine that dies never gets an answer: watch for the death.
         while not probe.done() and not self.is_engine_dead and time.monotonic() < deadline:
             await asyncio.wait({probe}, timeout=min(DEATH_POLL_S, deadline - time.monotonic()))
+        if not probe.done() and not self.is_engine_dead:
+            # One more turn of the loop: an answer (or a step) that came while this loop was
+            # held up elsewhere is read now, not taken for a timeout.
+            await asyncio.wait({probe}, timeout=DEATH_POLL_S)
         if not probe.done():
             if self.is_engine_dead:
                 probe.cancel()
                 self._probe = None
                 return ENGINE_DEAD
+            if self._stepped_since_probe():
+                return self._probe_late()  # still in flight: waited on next time
             return self._probe_failed(TimeoutError())  # still in flight: waited on next time
         self._probe = None
         if probe.cancelled() or probe.exception() is not None:
@@ -155,6 +172,22 @@ class EngineHealth:
             return "KV transfer thread dead: " + "; ".join(dead)
         self._healthy_probe_at = self._clock()
         return None
+
+    def _steps(self) -> int | None:
+        return None if self._progress is None else self._progress()
+
+    def _stepped_since_probe(self) -> bool:
+        steps = self._steps()
+        return steps is not None and self._progress_at_probe is not None and \
+            steps != self._progress_at_probe
+
+    def _probe_late(self) -> None:
+        self.num_late_probes += 1
+        self._progress_at_probe = self._steps()  # the next wait needs steps of its own
+        if self.num_late_probes == 1:
+            logger.warning("workers answered no transfer health probe within %.1f s while the "
+                           "engine kept stepping: counted as late, not failed (num_late_probes "
+                           "in the health summary)", self._probe_timeout_s)
 
     def _probe_failed(self, error: BaseException) -> str | None:
         self.num_probe_failures += 1

@@ -22,6 +22,9 @@ selector keeps each decode replica's stall budget (``router.stall_budget``).
      history the prefill pool has evicted but its decode replica still holds, or whose prefill
      replica is too busy and the policy sent it elsewhere: rather than computing its history
      again there, the decode replica computes the new turn. A cold prompt never passes this.
+     The prefill replica's tokens are those its policy charged (``charged_tokens``): a hot
+     prefix the policy copies to a new replica on purpose counts as shared with the requests
+     that will reuse it there.
      The prefill policy is told the request will not run where it chose
      (``on_request_done``).
 
@@ -115,16 +118,17 @@ def is_small_remainder(settings: PairingSettings, decode: Candidate, ctx: Routin
 
 
 def has_cache_advantage(
-    settings: PairingSettings, decode: Candidate, prefill: Candidate, ctx: RoutingContext
+    settings: PairingSettings, decode: Candidate, prefill_tokens: float, ctx: RoutingContext
 ) -> bool:
     """Whether the decode replica holds most of the prompt, and the chosen prefill replica
-    would compute ``factor`` times the decode replica's remainder."""
+    would compute ``factor`` times the decode replica's remainder (``prefill_tokens``, as the
+    prefill policy counts them)."""
     factor = settings.local_prefill_cost_factor
     remainder = ctx.uncached_tokens(decode.replica_id)
     most_cached = remainder <= settings.local_prefill_max_uncached_fraction * ctx.num_prompt_tokens
     if factor <= 0 or not most_cached:
         return False
-    return factor * remainder <= ctx.uncached_tokens(prefill.replica_id)
+    return factor * remainder <= prefill_tokens
 
 
 def is_prefill_saturated(settings: PairingSettings, prefill: Sequence[Candidate]) -> bool:
@@ -186,7 +190,9 @@ class PairSelector:
                 and self.takes_stall(decode, ctx):
             return PairChoice(None, decode)
         prefill = self.prefill_policy.select(prefill_candidates, ctx)
-        if local and has_cache_advantage(s, decode, prefill, ctx) \
+        if local and has_cache_advantage(
+            s, decode, self.prefill_policy.charged_tokens(prefill, ctx), ctx
+        ) \
                 and self.takes_stall(decode, ctx):
             self.prefill_policy.on_request_done(prefill.replica_id, ctx)  # it will not run there
             return PairChoice(None, decode)

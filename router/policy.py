@@ -10,6 +10,11 @@ Called by the router, in the ingress process, on the event loop (never concurren
     every signal a policy may use (load, cache overlap, prompt size); a new signal is a new field
     of ``RoutingContext`` or ``ReplicaLoad``, never a new argument. Must not mutate ``candidates``.
 
+``charged_tokens(choice, ctx) -> float``
+    Optional, called right after ``select`` chose ``choice`` for ``ctx``: the prompt tokens the
+    policy counted against it (by default its uncached tokens). The pairing compares them with
+    what the decode replica would compute.
+
 ``on_request_done(replica_id, ctx)``
     Optional hook, called once when a request routed by this policy finished on ``replica_id``
     (successfully or not). Policies that keep their own bookkeeping update it here.
@@ -87,6 +92,12 @@ class RoutingPolicy(abc.ABC):
     @abc.abstractmethod
     def select(self, candidates: Sequence[Candidate], ctx: RoutingContext) -> Candidate:
         """Return the candidate the request should go to."""
+
+    def charged_tokens(self, choice: Candidate, ctx: RoutingContext) -> float:
+        """Prompt tokens this policy counted against ``choice``, just selected for ``ctx``:
+        its uncached tokens, unless the policy shares some of that cost with later requests
+        (``cache_cost`` copying a hot prefix)."""
+        return ctx.uncached_tokens(choice.replica_id)
 
     def on_request_done(self, replica_id: str, ctx: RoutingContext) -> None:  # noqa: B027
         """Hook: a request routed by this policy finished on ``replica_id``."""

@@ -30,6 +30,18 @@ The cached tokens are the KV index's, or more where this policy has sent a reque
 prefix to that candidate that has not finished yet (``in_flight``): it runs first there, so the
 blocks will be cached when this request runs.
 
+A hot prefix is copied rather than queued for. A miss on the longest prefix some candidate holds
+is paid once and then serves every later request that goes there, so when many requests reuse
+that prefix (``router.policies.prefix_heat``: decayed counts over ``reuse_horizon_s``), a
+candidate that lacks it is charged only its share of the copy: the compute of the missing part
+divided by the requests expected to reuse it there (the recent count over the holders there
+would then be), if that is at least ``reuse_min_requests``. A few long system prompts behind
+most of the traffic then spread over as many replicas as their load needs, instead of queueing
+on the one that computed them first; a conversation's history, reused once a turn, is still
+paid in full. The band sees the whole compute; ``charged_tokens`` tells the pairing what the
+choice was charged, so that a copy made on purpose is not taken for a replica sent away from
+the cache.
+
 Ties go to the sooner finish (``wait + compute``), then to a seeded random pick, so that cold
 prompts spread.
 
@@ -48,6 +60,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from router.policies.in_flight import InFlightPrompts
+from router.policies.prefix_heat import PrefixHeat
 from router.policy import (
     NOMINAL_PREFILL_TOKENS_PER_S,
     Candidate,
@@ -92,6 +105,16 @@ class CacheCostSettings(BaseModel):
         "have not finished as cached where they went, for at most this long (0: the KV index "
         "alone)."
     )
+    reuse_horizon_s: float = Field(
+        60.0, ge=0, description="Share a miss on a prefix that other candidates hold among the "
+        "requests expected to reuse it: a candidate's compute for that part is divided by the "
+        "requests that reused the prefix within about this many seconds, per holder it would "
+        "make (0: every request pays its whole miss).",
+    )
+    reuse_min_requests: float = Field(
+        8.0, ge=1, description="...only when at least this many requests would share it: a "
+        "prefix reused less often is paid by the request that misses it.",
+    )
     seed: int | None = Field(None, description="Seed of the tie-breaking random generator.")
 
 
@@ -104,6 +127,10 @@ class CacheCostPolicy(RoutingPolicy):
         self.settings = CacheCostSettings(**settings)
         self._rng = random.Random(self.settings.seed)
         self._in_flight = InFlightPrompts(self.settings.in_flight_ttl_s)
+        horizon_s = self.settings.reuse_horizon_s
+        self._heat = PrefixHeat(horizon_s) if horizon_s else None
+        # (request id, replica id, tokens): what the last select charged its choice
+        self._last_charged: tuple[str, str, float] | None = None
 
     def speed(self, candidate: Candidate) -> float:
         """Prefill tokens per second the candidate computes (reported, else nominal)."""
@@ -138,27 +165,64 @@ class CacheCostPolicy(RoutingPolicy):
     def select(self, candidates: Sequence[Candidate], ctx: RoutingContext) -> Candidate:
         now_s = time.monotonic() if ctx.now_s is None else ctx.now_s
         cached = self.cached_tokens(ctx, now_s)
-        choice = self._best(candidates, ctx, cached)
+        shared, sharers = self._reuse(candidates, ctx, cached, now_s)
+        choice = self._best(candidates, ctx, cached, shared, sharers)
+        # In the KV index's terms, as the pairing counts the other replicas' tokens.
+        saved = shared_miss_tokens(ctx, ctx.cached_tokens.get(choice.replica_id, 0), shared)
+        self._last_charged = (ctx.request_id, choice.replica_id,
+                              ctx.uncached_tokens(choice.replica_id) - saved * (1 - 1 / sharers))
         if self.settings.in_flight_ttl_s and ctx.block_hashes:
             self._in_flight.add(
                 ctx.request_id, choice.replica_id, ctx.block_hashes, ctx.block_size, now_s
             )
         return choice
 
+    def charged_tokens(self, choice: Candidate, ctx: RoutingContext) -> float:
+        last = self._last_charged
+        if last is None or last[:2] != (ctx.request_id, choice.replica_id):
+            return super().charged_tokens(choice, ctx)
+        return last[2]
+
     def on_request_done(self, replica_id: str, ctx: RoutingContext) -> None:
         self._in_flight.remove(ctx.request_id)
 
+    def _reuse(
+        self, candidates: Sequence[Candidate], ctx: RoutingContext, cached: dict[str, int],
+        now_s: float,
+    ) -> tuple[int, float]:
+        """The longest prefix a candidate holds (tokens), and how many requests would share
+        computing it on a candidate that lacks it: the requests that reused it within about
+        ``reuse_horizon_s`` (this one counted), over the holders there would then be (at
+        least 1)."""
+        shared = max((cached.get(c.replica_id, 0) for c in candidates), default=0)
+        num_blocks = min(shared // max(1, ctx.block_size), len(ctx.block_hashes))
+        if self._heat is None or num_blocks == 0:
+            return shared, 1.0
+        key = ctx.block_hashes[num_blocks - 1]
+        count = self._heat.record(key, now_s)
+        holders = sum(1 for c in candidates if cached.get(c.replica_id, 0) >= shared)
+        sharers = count / (holders + 1)
+        return shared, sharers if sharers >= self.settings.reuse_min_requests else 1.0
+
     def _best(
-        self, candidates: Sequence[Candidate], ctx: RoutingContext, cached: dict[str, int]
+        self, candidates: Sequence[Candidate], ctx: RoutingContext, cached: dict[str, int],
+        shared: int, sharers: float,
     ) -> Candidate:
         s = self.settings
         waits = [self.wait_s(c) for c in candidates]
         computes = [self.compute_s(c, ctx, cached.get(c.replica_id, 0)) for c in candidates]
+        # The part of a miss on the shared prefix that later requests will reuse is not this
+        # request's to pay (the band below still sees the whole compute).
+        shares = [
+            shared_miss_tokens(ctx, cached.get(c.replica_id, 0), shared)
+            * (1.0 - 1.0 / sharers) / self.speed(c)
+            for c in candidates
+        ]
         finishes = [w + c for w, c in zip(waits, computes, strict=True)]
         mean_finish = sum(finishes) / len(finishes)
         keys = []
-        for candidate, wait, compute, finish in zip(
-            candidates, waits, computes, finishes, strict=True
+        for candidate, wait, compute, finish, saved in zip(
+            candidates, waits, computes, finishes, shares, strict=True
         ):
             whole_prompt_s = ctx.num_prompt_tokens / self.speed(candidate)
             bound = (
@@ -166,7 +230,12 @@ class CacheCostPolicy(RoutingPolicy):
                 + s.load_bound_prompts * whole_prompt_s
                 + s.load_bound_abs_s
             )
-            keys.append((finish > bound, compute + s.load_weight * wait, finish))
+            keys.append((finish > bound, compute - saved + s.load_weight * wait, finish))
         best = min(keys)
         tied = [c for c, key in zip(candidates, keys, strict=True) if key == best]
         return tied[0] if len(tied) == 1 else self._rng.choice(tied)
+
+
+def shared_miss_tokens(ctx: RoutingContext, held: int, shared: int) -> int:
+    """Tokens of the longest held prefix (``shared``) that a replica holding ``held`` lacks."""
+    return max(0, min(shared, ctx.num_prompt_tokens) - held)

@@ -117,6 +117,32 @@ async def test_probe_timeouts_count_only_in_a_row() -> None:
     assert health.summary()["healthy"] is True
 
 
+async def test_a_late_probe_is_no_failure_while_the_engine_steps(caplog) -> None:
+    steps, stepping = [0], [True]
+
+    def progress() -> int:  # the engine's step count: it moves between two reads while stepping
+        steps[0] += stepping[0]
+        return steps[0]
+
+    engine, health = make(["hang"], max_probe_failures=1, progress=progress)
+    with caplog.at_level(logging.WARNING, logger="cluster.worker_health"):
+        await health.check()
+        await health.check()  # still unanswered, still stepping: late again, not failed
+    assert health.num_probe_failures == 0 and health.num_late_probes == 2
+    assert health.summary()["num_late_probes"] == 2 and health.summary()["healthy"] is True
+    assert sum("counted as late" in r.getMessage() for r in caplog.records) == 1
+    assert len(engine.rpc_calls) == 1  # the same probe, waited on again
+    # The engine stops stepping and the probe is still unanswered: that is a failure.
+    stepping[0] = False
+    with pytest.raises(UnhealthyError, match="did not answer 1 transfer health probes"):
+        await health.check()
+    engine.hang.set()
+    await asyncio.sleep(0)
+    engine.answers.append([None])
+    await health.check()
+    assert health.summary()["healthy"] is True
+
+
 async def test_rpc_errors_count_like_timeouts() -> None:
     engine, health = make([RuntimeError("boom"), [None], RuntimeError("boom"),
                            RuntimeError("boom")], max_probe_failures=2)

@@ -89,6 +89,35 @@ def test_a_conversation_sent_away_from_its_busy_prefill_replica_is_prefilled_on_
     assert s.select(PREFILL, DECODE[:1], ctx(10_000, history)).prefill is PREFILL[0]
 
 
+def test_a_hot_prefix_copied_to_another_prefill_replica_is_not_pulled_to_decode() -> None:
+    """p0 and d0 hold a 4,096-token system prompt; p0 has 0.8 s queued, p1 is idle. Once many
+    requests reuse the prompt, the prefill policy copies it to p1 on purpose: the copy is
+    shared with the requests that follow, so decode's cache advantage (512 tokens to compute
+    against p1's 4,608) does not pull the request to d0."""
+
+    def select(s: PairSelector, i: int) -> PairChoice:
+        request = ctx(4_608, {"p0": 4_096, "d0": 4_096}, now_s=0.01 * i)
+        request.request_id = f"q{i}"
+        request.block_hashes = [hash(("system", b)) for b in range(256)] + [i, i + 1]
+        return s.select((cand("p0", queued=8_000), cand("p1")), (cand("d0"),), request)
+
+    def hot_selector(**settings: object) -> PairSelector:
+        return PairSelector(make_policy("cache_cost", seed=0, reuse_horizon_s=10.0),
+                            make_policy("cache_cost", seed=0), PairingSettings(**settings))
+
+    s = hot_selector()
+    choices = [select(s, i) for i in range(30)]
+    assert choices[0].prefill is not None and choices[0].prefill.replica_id == "p0"
+    last = choices[-1]
+    assert not last.is_local_prefill and last.prefill.replica_id == "p1"
+    # The same request seen as a one-off: decode's advantage holds, and d0 computes it.
+    assert select(selector(), 0).is_local_prefill is False  # p0 still wins when it is alone
+    cold = hot_selector()
+    request = ctx(4_608, {"d0": 4_096, "p0": 4_096}, now_s=0.0)
+    assert cold.prefill_policy.charged_tokens(cand("p1"), request) \
+        == 4_608  # no decision recorded for this request: its uncached tokens
+
+
 def test_the_stall_budget_bounds_local_prefills_on_a_busy_decode_replica() -> None:
     # Factor 1.25: a fifth of the time may go to local prefill, at most a 1 s window's worth
     # (0.2 s: 2000 tokens at 10k tokens/s) at once.

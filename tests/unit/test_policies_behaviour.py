@@ -73,6 +73,33 @@ def test_cache_cost_follows_a_prefix_it_sent_before_the_index_sees_it() -> None:
     assert policy.select(busier, ctx("c", longer, 2.0)).replica_id == "r1"
 
 
+def test_cache_cost_spreads_a_hot_prefix_but_not_a_cold_one() -> None:
+    """r0 holds a 4096-token prefix and has 0.8 s queued; r1 is idle. A request that is alone
+    on the prefix stays on r0 (0.05 s + 0.1 * 0.8 s against 0.46 s on r1). When 20 requests
+    reused the prefix within the horizon, r1 would share its copy with about 10 of them: its
+    charge falls to 0.46 - 0.41 * 0.9 s and it wins; once r1 holds the prefix too, the next
+    copy would be shared by fewer."""
+    policy = CacheCostPolicy(reuse_horizon_s=10.0, in_flight_ttl_s=0, seed=0)
+    cands = [cand("r0", queued=8000), cand("r1")]
+
+    def ctx(i: int, now: float, cached: dict[str, int]) -> RoutingContext:
+        prompt = list(range(4096)) + [10_000 + i] * 512
+        return RoutingContext(f"q{i}", len(prompt), BLOCK, prompt, cached,
+                              hash_token_blocks(prompt, BLOCK), now)
+
+    assert policy.select(cands, ctx(0, 0.0, {"r0": 4096})).replica_id == "r0"
+    assert policy.charged_tokens(cands[0], ctx(0, 0.0, {"r0": 4096})) == 512
+    choices = [policy.select(cands, ctx(i, 0.01 * i, {"r0": 4096})).replica_id
+               for i in range(1, 20)]
+    assert choices[:3] == ["r0"] * 3 and choices[-1] == "r1"
+    hot = ctx(20, 0.2, {"r0": 4096})
+    assert policy.select(cands, hot).replica_id == "r1"
+    charged = policy.charged_tokens(cands[1], hot)
+    assert 512 < charged < 4096 + 512 - 0.85 * 4096
+    # Without the horizon the same hot request stays on r0.
+    assert CacheCostPolicy(in_flight_ttl_s=0, seed=0).select(cands, hot).replica_id == "r0"
+
+
 def test_cache_cost_picks_within_the_restated_rule() -> None:
     rng = random.Random(1)
     policy = CacheCostPolicy(running_seq_tokens=64, in_flight_ttl_s=0, seed=0)
