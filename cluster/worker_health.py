@@ -13,7 +13,8 @@ Two halves, in two processes:
   answered ``max_probe_failures`` probes in a row. A probe that times out while the engine
   kept stepping (``progress``, its count of engine steps, moved) is not a failure: the workers
   ran those steps, so they are alive, and the answer is only late (a busy machine, or a long
-  step ahead of it in the EngineCore's loop). It stays in flight and is counted as late. Ray
+  step ahead of it in the EngineCore's loop). It stays in flight and is counted as late, at
+  most ``max_late_probes`` checks in a row; after that, its timeouts are failures again. Ray
   Serve calls the replica's ``check_health``, which calls ``check()``; after three failed checks
   it replaces the replica.
 
@@ -76,10 +77,11 @@ class EngineHealth:
     def __init__(self, engine: Any, probe_workers: bool, probe_timeout_s: float = 5.0,
                  max_probe_failures: int = 2, probe_period_s: float = PROBE_PERIOD_S,
                  clock: Any = time.monotonic,
-                 progress: Callable[[], int] | None = None) -> None:
-        if probe_timeout_s <= 0 or max_probe_failures < 1 or probe_period_s < 0:
-            raise ValueError("probe_timeout_s must be > 0, max_probe_failures >= 1 and "
-                             "probe_period_s >= 0")
+                 progress: Callable[[], int] | None = None, max_late_probes: int = 6) -> None:
+        if probe_timeout_s <= 0 or max_probe_failures < 1 or probe_period_s < 0 \
+                or max_late_probes < 0:
+            raise ValueError("probe_timeout_s must be > 0, max_probe_failures >= 1, and "
+                             "probe_period_s and max_late_probes >= 0")
         self._engine = engine
         self._probe_workers = probe_workers
         self._probe_timeout_s = probe_timeout_s
@@ -88,6 +90,8 @@ class EngineHealth:
         self._clock = clock
         self._progress = progress
         self._progress_at_probe: int | None = None  # progress() when the probe was sent
+        self._max_late_probes = max_late_probes
+        self._late_in_row = 0  # checks that found the probe in flight late, in a row
         self._healthy_probe_at: float | None = None  # when workers last answered all healthy
         self._probe: asyncio.Task | None = None
         self.reason: str | None = None
@@ -159,10 +163,11 @@ class EngineHealth:
                 probe.cancel()
                 self._probe = None
                 return ENGINE_DEAD
-            if self._stepped_since_probe():
+            if self._stepped_since_probe() and self._late_in_row < self._max_late_probes:
                 return self._probe_late()  # still in flight: waited on next time
             return self._probe_failed(TimeoutError())  # still in flight: waited on next time
         self._probe = None
+        self._late_in_row = 0
         if probe.cancelled() or probe.exception() is not None:
             error = probe.exception() if not probe.cancelled() else RuntimeError("cancelled")
             return ENGINE_DEAD if self.is_engine_dead else self._probe_failed(error)
@@ -183,6 +188,7 @@ class EngineHealth:
 
     def _probe_late(self) -> None:
         self.num_late_probes += 1
+        self._late_in_row += 1
         self._progress_at_probe = self._steps()  # the next wait needs steps of its own
         if self.num_late_probes == 1:
             logger.warning("workers answered no transfer health probe within %.1f s while the "

@@ -40,7 +40,8 @@ most of the traffic then spread over as many replicas as their load needs, inste
 on the one that computed them first; a conversation's history, reused once a turn, is still
 paid in full. The band sees the whole compute; ``charged_tokens`` tells the pairing what the
 choice was charged, so that a copy made on purpose is not taken for a replica sent away from
-the cache.
+the cache. The charge is in the KV index's terms, as the pairing's other figures are: a copy
+still in flight is charged as a share of a copy, not as a hit.
 
 Ties go to the sooner finish (``wait + compute``), then to a seeded random pick, so that cold
 prompts spread.
@@ -54,7 +55,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -165,10 +166,14 @@ class CacheCostPolicy(RoutingPolicy):
     def select(self, candidates: Sequence[Candidate], ctx: RoutingContext) -> Candidate:
         now_s = time.monotonic() if ctx.now_s is None else ctx.now_s
         cached = self.cached_tokens(ctx, now_s)
-        shared, sharers = self._reuse(candidates, ctx, cached, now_s)
+        shared, reuse = self._reuse(candidates, ctx, cached, now_s)
+        sharers = self._sharers(reuse, candidates, cached, shared)
         choice = self._best(candidates, ctx, cached, shared, sharers)
-        # In the KV index's terms, as the pairing counts the other replicas' tokens.
-        saved = shared_miss_tokens(ctx, ctx.cached_tokens.get(choice.replica_id, 0), shared)
+        # The pairing counts every replica's tokens in the KV index's terms (blocks cached now),
+        # so the charge does too: a copy still in flight is not a holder yet.
+        indexed = ctx.cached_tokens
+        saved = shared_miss_tokens(ctx, indexed.get(choice.replica_id, 0), shared)
+        sharers = self._sharers(reuse, candidates, indexed, shared)
         self._last_charged = (ctx.request_id, choice.replica_id,
                               ctx.uncached_tokens(choice.replica_id) - saved * (1 - 1 / sharers))
         if self.settings.in_flight_ttl_s and ctx.block_hashes:
@@ -187,22 +192,27 @@ class CacheCostPolicy(RoutingPolicy):
         self._in_flight.remove(ctx.request_id)
 
     def _reuse(
-        self, candidates: Sequence[Candidate], ctx: RoutingContext, cached: dict[str, int],
+        self, candidates: Sequence[Candidate], ctx: RoutingContext, cached: Mapping[str, int],
         now_s: float,
     ) -> tuple[int, float]:
-        """The longest prefix a candidate holds (tokens), and how many requests would share
-        computing it on a candidate that lacks it: the requests that reused it within about
-        ``reuse_horizon_s`` (this one counted), over the holders there would then be (at
-        least 1)."""
+        """The longest prefix a candidate holds (tokens), and how many requests reused it
+        within about ``reuse_horizon_s``, this one counted (0: not counted)."""
         shared = max((cached.get(c.replica_id, 0) for c in candidates), default=0)
         num_blocks = min(shared // max(1, ctx.block_size), len(ctx.block_hashes))
         if self._heat is None or num_blocks == 0:
-            return shared, 1.0
-        key = ctx.block_hashes[num_blocks - 1]
-        count = self._heat.record(key, now_s)
+            return shared, 0.0
+        return shared, self._heat.record(ctx.block_hashes[num_blocks - 1], now_s)
+
+    def _sharers(
+        self, reuse: float, candidates: Sequence[Candidate], cached: Mapping[str, int],
+        shared: int,
+    ) -> float:
+        """How many requests would share computing the shared prefix on a candidate that lacks
+        it: the recent reuses over the holders there would then be, if at least
+        ``reuse_min_requests``; else 1 (the request pays its whole miss)."""
         holders = sum(1 for c in candidates if cached.get(c.replica_id, 0) >= shared)
-        sharers = count / (holders + 1)
-        return shared, sharers if sharers >= self.settings.reuse_min_requests else 1.0
+        sharers = reuse / (holders + 1)
+        return sharers if sharers >= self.settings.reuse_min_requests else 1.0
 
     def _best(
         self, candidates: Sequence[Candidate], ctx: RoutingContext, cached: dict[str, int],

@@ -143,6 +143,17 @@ async def test_a_late_probe_is_no_failure_while_the_engine_steps(caplog) -> None
     assert health.summary()["healthy"] is True
 
 
+async def test_a_probe_late_for_too_many_checks_fails_although_the_engine_steps() -> None:
+    steps = iter(range(1000))
+    engine, health = make(["hang"], max_probe_failures=1, max_late_probes=2,
+                          progress=lambda: next(steps))
+    await health.check()
+    await health.check()
+    assert health.num_late_probes == 2
+    with pytest.raises(UnhealthyError, match="did not answer 1 transfer health probes"):
+        await health.check()
+
+
 async def test_rpc_errors_count_like_timeouts() -> None:
     engine, health = make([RuntimeError("boom"), [None], RuntimeError("boom"),
                            RuntimeError("boom")], max_probe_failures=2)
@@ -188,6 +199,8 @@ def test_bad_settings_are_refused() -> None:
         EngineHealth(FakeAsyncLLM(), probe_workers=True, max_probe_failures=0)
     with pytest.raises(ValueError):
         EngineHealth(FakeAsyncLLM(), probe_workers=True, probe_period_s=-1)
+    with pytest.raises(ValueError):
+        EngineHealth(FakeAsyncLLM(), probe_workers=True, max_late_probes=-1)
 
 
 def test_summary_sees_a_death_before_the_next_check() -> None:
