@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
+START_ATTEMPTS = 2  # a local cluster whose start fails is started once more
 
 
 def cluster_address(address: str | None = None) -> str | None:
@@ -42,7 +43,18 @@ def connect_or_start(cfg: PDConfig, address: str | None = None) -> None:
     num_cpus = max(os.cpu_count() or 1, math.ceil(local_num_cpus(cfg)))
     logger.info("starting a local Ray cluster with %d CPUs and resources %s", num_cpus, resources)
     with affinity(parse_cores(cfg.serving_cores) if cfg.serving_cores else None):
-        ray.init(num_cpus=num_cpus, resources=resources, include_dashboard=True)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                ray.init(num_cpus=num_cpus, resources=resources, include_dashboard=True)
+                return
+            except Exception as e:
+                if attempt == START_ATTEMPTS:
+                    raise
+                # Seen once in CI: Ray's dashboard process aborted at start (return code -6,
+                # before writing a log), and ray.init raised.
+                logger.warning("starting the local Ray cluster failed (%s: %s); starting it "
+                               "again", type(e).__name__, e)
+                ray.shutdown()
 
 
 def parse_cores(text: str) -> set[int]:

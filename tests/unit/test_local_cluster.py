@@ -53,3 +53,34 @@ def test_a_replica_starts_its_engine_on_its_pools_cores_only_with_serving_cores(
         thread.join()
     assert seen["off"] == os.sched_getaffinity(0)
     assert seen["on"] == {core}
+
+
+def test_a_failed_local_start_is_tried_once_more(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """ray.init is faked: the first start fails as it did when Ray's dashboard aborted."""
+    import logging
+
+    import ray
+
+    calls: list[str] = []
+
+    def init(**kwargs: object) -> None:
+        calls.append("init")
+        if calls.count("init") <= failures:
+            raise Exception("Failed to read dashboard.err file")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    from cluster.local import connect_or_start
+
+    failures = 1
+    with caplog.at_level(logging.WARNING, logger="cluster.local"):
+        connect_or_start(PDConfig())
+    assert calls == ["init", "shutdown", "init"]
+    assert "starting it again" in caplog.text
+    calls.clear()
+    failures = 2
+    with pytest.raises(Exception, match="dashboard.err"):
+        connect_or_start(PDConfig())
+    assert calls == ["init", "shutdown", "init"]
