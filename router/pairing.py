@@ -190,9 +190,8 @@ class PairSelector:
                 and self.takes_stall(decode, ctx):
             return PairChoice(None, decode)
         prefill = self.prefill_policy.select(prefill_candidates, ctx)
-        if local and has_cache_advantage(
-            s, decode, self.prefill_policy.charged_tokens(prefill, ctx), ctx
-        ) \
+        charged = self.prefill_policy.charged_tokens(prefill, ctx)
+        if local and has_cache_advantage(s, decode, charged, ctx) \
                 and self.takes_stall(decode, ctx):
             self.prefill_policy.on_request_done(prefill.replica_id, ctx)  # it will not run there
             return PairChoice(None, decode)

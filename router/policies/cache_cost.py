@@ -172,10 +172,10 @@ class CacheCostPolicy(RoutingPolicy):
         # The pairing counts every replica's tokens in the KV index's terms (blocks cached now),
         # so the charge does too: a copy still in flight is not a holder yet.
         indexed = ctx.cached_tokens
-        saved = shared_miss_tokens(ctx, indexed.get(choice.replica_id, 0), shared)
-        sharers = self._sharers(reuse, candidates, indexed, shared)
-        self._last_charged = (ctx.request_id, choice.replica_id,
-                              ctx.uncached_tokens(choice.replica_id) - saved * (1 - 1 / sharers))
+        self._last_charged = (ctx.request_id, choice.replica_id, charge_tokens(
+            ctx, indexed.get(choice.replica_id, 0), shared,
+            self._sharers(reuse, candidates, indexed, shared),
+        ))
         if self.settings.in_flight_ttl_s and ctx.block_hashes:
             self._in_flight.add(
                 ctx.request_id, choice.replica_id, ctx.block_hashes, ctx.block_size, now_s
@@ -221,18 +221,16 @@ class CacheCostPolicy(RoutingPolicy):
         s = self.settings
         waits = [self.wait_s(c) for c in candidates]
         computes = [self.compute_s(c, ctx, cached.get(c.replica_id, 0)) for c in candidates]
-        # The part of a miss on the shared prefix that later requests will reuse is not this
-        # request's to pay (the band below still sees the whole compute).
-        shares = [
-            shared_miss_tokens(ctx, cached.get(c.replica_id, 0), shared)
-            * (1.0 - 1.0 / sharers) / self.speed(c)
+        # The band sees the whole compute; the choice within it, the compute charged.
+        charges = [
+            charge_tokens(ctx, cached.get(c.replica_id, 0), shared, sharers) / self.speed(c)
             for c in candidates
         ]
         finishes = [w + c for w, c in zip(waits, computes, strict=True)]
         mean_finish = sum(finishes) / len(finishes)
         keys = []
-        for candidate, wait, compute, finish, saved in zip(
-            candidates, waits, computes, finishes, shares, strict=True
+        for candidate, wait, charge, finish in zip(
+            candidates, waits, charges, finishes, strict=True
         ):
             whole_prompt_s = ctx.num_prompt_tokens / self.speed(candidate)
             bound = (
@@ -240,12 +238,14 @@ class CacheCostPolicy(RoutingPolicy):
                 + s.load_bound_prompts * whole_prompt_s
                 + s.load_bound_abs_s
             )
-            keys.append((finish > bound, compute - saved + s.load_weight * wait, finish))
+            keys.append((finish > bound, charge + s.load_weight * wait, finish))
         best = min(keys)
         tied = [c for c, key in zip(candidates, keys, strict=True) if key == best]
         return tied[0] if len(tied) == 1 else self._rng.choice(tied)
 
 
-def shared_miss_tokens(ctx: RoutingContext, held: int, shared: int) -> int:
-    """Tokens of the longest held prefix (``shared``) that a replica holding ``held`` lacks."""
-    return max(0, min(shared, ctx.num_prompt_tokens) - held)
+def charge_tokens(ctx: RoutingContext, held: int, shared: int, sharers: float) -> float:
+    """Prompt tokens a replica holding ``held`` of them is charged: those it lacks, less the
+    part of its miss on the longest held prefix (``shared``) that later requests share."""
+    shared_miss = max(0, min(shared, ctx.num_prompt_tokens) - held)
+    return max(0, ctx.num_prompt_tokens - held) - shared_miss * (1.0 - 1.0 / sharers)
