@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 
 class _Strict(BaseModel):
@@ -14,6 +14,13 @@ class _Strict(BaseModel):
 
 
 API_KEY_ENV = "PDSERVE_API_KEY"  # the ingress's API key when RouterConfig.api_key is unset
+
+
+# cache_cost's settings for the decode pool, under whatever decode_policy_kwargs sets.
+DECODE_CACHE_COST_DEFAULTS: dict[str, float] = {
+    "running_seq_tokens": 1024.0, "kv_usage_tokens": 4096.0, "load_bound_abs_s": 0.2,
+    "load_bound_prompts": 0.0, "in_flight_ttl_s": 0.0, "reuse_horizon_s": 0.0,
+}
 
 
 class RouterConfig(_Strict):
@@ -28,13 +35,11 @@ class RouterConfig(_Strict):
         "cache_cost's defaults are the prefill pool's)."
     )
     decode_policy_kwargs: dict[str, Any] = Field(
-        default_factory=lambda: {
-            "running_seq_tokens": 1024.0, "kv_usage_tokens": 4096.0, "load_bound_abs_s": 0.2,
-            "load_bound_prompts": 0.0, "in_flight_ttl_s": 0.0, "reuse_horizon_s": 0.0,
-        },
-        description="Settings of the decode policy: what a running sequence and a full KV "
-        "cache weigh, in prefill-token equivalents, and a tight load band (the decode pool "
-        "balances running sequences first).",
+        default_factory=dict,
+        description="Settings of the decode policy. For cache_cost they are laid over the "
+        "decode pool's defaults (DECODE_CACHE_COST_DEFAULTS: what a running sequence and a full "
+        "KV cache weigh, in prefill-token equivalents, and a tight load band, since the decode "
+        "pool balances running sequences first), so that setting one keeps the others.",
     )
     pairing: dict[str, Any] = Field(
         default_factory=dict,
@@ -86,6 +91,12 @@ class RouterConfig(_Strict):
         "--trust-request-chat-template; the engines need that flag in extra_args too). Off: "
         "such a request gets a 400."
     )
+
+    @model_validator(mode="after")
+    def _decode_defaults(self) -> RouterConfig:
+        if self.decode_policy == "cache_cost":
+            self.decode_policy_kwargs = {**DECODE_CACHE_COST_DEFAULTS, **self.decode_policy_kwargs}
+        return self
 
     def coordinator_settings(self, block_size: int) -> dict[str, Any]:
         return {"block_size": block_size, "prefill_policy": self.prefill_policy,

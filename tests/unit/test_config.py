@@ -196,3 +196,17 @@ def test_from_args_does_not_change_its_argument(tmp_path: Path) -> None:
     args = {"config_file": str(path), "route_prefix": "/x"}
     PDConfig.from_args(args)
     assert args == {"config_file": str(path), "route_prefix": "/x"}
+
+
+def test_decode_policy_settings_keep_the_decode_pools_defaults() -> None:
+    """Setting one of cache_cost's decode settings keeps the others the decode pool needs
+    (a whole-dict replacement would fall back to the prefill pool's defaults); another
+    policy gets none of them."""
+    cfg = PDConfig.model_validate({"router": {"decode_policy_kwargs": {"load_bound_abs_s": 0.5}}})
+    kwargs = cfg.router.decode_policy_kwargs
+    assert kwargs["load_bound_abs_s"] == 0.5
+    assert kwargs["running_seq_tokens"] == PDConfig().router.decode_policy_kwargs[
+        "running_seq_tokens"] > 0
+    assert PDConfig.model_validate(cfg.model_dump()) == cfg
+    other = PDConfig.model_validate({"router": {"decode_policy": "least_loaded"}})
+    assert other.router.decode_policy_kwargs == {}
