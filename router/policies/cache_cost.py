@@ -30,18 +30,18 @@ The cached tokens are the KV index's, or more where this policy has sent a reque
 prefix to that candidate that has not finished yet (``in_flight``): it runs first there, so the
 blocks will be cached when this request runs.
 
-A hot prefix is copied rather than queued for. A miss on the longest prefix some candidate holds
-is paid once and then serves every later request that goes there, so when many requests reuse
-that prefix (``router.policies.prefix_heat``: decayed counts over ``reuse_horizon_s``), a
-candidate that lacks it is charged only its share of the copy: the compute of the missing part
-divided by the requests expected to reuse it there (the recent count over the holders there
-would then be), if that is at least ``reuse_min_requests``. A few long system prompts behind
-most of the traffic then spread over as many replicas as their load needs, instead of queueing
-on the one that computed them first; a conversation's history, reused once a turn, is still
-paid in full. The band sees the whole compute; ``charged_tokens`` tells the pairing what the
-choice was charged, so that a copy made on purpose is not taken for a replica sent away from
-the cache. The charge is in the KV index's terms, as the pairing's other figures are: a copy
-still in flight is charged as a share of a copy, not as a hit.
+A hot prefix is copied rather than queued for. A miss on the longest prefix some candidate holds is
+paid once and then serves every later request that goes there, so when many requests reuse that
+prefix (``router.policies.prefix_heat``: decayed counts over ``reuse_horizon_s``; a request routed
+again before it finished, a retry, counts once), a candidate that lacks it is charged only its
+share of the copy: the compute of the missing part divided by the requests expected to reuse it
+there (the recent count over the holders there would then be), if that is at least
+``reuse_min_requests``. A few long system prompts behind most of the traffic then spread over as
+many replicas as their load needs, instead of queueing on the one that computed them first; a
+conversation's history, reused once a turn, is still paid in full. The band sees the whole compute;
+``charged_tokens`` tells the pairing what the choice was charged, so that a copy made on purpose is
+not taken for a replica sent away from the cache. The charge is in the KV index's terms, as the
+pairing's other figures are: a copy still in flight is charged as a share of a copy, not as a hit.
 
 Ties go to the sooner finish (``wait + compute``), then to a seeded random pick, so that cold
 prompts spread.
@@ -166,7 +166,9 @@ class CacheCostPolicy(RoutingPolicy):
     def select(self, candidates: Sequence[Candidate], ctx: RoutingContext) -> Candidate:
         now_s = time.monotonic() if ctx.now_s is None else ctx.now_s
         cached = self.cached_tokens(ctx, now_s)
-        shared, reuse = self._reuse(candidates, ctx, cached, now_s)
+        # A retry (routed before, not done) was counted as a reuse the first time.
+        is_retry = ctx.request_id in self._in_flight
+        shared, reuse = self._reuse(candidates, ctx, cached, now_s, count_it=not is_retry)
         sharers = self._sharers(reuse, candidates, cached, shared)
         choice = self._best(candidates, ctx, cached, shared, sharers)
         # The pairing counts every replica's tokens in the KV index's terms (blocks cached now),
@@ -193,15 +195,16 @@ class CacheCostPolicy(RoutingPolicy):
 
     def _reuse(
         self, candidates: Sequence[Candidate], ctx: RoutingContext, cached: Mapping[str, int],
-        now_s: float,
+        now_s: float, count_it: bool = True,
     ) -> tuple[int, float]:
         """The longest prefix a candidate holds (tokens), and how many requests reused it
-        within about ``reuse_horizon_s``, this one counted (0: not counted)."""
+        within about ``reuse_horizon_s``, this one counted if ``count_it`` (0: no count)."""
         shared = max((cached.get(c.replica_id, 0) for c in candidates), default=0)
         num_blocks = min(shared // max(1, ctx.block_size), len(ctx.block_hashes))
         if self._heat is None or num_blocks == 0:
             return shared, 0.0
-        return shared, self._heat.record(ctx.block_hashes[num_blocks - 1], now_s)
+        key = ctx.block_hashes[num_blocks - 1]
+        return shared, self._heat.record(key, now_s) if count_it else self._heat.count(key, now_s)
 
     def _sharers(
         self, reuse: float, candidates: Sequence[Candidate], cached: Mapping[str, int],

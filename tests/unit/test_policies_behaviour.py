@@ -100,6 +100,25 @@ def test_cache_cost_spreads_a_hot_prefix_but_not_a_cold_one() -> None:
     assert CacheCostPolicy(in_flight_ttl_s=0, seed=0).select(cands, hot).replica_id == "r0"
 
 
+def test_cache_cost_counts_a_retried_request_once_as_a_reuse() -> None:
+    """Routed again before it finished (a retry after a failed prefill), a request is the same
+    reuse of its prefix: twenty retries of one request do not make the prefix hot, twenty
+    requests do."""
+    cands = [cand("r0", queued=8000), cand("r1")]
+
+    def ctx(request_id: str, now: float) -> RoutingContext:
+        prompt = list(range(4096)) + [10_000] * 512
+        return RoutingContext(request_id, len(prompt), BLOCK, prompt, {"r0": 4096},
+                              hash_token_blocks(prompt, BLOCK), now)
+
+    retried = CacheCostPolicy(reuse_horizon_s=10.0, seed=0)
+    assert {retried.select(cands, ctx("q", 0.01 * i)).replica_id for i in range(20)} == {"r0"}
+    distinct = CacheCostPolicy(reuse_horizon_s=10.0, seed=0)
+    assert distinct.select(cands, ctx("q20", 0.0)).replica_id == "r0"
+    assert [distinct.select(cands, ctx(f"q{i}", 0.01 * i)).replica_id
+            for i in range(20)][-1] == "r1"
+
+
 def test_cache_cost_picks_within_the_restated_rule() -> None:
     rng = random.Random(1)
     policy = CacheCostPolicy(running_seq_tokens=64, in_flight_ttl_s=0, seed=0)
