@@ -13,6 +13,9 @@ class SetupMetrics:
     label: str
     hit_rate: float  # cached prompt tokens / prompt tokens
     prefill_imbalance: float  # max / mean over prefill replicas of time-averaged queued tokens
+    # The same queue in seconds of work, on the most loaded prefill replica: the ratio above is
+    # of small numbers when queues are short, this says how long they are.
+    prefill_queue_max_s: float
     prefill_work_imbalance: float  # max / mean over prefill replicas of prefill time spent
     decode_imbalance: float  # max / mean over decode replicas of time-averaged running sequences
     local_fraction: float  # requests prefilled on their decode replica
@@ -44,6 +47,10 @@ def summarize(label: str, outcome: SimOutcome) -> SetupMetrics:
         label=label,
         hit_rate=hits / prompt if prompt else 0.0,
         prefill_imbalance=max_over_mean([r.queued_tokens_integral for r in outcome.prefill]),
+        prefill_queue_max_s=max(
+            (r.queued_tokens_integral / r.prefill_tokens_per_s / outcome.duration_s
+             for r in outcome.prefill if outcome.duration_s > 0), default=0.0,
+        ),
         prefill_work_imbalance=max_over_mean([r.prefill_busy_s for r in outcome.prefill]),
         decode_imbalance=max_over_mean([r.running_integral for r in outcome.decode]),
         local_fraction=sum(j.is_local for j in jobs) / len(jobs) if jobs else 0.0,
@@ -59,7 +66,8 @@ def summarize(label: str, outcome: SimOutcome) -> SetupMetrics:
 LEGEND = (
     "hit: cached prompt tokens / prompt tokens; load max/mean over a pool's replicas of: "
     "P queue: time-averaged queued prefill tokens, P work: prefill time spent, D run: "
-    "time-averaged running sequences; local: requests prefilled on their decode replica; "
+    "time-averaged running sequences; P wait: the most loaded prefill replica's time-averaged "
+    "queued work, in seconds; local: requests prefilled on their decode replica; "
     "TPOT includes stalls from local prefills; xfer: KV tokens moved per request"
 )
 
@@ -67,6 +75,7 @@ LEGEND = (
 def format_table(rows: Sequence[SetupMetrics], reference_hit_rate: float) -> str:
     header = (
         f"{'policy':<20} {'hit':>6} {'hit/ref':>7} {'P queue':>7} {'P work':>6} {'D run':>6} "
+        f"{'P wait':>9} "
         f"{'local':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p99':>9} {'xfer tok/req':>12}"
     )
     lines = [header, "-" * len(header)]
@@ -75,6 +84,7 @@ def format_table(rows: Sequence[SetupMetrics], reference_hit_rate: float) -> str
         lines.append(
             f"{m.label:<20} {m.hit_rate:>6.4f} {ratio:>7.4f} {m.prefill_imbalance:>7.2f} "
             f"{m.prefill_work_imbalance:>6.2f} {m.decode_imbalance:>6.2f} "
+            f"{m.prefill_queue_max_s:>8.3f}s "
             f"{m.local_fraction:>6.1%} {m.ttft_p50_s:>8.3f}s "
             f"{m.ttft_p99_s:>8.3f}s {m.tpot_p99_s * 1000:>7.1f}ms "
             f"{m.transfer_tokens_per_request:>12.0f}"

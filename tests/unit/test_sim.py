@@ -7,9 +7,11 @@ import random
 import pytest
 
 from benchmarks.sim.cache import LRUBlockCache
-from benchmarks.sim.cluster import ClusterSim, CostModel
+from benchmarks.sim.cluster import ClusterSim, CostModel, SimOutcome
 from benchmarks.sim.generators import generate
 from benchmarks.sim.reference import infinite_cache_hits, lru_cache_hits
+from benchmarks.sim.replica import SimReplica
+from benchmarks.sim.report import summarize
 from benchmarks.sim.runner import SimSettings, simulate
 from benchmarks.sim.setups import SETUPS
 from benchmarks.sim.synthetic import (
@@ -161,3 +163,14 @@ def test_small_simulation_runs_every_setup() -> None:
         assert 0.0 <= m.hit_rate <= report.ceiling_hit_rate + 1e-9  # nothing beats keeping all
         assert m.prefill_imbalance >= 1.0 and m.decode_imbalance >= 1.0
         assert m.ttft_p99_s >= m.ttft_p50_s > 0.0
+
+
+def test_prefill_queue_is_reported_as_a_ratio_and_in_seconds() -> None:
+    """Over 10 s, one replica held 5,000 token-seconds of queued prefill at 1,000 tokens/s
+    (0.5 s of work on average), the other 1,000 at 500 tokens/s (0.2 s)."""
+    busy, quiet = (SimReplica(f"p{i}", LRUBlockCache(1, lambda event: None), speed, 0.02)
+                   for i, speed in enumerate((1000.0, 500.0)))
+    busy.queued_tokens_integral, quiet.queued_tokens_integral = 5000.0, 1000.0
+    m = summarize("x", SimOutcome([], [], [busy, quiet], [], 0, 10.0, 0))
+    assert m.prefill_imbalance == pytest.approx(5000 / 3000)
+    assert m.prefill_queue_max_s == pytest.approx(0.5)
