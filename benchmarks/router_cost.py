@@ -114,8 +114,8 @@ class Decisions:
         self.index = index
         self.loads = loads
         self.selector = PairSelector(
-            make_policy(config.prefill_policy, **config.prefill_policy_kwargs),
-            make_policy(config.decode_policy, **config.decode_policy_kwargs),
+            make_policy(config.prefill_policy, **config.policy_kwargs("prefill")),
+            make_policy(config.decode_policy, **config.policy_kwargs("decode")),
             PairingSettings(**config.pairing),
         )
         self.in_flight: deque[tuple[RoutingContext, PairChoice]] = deque()

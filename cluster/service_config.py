@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 
 class _Strict(BaseModel):
@@ -39,7 +39,8 @@ class RouterConfig(_Strict):
         description="Settings of the decode policy. For cache_cost they are laid over the "
         "decode pool's defaults (DECODE_CACHE_COST_DEFAULTS: what a running sequence and a full "
         "KV cache weigh, in prefill-token equivalents, and a tight load band, since the decode "
-        "pool balances running sequences first), so that setting one keeps the others.",
+        "pool balances running sequences first), so that setting one keeps the others; "
+        "policy_kwargs('decode') is what the policy gets.",
     )
     pairing: dict[str, Any] = Field(
         default_factory=dict,
@@ -92,17 +93,21 @@ class RouterConfig(_Strict):
         "such a request gets a 400."
     )
 
-    @model_validator(mode="after")
-    def _decode_defaults(self) -> RouterConfig:
+    def policy_kwargs(self, pool: str) -> dict[str, Any]:
+        """The settings ``pool``'s policy is built with: what the config sets, over the decode
+        pool's cache_cost defaults where they apply. (The fields keep only what was set, so a
+        saved config does not pin today's defaults, and switching policy needs no clean-up.)"""
+        if pool == "prefill":
+            return dict(self.prefill_policy_kwargs)
         if self.decode_policy == "cache_cost":
-            self.decode_policy_kwargs = {**DECODE_CACHE_COST_DEFAULTS, **self.decode_policy_kwargs}
-        return self
+            return {**DECODE_CACHE_COST_DEFAULTS, **self.decode_policy_kwargs}
+        return dict(self.decode_policy_kwargs)
 
     def coordinator_settings(self, block_size: int) -> dict[str, Any]:
         return {"block_size": block_size, "prefill_policy": self.prefill_policy,
                 "decode_policy": self.decode_policy,
-                "prefill_policy_kwargs": self.prefill_policy_kwargs,
-                "decode_policy_kwargs": self.decode_policy_kwargs, "pairing": self.pairing,
+                "prefill_policy_kwargs": self.policy_kwargs("prefill"),
+                "decode_policy_kwargs": self.policy_kwargs("decode"), "pairing": self.pairing,
                 "guess_ttl_s": self.guess_ttl_s, "failed_replica_s": self.failed_replica_s,
                 "busy_replica_s": self.busy_replica_s}
 

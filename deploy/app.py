@@ -38,6 +38,7 @@ from cluster.config import PDConfig, PoolConfig
 from cluster.engine import OpenAIEngine, kv_transfer_config, renderer_flags
 from cluster.local import parse_cores
 from cluster.pools import deployment_options
+from cluster.service_config import RouterConfig
 from decode.server import DecodeServer
 from kvtransfer.env import KV_SECRET_ENV, kv_secret_text
 from prefill.server import PrefillServer
@@ -138,7 +139,7 @@ def _ingress_class() -> type:
     return serve.ingress(app)(PDRouter)
 
 
-def _pool_deployment(cls: type, name: str, pool: PoolConfig, policy: str,
+def _pool_deployment(cls: type, name: str, pool: PoolConfig, router: RouterConfig,
                      env_vars: dict[str, str]) -> Any:
     """One pool's deployment: its replicas placed as cluster/pools.py says (a placement
     group per replica of several workers), routed by the pool's policy."""
@@ -156,7 +157,8 @@ def _pool_deployment(cls: type, name: str, pool: PoolConfig, policy: str,
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
         request_router_config=RequestRouterConfig(
             request_router_class=ROUTER_CLASS,
-            request_router_kwargs={"role": name, "policy": policy},
+            request_router_kwargs={"role": name, "policy": getattr(router, f"{name}_policy"),
+                                   "policy_kwargs": router.policy_kwargs(name)},
             request_routing_stats_period_s=1,
         ),
     )
@@ -168,10 +170,8 @@ def build_app_from_config(cfg: PDConfig) -> Any:
 
     config = cfg.model_dump()
     env_vars = kv_secret_env()
-    prefill = _pool_deployment(PrefillReplica, "prefill", cfg.prefill, cfg.router.prefill_policy,
-                               env_vars)
-    decode = _pool_deployment(DecodeReplica, "decode", cfg.decode, cfg.router.decode_policy,
-                              env_vars)
+    prefill = _pool_deployment(PrefillReplica, "prefill", cfg.prefill, cfg.router, env_vars)
+    decode = _pool_deployment(DecodeReplica, "decode", cfg.decode, cfg.router, env_vars)
     # The router claims and releases the transfers of requests with several prompts.
     router = serve.deployment(_ingress_class(), name="router", num_replicas=1,
                               ray_actor_options={"num_cpus": 0,

@@ -34,8 +34,8 @@ def shipped_setup(config: RouterConfig | None = None, seed: int = 0) -> RouterSe
     return RouterSetup(
         config.prefill_policy,
         config.decode_policy,
-        {"seed": seed, **config.prefill_policy_kwargs},
-        {"seed": seed, **config.decode_policy_kwargs},
+        {"seed": seed, **config.policy_kwargs("prefill")},
+        {"seed": seed, **config.policy_kwargs("decode")},
         PairingSettings(**config.pairing),
     )
 

@@ -10,6 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from cluster.config import DEMO_MODEL_DIR, PDConfig
+from router.policies import make_policy
 
 
 def test_defaults_validate() -> None:
@@ -201,12 +202,15 @@ def test_from_args_does_not_change_its_argument(tmp_path: Path) -> None:
 def test_decode_policy_settings_keep_the_decode_pools_defaults() -> None:
     """Setting one of cache_cost's decode settings keeps the others the decode pool needs
     (a whole-dict replacement would fall back to the prefill pool's defaults); another
-    policy gets none of them."""
+    policy gets none of them, also when switched to in a saved config."""
     cfg = PDConfig.model_validate({"router": {"decode_policy_kwargs": {"load_bound_abs_s": 0.5}}})
-    kwargs = cfg.router.decode_policy_kwargs
+    kwargs = cfg.router.policy_kwargs("decode")
     assert kwargs["load_bound_abs_s"] == 0.5
-    assert kwargs["running_seq_tokens"] == PDConfig().router.decode_policy_kwargs[
+    assert kwargs["running_seq_tokens"] == PDConfig().router.policy_kwargs("decode")[
         "running_seq_tokens"] > 0
     assert PDConfig.model_validate(cfg.model_dump()) == cfg
-    other = PDConfig.model_validate({"router": {"decode_policy": "least_loaded"}})
-    assert other.router.decode_policy_kwargs == {}
+    saved = PDConfig().model_dump()
+    saved["router"]["decode_policy"] = "least_loaded"
+    other = PDConfig.model_validate(saved)
+    assert other.router.policy_kwargs("decode") == {}
+    make_policy("least_loaded", **other.router.policy_kwargs("decode"))

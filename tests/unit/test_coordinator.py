@@ -166,8 +166,8 @@ def test_a_burst_between_two_reports_spreads_over_the_pool() -> None:
 
     shipped = RouterConfig()
     coordinator = RoutingCoordinator(CoordinatorSettings(
-        block_size=BLOCK, prefill_policy_kwargs=shipped.prefill_policy_kwargs,
-        decode_policy_kwargs=shipped.decode_policy_kwargs, pairing=shipped.pairing))
+        block_size=BLOCK, prefill_policy_kwargs=shipped.policy_kwargs("prefill"),
+        decode_policy_kwargs=shipped.policy_kwargs("decode"), pairing=shipped.pairing))
     coordinator.observe("prefill", {"p0": {"prefill_tokens_per_s": 2000.0},
                                     "p1": {"prefill_tokens_per_s": 1000.0}})
     coordinator.observe("decode", {"d0": {}, "d1": {}})

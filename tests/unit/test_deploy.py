@@ -47,7 +47,11 @@ def test_build_app_binds_three_deployments() -> None:
     assert decode.ray_actor_options["resources"] == {"pdserve_decode": 1}
     assert prefill.ray_actor_options["resources"] == {"pdserve_prefill": 1}
     assert prefill._deployment_config.request_router_config.request_router_kwargs == {
-        "role": "prefill", "policy": "cache_cost"}
+        "role": "prefill", "policy": "cache_cost", "policy_kwargs": {}}
+    # Ray Serve's own choice (a request not pinned to a replica) weighs decode load as the
+    # router does.
+    decode_kwargs = decode._deployment_config.request_router_config.request_router_kwargs
+    assert decode_kwargs["policy_kwargs"]["running_seq_tokens"] > 0
 
 
 def test_build_app_rejects_disagreeing_pools() -> None:

@@ -34,8 +34,8 @@ def test_the_simulated_router_is_the_shipped_one() -> None:
     assert setup == shipped_setup(config)
     assert (setup.prefill_policy, setup.decode_policy) == (
         config.prefill_policy, config.decode_policy)
-    assert setup.prefill_settings == {"seed": 0, **config.prefill_policy_kwargs}
-    assert setup.decode_settings == {"seed": 0, **config.decode_policy_kwargs}
+    assert setup.prefill_settings == {"seed": 0, **config.policy_kwargs("prefill")}
+    assert setup.decode_settings == {"seed": 0, **config.policy_kwargs("decode")}
     assert setup.pairing == PairingSettings(**config.pairing)
 
 
