@@ -69,6 +69,10 @@ from router.policy import (
     RoutingPolicy,
 )
 
+# A request routed this long ago that never reported its end is forgotten (as in
+# router.routed_work); a retry comes within a few prefill timeouts.
+ROUTED_TTL_S = 600.0
+
 
 class CacheCostSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -130,6 +134,8 @@ class CacheCostPolicy(RoutingPolicy):
         self._in_flight = InFlightPrompts(self.settings.in_flight_ttl_s)
         horizon_s = self.settings.reuse_horizon_s
         self._heat = PrefixHeat(horizon_s) if horizon_s else None
+        # request id -> when it was first routed, while it runs (a retry counts no new reuse)
+        self._routed_at: dict[str, float] = {}
         # (request id, replica id, tokens): what the last select charged its choice
         self._last_charged: tuple[str, str, float] | None = None
 
@@ -166,9 +172,9 @@ class CacheCostPolicy(RoutingPolicy):
     def select(self, candidates: Sequence[Candidate], ctx: RoutingContext) -> Candidate:
         now_s = time.monotonic() if ctx.now_s is None else ctx.now_s
         cached = self.cached_tokens(ctx, now_s)
-        # A retry (routed before, not done) was counted as a reuse the first time.
-        is_retry = ctx.request_id in self._in_flight
-        shared, reuse = self._reuse(candidates, ctx, cached, now_s, count_it=not is_retry)
+        shared, reuse = self._reuse(
+            candidates, ctx, cached, now_s, count_it=self._first_routing(ctx.request_id, now_s)
+        )
         sharers = self._sharers(reuse, candidates, cached, shared)
         choice = self._best(candidates, ctx, cached, shared, sharers)
         # The pairing counts every replica's tokens in the KV index's terms (blocks cached now),
@@ -192,6 +198,22 @@ class CacheCostPolicy(RoutingPolicy):
 
     def on_request_done(self, replica_id: str, ctx: RoutingContext) -> None:
         self._in_flight.remove(ctx.request_id)
+        self._routed_at.pop(ctx.request_id, None)
+
+    def _first_routing(self, request_id: str, now_s: float) -> bool:
+        """Whether ``request_id`` is routed for the first time (not a retry of a request
+        routed within ``ROUTED_TTL_S`` that has not finished); notes it."""
+        if self._heat is None:
+            return True
+        while self._routed_at:
+            oldest, at = next(iter(self._routed_at.items()))
+            if now_s - at <= ROUTED_TTL_S:
+                break
+            del self._routed_at[oldest]
+        if request_id in self._routed_at:
+            return False
+        self._routed_at[request_id] = now_s
+        return True
 
     def _reuse(
         self, candidates: Sequence[Candidate], ctx: RoutingContext, cached: Mapping[str, int],

@@ -35,9 +35,6 @@ class InFlightPrompts:
     def __len__(self) -> int:
         return len(self._routed)
 
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._routed
-
     def stride(self, block_size: int) -> int:
         """Blocks between two sampled positions."""
         return max(1, self.sample_tokens // max(1, block_size))

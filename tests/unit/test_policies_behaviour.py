@@ -111,8 +111,10 @@ def test_cache_cost_counts_a_retried_request_once_as_a_reuse() -> None:
         return RoutingContext(request_id, len(prompt), BLOCK, prompt, {"r0": 4096},
                               hash_token_blocks(prompt, BLOCK), now)
 
-    retried = CacheCostPolicy(reuse_horizon_s=10.0, seed=0)
-    assert {retried.select(cands, ctx("q", 0.01 * i)).replica_id for i in range(20)} == {"r0"}
+    for in_flight_ttl_s in (120.0, 0.0):  # whether or not the policy tracks its prompts
+        retried = CacheCostPolicy(reuse_horizon_s=10.0, in_flight_ttl_s=in_flight_ttl_s, seed=0)
+        assert {retried.select(cands, ctx("q", 0.01 * i)).replica_id
+                for i in range(20)} == {"r0"}
     distinct = CacheCostPolicy(reuse_horizon_s=10.0, seed=0)
     assert distinct.select(cands, ctx("q20", 0.0)).replica_id == "r0"
     assert [distinct.select(cands, ctx(f"q{i}", 0.01 * i)).replica_id
