@@ -140,14 +140,16 @@ class ReplicaCalls:
         phases = request.phases
         tried: list[str | None] = []
         is_all_busy = True
-        for _ in range(1 + self.limits.prefill_retries):
+        attempts = 1 + self.limits.prefill_retries
+        for attempt in range(attempts):
             try:
                 result = await self._prefill_once(kind, body, pin, phases)
             except CallFailed as e:
                 is_all_busy = is_all_busy and e.is_busy
                 self._failed("prefill", pin, e)
                 tried.append(pin)
-                retry = self._coordinator.choose_prefill(ctx, exclude=tried)
+                retry = None if attempt + 1 == attempts else \
+                    self._coordinator.choose_prefill(ctx, exclude=tried)
                 if retry is None:
                     break
                 pin = retry.replica_id
@@ -155,6 +157,8 @@ class ReplicaCalls:
             if pin is not None and not isinstance(result, Response):
                 used.append(pin)
             return result
+        if pin is not None:  # the prefill policy's bookkeeping for it ends here
+            self._coordinator.prefill_given_up(ctx, pin)
         self._coordinator.count_local_prefill("busy" if is_all_busy else "prefill_failed")
         request.fell_back = True
         return None

@@ -6,7 +6,8 @@ Ray Serve request routers of the prefill and decode handles report the replicas 
 (``observe``) and send a request where the coordinator pinned it; the ingress asks it for a
 pair per request (``choose``), another replica after a failure (``choose_prefill``,
 ``choose_decode``), and reports failures (``mark_failed``), fallbacks (``count_local_prefill``,
-``count_decode_retry``), computed prompts (``prefill_done``) and completions (``done``). What
+``count_decode_retry``), a prefill given up on every replica (``prefill_given_up``), computed
+prompts (``prefill_done``) and completions (``done``). What
 it sent and is not done yet counts in the replicas' load until their next report shows it
 (``router.routed_work``). A replica whose call failed is left out of
 both choices (``router.health``) for ``failed_replica_s`` (``busy_replica_s`` after a 503), or
@@ -197,6 +198,12 @@ class RoutingCoordinator:
         choice = self.pairs.prefill_policy.select(prefill, ctx)
         self._sent_prefill(ctx, choice.replica_id, time.monotonic())
         return choice
+
+    @_locked
+    def prefill_given_up(self, ctx: RoutingContext, replica_id: str) -> None:
+        """Every prefill attempt failed, the last on ``replica_id``: the request will not run
+        on a prefill replica (its decode replica prefills it), and ``done`` will not name one."""
+        self.pairs.prefill_policy.on_request_done(replica_id, ctx)
 
     @_locked
     def choose_decode(self, ctx: RoutingContext,

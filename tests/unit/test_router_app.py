@@ -328,6 +328,18 @@ async def test_every_prefill_failing_prefills_on_decode(h, modes, reason, failur
     assert state["replica_failures"] == failures
 
 
+async def test_a_prefill_given_up_everywhere_leaves_no_routing_state(make) -> None:
+    """The prefill policy counted the prompt as on its way to the last replica tried; once
+    the decode replica computes it instead, that must not linger (a cache-aware policy would
+    send the prompt's followers to a replica that never computed it)."""
+    h = make(coordinator={"prefill_policy": "cache_cost"})
+    h.prefill.behaviour.update({"p0": "raise", "p1": "raise"})
+    r = await h.client.post("/v1/completions", json=completion())
+    assert r.status_code == 200, r.text
+    assert sorted(h.prefill.pins) == ["p0", "p1"]
+    assert len(h.pd.coordinator.pairs.prefill_policy._in_flight) == 0
+
+
 async def test_busy_prefill_replicas_are_left_out_only_briefly(h) -> None:
     h.prefill.behaviour.update(p0="busy", p1="busy")
     await h.client.post("/v1/completions", json=completion())
