@@ -59,21 +59,36 @@ def serve_from_args(args: argparse.Namespace) -> None:
     from deploy.app import build_app_from_config, grpc_options
 
     address = cluster_address(args.address)
+    stop = None if address else stop_on_signals()
     connect_or_start(cfg, address)
     serve.start(http_options={"host": args.host, "port": args.port},
                 grpc_options=grpc_options(args.grpc_port))
     serve.run(build_app_from_config(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
     where = f"http://{args.host}:{args.port} and gRPC port {args.grpc_port}"
-    if address:
+    if stop is None:
         print(f"pdserve deployed {cfg.model_name!r} as application {cfg.app_name!r} to the "
               f"Ray cluster at {address}; its proxies serve {where}", flush=True)
         return
-    print(f"pdserve is serving {cfg.model_name!r} on {where} (Ctrl-C to stop)", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stop.wait()
+    if not stop.is_set():
+        print(f"pdserve is serving {cfg.model_name!r} on {where} (Ctrl-C to stop)", flush=True)
+        stop.wait()
     serve.shutdown()
+
+
+def stop_on_signals() -> threading.Event:
+    """An event the first SIGINT or SIGTERM from now on sets. Installed before start-up: the
+    app answers on its port before ``serve.run`` returns, and a Ctrl-C then must not be lost;
+    start-up finishes and everything stops. A second Ctrl-C aborts at once."""
+    stop = threading.Event()
+
+    def handle(signum: int, frame: object) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    return stop
 
 
 def main(argv: list[str] | None = None) -> None:

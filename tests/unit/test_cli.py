@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,29 @@ def test_with_an_address_it_deploys_and_returns(
     assert app == ("app", "pdserve")
     assert run == {"name": "pdserve", "route_prefix": "/"}
     assert "deployed '/m'" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(60)  # a lost Ctrl-C would leave it waiting for another
+def test_a_ctrl_c_during_start_up_stops_serving_once_started(
+        fake_serve: _FakeServe, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The app answers before ``serve.run`` returns, so a user may press Ctrl-C then: it is
+    handled by pdserve (not lost), and serving stops as soon as start-up is over."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def run_and_interrupt(app: Any, **options: Any) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        assert callable(handler) and handler is not signal.default_int_handler
+        handler(signal.SIGINT, None)  # as Python delivers a signal, in the main thread
+        fake_serve.calls.append(("run", (app, options)))
+
+    monkeypatch.setattr("ray.serve.run", run_and_interrupt)
+    try:
+        main(["serve", "--model", "/m"])
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert [name for name, _ in fake_serve.calls] == ["connect", "start", "run", "shutdown"]
 
 
 def test_the_console_script_is_this_cli() -> None:
