@@ -141,27 +141,31 @@ class ReplicaCalls:
         tried: list[str | None] = []
         is_all_busy = True
         attempts = 1 + self.limits.prefill_retries
-        for attempt in range(attempts):
-            try:
-                result = await self._prefill_once(kind, body, pin, phases)
-            except CallFailed as e:
-                is_all_busy = is_all_busy and e.is_busy
-                self._failed("prefill", pin, e)
-                tried.append(pin)
-                retry = None if attempt + 1 == attempts else \
-                    self._coordinator.choose_prefill(ctx, exclude=tried)
-                if retry is None:
-                    break
-                pin = retry.replica_id
-                continue
-            if pin is not None and not isinstance(result, Response):
-                used.append(pin)
-            return result
-        if pin is not None:  # the prefill policy's bookkeeping for it ends here
-            self._coordinator.prefill_given_up(ctx, pin)
-        self._coordinator.count_local_prefill("busy" if is_all_busy else "prefill_failed")
-        request.fell_back = True
-        return None
+        try:
+            for attempt in range(attempts):
+                try:
+                    result = await self._prefill_once(kind, body, pin, phases)
+                except CallFailed as e:
+                    is_all_busy = is_all_busy and e.is_busy
+                    self._failed("prefill", pin, e)
+                    tried.append(pin)
+                    retry = None if attempt + 1 == attempts else \
+                        self._coordinator.choose_prefill(ctx, exclude=tried)
+                    if retry is None:
+                        break
+                    pin = retry.replica_id
+                    continue
+                if pin is not None and not isinstance(result, Response):
+                    used.append(pin)
+                return result
+            self._coordinator.count_local_prefill("busy" if is_all_busy else "prefill_failed")
+            request.fell_back = True
+            return None
+        finally:
+            # Failed everywhere, refused (4xx) or cancelled: the prompt is not computed where
+            # the prefill policy last sent it, and ``done`` will not name that replica.
+            if pin is not None and pin not in used:
+                self._coordinator.prefill_given_up(ctx, pin)
 
     async def _prefill_once(self, kind: str, body: dict[str, Any], pin: str | None,
                             phases: FirstTokenPhases) -> dict[str, Any] | Response:

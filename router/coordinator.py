@@ -1,15 +1,14 @@
 """The router's view of the cluster, one per ingress process.
 
 ``RoutingCoordinator`` owns the KV index (fed by the engines' KV cache events), the live replicas
-of both pools with their load, and the joint prefill/decode choice (``router.pairing``). The
-Ray Serve request routers of the prefill and decode handles report the replicas they see
-(``observe``) and send a request where the coordinator pinned it; the ingress asks it for a
-pair per request (``choose``), another replica after a failure (``choose_prefill``,
-``choose_decode``), and reports failures (``mark_failed``), fallbacks (``count_local_prefill``,
-``count_decode_retry``), a prefill given up on every replica (``prefill_given_up``), computed
-prompts (``prefill_done``) and completions (``done``). What
-it sent and is not done yet counts in the replicas' load until their next report shows it
-(``router.routed_work``). A replica whose call failed is left out of
+of both pools with their load, and the joint prefill/decode choice (``router.pairing``). The Ray
+Serve request routers of the prefill and decode handles report the replicas they see (``observe``)
+and send a request where the coordinator pinned it; the ingress asks it for a pair per request
+(``choose``), another replica after a failure (``choose_prefill``, ``choose_decode``), and reports
+failures (``mark_failed``), fallbacks (``count_local_prefill``, ``count_decode_retry``), a prefill
+that ended without a computed prompt (``prefill_given_up``), computed prompts (``prefill_done``)
+and completions (``done``). What it sent and is not done yet counts in the replicas' load until
+their next report shows it (``router.routed_work``). A replica whose call failed is left out of
 both choices (``router.health``) for ``failed_replica_s`` (``busy_replica_s`` after a 503), or
 until Ray Serve stops listing it.
 
@@ -201,8 +200,9 @@ class RoutingCoordinator:
 
     @_locked
     def prefill_given_up(self, ctx: RoutingContext, replica_id: str) -> None:
-        """Every prefill attempt failed, the last on ``replica_id``: the request will not run
-        on a prefill replica (its decode replica prefills it), and ``done`` will not name one."""
+        """The request's prompt will not be computed on ``replica_id``, where its last prefill
+        attempt went (every attempt failed, the engine refused it, or it was cancelled), and
+        ``done`` will not name that replica."""
         self.pairs.prefill_policy.on_request_done(replica_id, ctx)
 
     @_locked

@@ -328,15 +328,17 @@ async def test_every_prefill_failing_prefills_on_decode(h, modes, reason, failur
     assert state["replica_failures"] == failures
 
 
-async def test_a_prefill_given_up_everywhere_leaves_no_routing_state(make) -> None:
-    """The prefill policy counted the prompt as on its way to the last replica tried; once
-    the decode replica computes it instead, that must not linger (a cache-aware policy would
-    send the prompt's followers to a replica that never computed it)."""
+@pytest.mark.parametrize(("mode", "status"), [("raise", 200), ("client_error", 400)])
+async def test_a_prefill_given_up_leaves_no_routing_state(make, mode, status) -> None:
+    """The prefill policy counted the prompt as on its way to the replica it chose; when no
+    prefill replica computes it (every one failed, or the engine refused it), that must not
+    linger: a cache-aware policy would send the prompt's followers to a replica that never
+    computed it."""
     h = make(coordinator={"prefill_policy": "cache_cost"})
-    h.prefill.behaviour.update({"p0": "raise", "p1": "raise"})
+    h.prefill.behaviour.update({"p0": mode, "p1": mode})
     r = await h.client.post("/v1/completions", json=completion())
-    assert r.status_code == 200, r.text
-    assert sorted(h.prefill.pins) == ["p0", "p1"]
+    assert r.status_code == status, r.text
+    assert h.prefill.pins
     assert len(h.pd.coordinator.pairs.prefill_policy._in_flight) == 0
 
 
