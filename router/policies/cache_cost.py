@@ -70,7 +70,8 @@ from router.policy import (
 )
 
 # A request routed this long ago that never reported its end is forgotten (as in
-# router.routed_work); a retry comes within a few prefill timeouts.
+# router.routed_work); a retry comes within (1 + prefill_retries) prefill timeouts (240 s as
+# shipped).
 ROUTED_TTL_S = 600.0
 
 
@@ -173,7 +174,7 @@ class CacheCostPolicy(RoutingPolicy):
         now_s = time.monotonic() if ctx.now_s is None else ctx.now_s
         cached = self.cached_tokens(ctx, now_s)
         shared, reuse = self._reuse(
-            candidates, ctx, cached, now_s, count_it=self._first_routing(ctx.request_id, now_s)
+            candidates, ctx, cached, now_s, count_it=self._first_routing(ctx, now_s)
         )
         sharers = self._sharers(reuse, candidates, cached, shared)
         choice = self._best(candidates, ctx, cached, shared, sharers)
@@ -200,10 +201,11 @@ class CacheCostPolicy(RoutingPolicy):
         self._in_flight.remove(ctx.request_id)
         self._routed_at.pop(ctx.request_id, None)
 
-    def _first_routing(self, request_id: str, now_s: float) -> bool:
-        """Whether ``request_id`` is routed for the first time (not a retry of a request
-        routed within ``ROUTED_TTL_S`` that has not finished); notes it."""
-        if self._heat is None:
+    def _first_routing(self, ctx: RoutingContext, now_s: float) -> bool:
+        """Whether the request is routed for the first time (not a retry of a request routed
+        within ``ROUTED_TTL_S`` that has not finished); notes it if it has a prompt to count."""
+        request_id = ctx.request_id
+        if self._heat is None or not ctx.block_hashes:
             return True
         while self._routed_at:
             oldest, at = next(iter(self._routed_at.items()))
