@@ -59,8 +59,9 @@ def serve_from_args(args: argparse.Namespace) -> None:
     from deploy.app import build_app_from_config, grpc_options
 
     address = cluster_address(args.address)
-    stop = None if address else stop_on_signals()
     connect_or_start(cfg, address)
+    # After ray.init, which sets a SIGTERM handler of its own (exit, no serve.shutdown).
+    stop = None if address else stop_on_signals()
     serve.start(http_options={"host": args.host, "port": args.port},
                 grpc_options=grpc_options(args.grpc_port))
     serve.run(build_app_from_config(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
@@ -76,8 +77,8 @@ def serve_from_args(args: argparse.Namespace) -> None:
 
 
 def stop_on_signals() -> threading.Event:
-    """An event the first SIGINT or SIGTERM from now on sets. Installed before start-up: the
-    app answers on its port before ``serve.run`` returns, and a Ctrl-C then must not be lost;
+    """An event the first SIGINT or SIGTERM from now on sets. Installed before the app starts:
+    it answers on its port before ``serve.run`` returns, and a Ctrl-C then must not be lost;
     start-up finishes and everything stops. A second Ctrl-C aborts at once."""
     stop = threading.Event()
 

@@ -125,15 +125,23 @@ def test_a_ctrl_c_during_start_up_stops_serving_once_started(
         fake_serve: _FakeServe, monkeypatch: pytest.MonkeyPatch) -> None:
     """The app answers before ``serve.run`` returns, so a user may press Ctrl-C then: it is
     handled by pdserve (not lost), and serving stops as soon as start-up is over."""
+    import cluster.local
+
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def connect_like_ray(cfg: PDConfig, address: str | None = None) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: pytest.fail("ray.init's SIGTERM handler"))
+        fake_serve.connect_or_start(cfg, address)
 
     def run_and_interrupt(app: Any, **options: Any) -> None:
         handler = signal.getsignal(signal.SIGINT)
         assert callable(handler) and handler is not signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is handler  # pdserve's, not ray.init's
         handler(signal.SIGINT, None)  # as Python delivers a signal, in the main thread
         fake_serve.calls.append(("run", (app, options)))
 
+    monkeypatch.setattr(cluster.local, "connect_or_start", connect_like_ray)
     monkeypatch.setattr("ray.serve.run", run_and_interrupt)
     try:
         main(["serve", "--model", "/m"])
