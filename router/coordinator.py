@@ -190,10 +190,13 @@ class RoutingCoordinator:
     @_locked
     def choose_prefill(self, ctx: RoutingContext,
                        exclude: Sequence[str | None] = ()) -> Candidate | None:
-        """Another prefill replica for a retry (failed ones and ``exclude`` are left out)."""
+        """A prefill replica for one prompt of several, or for a retry (failed ones and
+        ``exclude``, the replicas already tried, are left out)."""
         prefill = self.candidates("prefill", exclude)
         if not prefill:
             return None
+        if exclude:
+            ctx = dataclasses.replace(ctx, is_retry=True)
         choice = self.pairs.prefill_policy.select(prefill, ctx)
         self._sent_prefill(ctx, choice.replica_id, time.monotonic())
         return choice

@@ -78,6 +78,8 @@ class RoutingContext:
     block_hashes: Sequence[int] = ()
     # Time of the decision in seconds on a monotonic clock; None: policies read time.monotonic().
     now_s: float | None = None
+    # Routed again after a failed attempt: not a new use of its prefix.
+    is_retry: bool = False
 
     def uncached_tokens(self, replica_id: str) -> int:
         """Prompt tokens the replica would have to compute for this request."""

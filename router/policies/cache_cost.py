@@ -69,11 +69,6 @@ from router.policy import (
     RoutingPolicy,
 )
 
-# A request routed this long ago that never reported its end is forgotten (as in
-# router.routed_work); a retry comes within (1 + prefill_retries) prefill timeouts (240 s as
-# shipped).
-ROUTED_TTL_S = 600.0
-
 
 class CacheCostSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -135,8 +130,6 @@ class CacheCostPolicy(RoutingPolicy):
         self._in_flight = InFlightPrompts(self.settings.in_flight_ttl_s)
         horizon_s = self.settings.reuse_horizon_s
         self._heat = PrefixHeat(horizon_s) if horizon_s else None
-        # request id -> when it was first routed, while it runs (a retry counts no new reuse)
-        self._routed_at: dict[str, float] = {}
         # (request id, replica id, tokens): what the last select charged its choice
         self._last_charged: tuple[str, str, float] | None = None
 
@@ -174,7 +167,7 @@ class CacheCostPolicy(RoutingPolicy):
         now_s = time.monotonic() if ctx.now_s is None else ctx.now_s
         cached = self.cached_tokens(ctx, now_s)
         shared, reuse = self._reuse(
-            candidates, ctx, cached, now_s, count_it=self._first_routing(ctx, now_s)
+            candidates, ctx, cached, now_s, count_it=not ctx.is_retry
         )
         sharers = self._sharers(reuse, candidates, cached, shared)
         choice = self._best(candidates, ctx, cached, shared, sharers)
@@ -199,23 +192,6 @@ class CacheCostPolicy(RoutingPolicy):
 
     def on_request_done(self, replica_id: str, ctx: RoutingContext) -> None:
         self._in_flight.remove(ctx.request_id)
-        self._routed_at.pop(ctx.request_id, None)
-
-    def _first_routing(self, ctx: RoutingContext, now_s: float) -> bool:
-        """Whether the request is routed for the first time (not a retry of a request routed
-        within ``ROUTED_TTL_S`` that has not finished); notes it if it has a prompt to count."""
-        request_id = ctx.request_id
-        if self._heat is None or not ctx.block_hashes:
-            return True
-        while self._routed_at:
-            oldest, at = next(iter(self._routed_at.items()))
-            if now_s - at <= ROUTED_TTL_S:
-                break
-            del self._routed_at[oldest]
-        if request_id in self._routed_at:
-            return False
-        self._routed_at[request_id] = now_s
-        return True
 
     def _reuse(
         self, candidates: Sequence[Candidate], ctx: RoutingContext, cached: Mapping[str, int],

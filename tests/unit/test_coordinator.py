@@ -198,12 +198,21 @@ def test_a_replica_report_above_what_was_sent_counts(coordinator) -> None:
     assert (loads["p0"].queued_prefill_tokens, loads["p1"].queued_prefill_tokens) == (500, 40)
 
 
-def test_a_retry_moves_the_sent_work(coordinator) -> None:
+def test_a_retry_moves_the_sent_work(coordinator, monkeypatch) -> None:
     ctx = coordinator.context("r", PROMPT)
     first = coordinator.choose(ctx).prefill.replica_id
     coordinator.mark_failed("prefill", first, "test")
+    policy = coordinator.pairs.prefill_policy
+    seen: list[bool] = []
+
+    def select(candidates, c):
+        seen.append(c.is_retry)
+        return type(policy).select(policy, candidates, c)
+
+    monkeypatch.setattr(policy, "select", select)
     retry = coordinator.choose_prefill(ctx, exclude=[first])
     assert retry.replica_id != first
+    assert seen == [True]  # the policy is told it is a retry, not a new use of the prompt
     assert coordinator.routed.load(first, coordinator.replicas("prefill")[first]) == \
         coordinator.replicas("prefill")[first]
     assert coordinator.routed.load(retry.replica_id, coordinator.replicas("prefill")[

@@ -106,14 +106,14 @@ def test_cache_cost_counts_a_retried_request_once_as_a_reuse() -> None:
     requests do."""
     cands = [cand("r0", queued=8000), cand("r1")]
 
-    def ctx(request_id: str, now: float) -> RoutingContext:
+    def ctx(request_id: str, now: float, is_retry: bool = False) -> RoutingContext:
         prompt = list(range(4096)) + [10_000] * 512
         return RoutingContext(request_id, len(prompt), BLOCK, prompt, {"r0": 4096},
-                              hash_token_blocks(prompt, BLOCK), now)
+                              hash_token_blocks(prompt, BLOCK), now, is_retry=is_retry)
 
     for in_flight_ttl_s in (120.0, 0.0):  # whether or not the policy tracks its prompts
         retried = CacheCostPolicy(reuse_horizon_s=10.0, in_flight_ttl_s=in_flight_ttl_s, seed=0)
-        assert {retried.select(cands, ctx("q", 0.01 * i)).replica_id
+        assert {retried.select(cands, ctx("q", 0.01 * i, is_retry=i > 0)).replica_id
                 for i in range(20)} == {"r0"}
     distinct = CacheCostPolicy(reuse_horizon_s=10.0, seed=0)
     assert distinct.select(cands, ctx("q20", 0.0)).replica_id == "r0"
