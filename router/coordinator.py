@@ -259,9 +259,18 @@ class RoutingCoordinator:
                     if not self.index.is_event_fed(rid):
                         self.index.record_routed(rid, ctx.block_hashes, self.settings.guess_ttl_s)
         for rid in replica_ids:
-            self._policy("prefill" if rid in self._loads["prefill"] else "decode") \
-                .on_request_done(rid, ctx)
+            self._policy(self._role(ctx.request_id, rid)).on_request_done(rid, ctx)
         self.routed.done(ctx.request_id)
+
+    def _role(self, request_id: str, replica_id: str) -> str:
+        """The pool ``replica_id`` served ``request_id`` from: as routed (a replica gone since
+        keeps its role), else as listed now (a replica Ray Serve picked)."""
+        prefill_id, decode_id = self.routed.placed(request_id)
+        if replica_id == decode_id:
+            return "decode"  # a local prefill's replica too
+        if replica_id == prefill_id:
+            return "prefill"
+        return "prefill" if replica_id in self._loads["prefill"] else "decode"
 
     def _sent_prefill(self, ctx: RoutingContext, replica_id: str, now_s: float) -> None:
         """The prompt's uncached tokens are to be computed on ``replica_id``."""

@@ -75,6 +75,11 @@ class RoutedWork:
         if sent.decode_id is not None:
             _decrement(self._sequences, sent.decode_id, 1)
 
+    def placed(self, request_id: str) -> tuple[str | None, str | None]:
+        """Where ``request_id``'s prompt is computed and where it decodes (None: not known)."""
+        sent = self._sent.get(request_id)
+        return (None, None) if sent is None else (sent.prefill_id, sent.decode_id)
+
     def expire(self, now_s: float) -> None:
         """Forget requests sent more than ``ttl_s`` ago (whose end was never reported)."""
         while self._sent:

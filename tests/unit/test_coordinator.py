@@ -134,6 +134,22 @@ def test_replicas_without_events_are_guessed_from_routing(coordinator) -> None:
     assert cached == {"p0": 40, "d0": 40}  # every full block of the prompt
 
 
+def test_a_prefill_replica_gone_mid_request_is_reported_to_the_prefill_policy(
+        coordinator, monkeypatch) -> None:
+    """The request's end reaches each pool's policy for the replica it went to, even when
+    the prefill replica has left the pool since (it is no longer listed as prefill)."""
+    ended: list[tuple[str, str]] = []
+    for role in ("prefill", "decode"):
+        monkeypatch.setattr(getattr(coordinator.pairs, f"{role}_policy"), "on_request_done",
+                            lambda rid, ctx, role=role: ended.append((role, rid)))
+    ctx = coordinator.context("r", PROMPT)
+    choice = coordinator.choose(ctx)
+    prefill_id = choice.prefill.replica_id
+    coordinator.observe("prefill", {rid: {} for rid in ("p0", "p1") if rid != prefill_id})
+    coordinator.done(ctx, [prefill_id, "d0"])
+    assert ended == [("prefill", prefill_id), ("decode", "d0")]
+
+
 @pytest.mark.parametrize("policy", ["sglang_cache_aware", "ray_prefix_affinity"])
 def test_baseline_policies_see_the_prompt_blocks(policy: str) -> None:
     """The baselines keep their own trees over ``ctx.block_hashes``: six unrelated cold prompts
