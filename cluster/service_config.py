@@ -93,6 +93,10 @@ class RouterConfig(_Strict):
         "such a request gets a 400."
     )
 
+    def policy(self, pool: str) -> str:
+        """The name of ``pool``'s routing policy."""
+        return self.prefill_policy if pool == "prefill" else self.decode_policy
+
     def policy_kwargs(self, pool: str) -> dict[str, Any]:
         """The settings ``pool``'s policy is built with: what the config sets, over the decode
         pool's cache_cost defaults where they apply. (The fields keep only what was set, so a

@@ -157,7 +157,7 @@ def _pool_deployment(cls: type, name: str, pool: PoolConfig, router: RouterConfi
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
         request_router_config=RequestRouterConfig(
             request_router_class=ROUTER_CLASS,
-            request_router_kwargs={"role": name, "policy": getattr(router, f"{name}_policy"),
+            request_router_kwargs={"role": name, "policy": router.policy(name),
                                    "policy_kwargs": router.policy_kwargs(name)},
             request_routing_stats_period_s=1,
         ),
