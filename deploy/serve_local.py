@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -76,6 +78,10 @@ def serve_from_args(args: argparse.Namespace) -> None:
     serve.shutdown()
 
 
+STOPPING_MESSAGE = "pdserve: stopping (after start-up, if it has not ended; Ctrl-C again " \
+    "to abort)\n"
+
+
 def stop_on_signals() -> threading.Event:
     """An event the first SIGINT or SIGTERM from now on sets. Installed before the app starts:
     it answers on its port before ``serve.run`` returns, and a Ctrl-C then must not be lost;
@@ -85,6 +91,8 @@ def stop_on_signals() -> threading.Event:
     def handle(signum: int, frame: object) -> None:
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if not stop.is_set():  # os.write: a print here could re-enter one in progress
+            os.write(sys.stderr.fileno(), STOPPING_MESSAGE.encode())
         stop.set()
 
     signal.signal(signal.SIGINT, handle)

@@ -122,9 +122,11 @@ def test_with_an_address_it_deploys_and_returns(
 
 @pytest.mark.timeout(60)  # a lost Ctrl-C would leave it waiting for another
 def test_a_ctrl_c_during_start_up_stops_serving_once_started(
-        fake_serve: _FakeServe, monkeypatch: pytest.MonkeyPatch) -> None:
+        fake_serve: _FakeServe, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]) -> None:
     """The app answers before ``serve.run`` returns, so a user may press Ctrl-C then: it is
-    handled by pdserve (not lost), and serving stops as soon as start-up is over."""
+    handled by pdserve (not lost), said at once, and serving stops as soon as start-up is
+    over."""
     import cluster.local
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -149,6 +151,7 @@ def test_a_ctrl_c_during_start_up_stops_serving_once_started(
         for s, handler in saved.items():
             signal.signal(s, handler)
     assert [name for name, _ in fake_serve.calls] == ["connect", "start", "run", "shutdown"]
+    assert capfd.readouterr().err.count("pdserve: stopping") == 1
 
 
 def test_the_console_script_is_this_cli() -> None:
