@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from kvtransfer.settings import TransferSettings
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -132,48 +134,9 @@ class RouterConfig(_Strict):
                 "decode_retries": self.decode_retries}
 
 
-class KVTransferConfig(_Strict):
-    """How KV blocks move from prefill to decode.
+class KVTransferConfig(TransferSettings):
+    """How KV blocks move from prefill to decode: the connector's settings
+    (``kvtransfer.settings``) that do not depend on the replica.
 
-    Every field is passed through to ``kvtransfer.settings.ConnectorSettings`` (same names).
     The transport's secret is not configured here: it comes from ``PDSERVE_KV_SECRET``.
     """
-
-    lease_s: float = Field(
-        30.0, gt=0, description="How long a prefill replica holds blocks nobody claimed or pulled."
-    )
-    claim_lease_s: float = Field(
-        300.0, gt=0,
-        description="How long a prefill replica keeps holding blocks once a decode replica has "
-        "claimed the transfer.",
-    )
-    timeout_s: float = Field(30.0, gt=0, description="Limit for one block transfer (data plane).")
-    control_timeout_s: float = Field(
-        5.0, gt=0, description="Limit for one control reply from a prefill worker."
-    )
-    unknown_retry_s: float = Field(
-        2.0, ge=0,
-        description="How long a decode worker retries a pull the prefill worker does not know yet.",
-    )
-    max_held_blocks: int | None = Field(
-        None, ge=1,
-        description="Cap on KV blocks one prefill engine holds for decode (None: no cap).",
-    )
-    link_idle_s: float = Field(
-        600.0, gt=0, description="A prefill worker closes a link to a decode worker idle this long."
-    )
-    shared_memory: bool = Field(
-        False,
-        description="Move KV blocks through shared memory (/dev/shm) when a prefill worker and a "
-        "decode worker share a host and their caches are in CPU memory "
-        "(kvtransfer/link_shm.py); pairs on different hosts, or on GPUs, keep "
-        "torch.distributed (Gloo, NCCL).",
-    )
-    direct_reads: bool = Field(
-        True,
-        description="Let a decode worker copy held blocks straight out of the prefill worker's "
-        "cache when both share a host and their caches are in CPU memory (Linux "
-        "process_vm_readv, kvtransfer/reads.py): no gather, no link, nothing for the prefill "
-        "worker to do. A pair that cannot (another host, GPUs, a kernel that forbids it) finds "
-        "out when it pairs and uses a link (shared_memory's, or torch.distributed).",
-    )

@@ -1,7 +1,8 @@
 """The connector's settings, read from vLLM's ``kv_connector_extra_config``.
 
-Every field of ``cluster.config.KVTransferConfig`` has a field of the same name here: deploy/
-passes them through (plus ``host`` and ``port``, which are per replica).
+``TransferSettings`` are the ones a deployment configures (``cluster.config.KVTransferConfig``
+is that class); deploy/ passes them through and adds ``host`` and ``port``, which are per
+replica, to make ``ConnectorSettings``.
 """
 
 from __future__ import annotations
@@ -11,23 +12,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class ConnectorSettings(BaseModel):
+class TransferSettings(BaseModel):
+    """How KV blocks move from prefill to decode, the same for every replica."""
+
     model_config = ConfigDict(extra="forbid")
 
-    host: str = Field(
-        "127.0.0.1",
-        description="Address the workers listen on (ZMQ, TCPStore and Gloo bind it only) and "
-        "advertise to their peers: the replica's node IP. A worker of vLLM's Ray executor uses "
-        "its own node's address instead (kvtransfer.params.own_host).",
-    )
-    port: int = Field(
-        0,
-        ge=0,
-        le=65535,
-        description="Base control port of a prefill engine: 0 lets each worker bind a free port "
-        "and report it through vLLM's handshake metadata; otherwise worker i "
-        "(pp_rank * tp + tp_rank) listens on port + i. Ignored on the decode side.",
-    )
     lease_s: float = Field(
         30.0, gt=0, description="How long a prefill worker holds blocks nobody claimed or pulled."
     )
@@ -68,7 +57,6 @@ class ConnectorSettings(BaseModel):
         "(kvtransfer/link_shm.py); pairs on different hosts, or on GPUs, keep "
         "torch.distributed (Gloo, NCCL).",
     )
-
     direct_reads: bool = Field(
         True,
         description="Let a decode worker copy held blocks straight out of the prefill worker's "
@@ -76,6 +64,25 @@ class ConnectorSettings(BaseModel):
         "process_vm_readv, kvtransfer/reads.py): no gather, no link, nothing for the prefill "
         "worker to do. A pair that cannot (another host, GPUs, a kernel that forbids it) finds "
         "out when it pairs and uses a link (shared_memory's, or torch.distributed).",
+    )
+
+
+class ConnectorSettings(TransferSettings):
+    """``TransferSettings`` and where this replica's workers listen."""
+
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the workers listen on (ZMQ, TCPStore and Gloo bind it only) and "
+        "advertise to their peers: the replica's node IP. A worker of vLLM's Ray executor uses "
+        "its own node's address instead (kvtransfer.params.own_host).",
+    )
+    port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Base control port of a prefill engine: 0 lets each worker bind a free port "
+        "and report it through vLLM's handshake metadata; otherwise worker i "
+        "(pp_rank * tp + tp_rank) listens on port + i. Ignored on the decode side.",
     )
 
     @classmethod
