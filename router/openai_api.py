@@ -82,6 +82,8 @@ def parse_body(raw: bytes, kind: str, model_name: str) -> dict[str, Any]:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     return validate_body(body, kind, model_name)
@@ -103,9 +105,11 @@ def validate_body(body: dict[str, Any], kind: str, model_name: str) -> dict[str,
         # vLLM's own model parses the body; what it parsed (not the raw JSON) goes on, so the
         # router and the engines read every field alike ("5" is 5, "false" is False). It goes
         # on as plain JSON data: lazily validated iterables and typed objects inside messages
-        # become lists and maps, which every replica can receive and parse again.
-        body = request_model(kind).model_validate(body).model_dump(mode="json",
-                                                                   exclude_unset=True)
+        # become lists and maps, which every replica can receive and parse again. Fields go
+        # by the names a body uses (``response_format.json_schema.schema``, not the attribute
+        # ``json_schema``), so that it parses again to the same request.
+        body = request_model(kind).model_validate(body).model_dump(
+            mode="json", exclude_unset=True, by_alias=True)
     except pydantic.ValidationError as e:
         err = e.errors()[0]
         param = str(err["loc"][0]) if err["loc"] else None

@@ -44,6 +44,13 @@ def test_invalid_json(data: bytes, kind: str) -> None:
     assert "not valid JSON" in err.body["error"]["message"]
 
 
+def test_json_nested_too_deeply_is_a_400() -> None:
+    data = b'{"prompt": "hi", "user": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    err = rejection(data)
+    assert_error_body(err, 400, None, "BadRequestError")
+    assert "nested too deeply" in err.body["error"]["message"]
+
+
 @pytest.mark.parametrize("body", [[], [{"prompt": "x"}], "prompt", 3, None], ids=repr)
 def test_non_object_json(body: Any) -> None:
     err = rejection(raw(body))
@@ -194,6 +201,30 @@ def test_valid_completion(body: dict[str, Any]) -> None:
 )
 def test_valid_chat(body: dict[str, Any]) -> None:
     assert parse_body(raw(body), "chat", MODEL) == body
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+
+@pytest.mark.parametrize(("kind", "body"), [
+    ("chat", {"messages": MESSAGES, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}}),
+    ("completion", {"prompt": "hi", "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}}),
+    ("responses", {"input": "hi", "text": {"format": {
+        "type": "json_schema", "name": "x", "schema": SCHEMA}}}),
+])
+def test_fields_keep_the_names_a_body_uses(kind: str, body: dict[str, Any]) -> None:
+    """vLLM's models name some fields apart from their attributes (``schema`` is the
+    attribute ``json_schema``): what goes on to the engines parses again to the same request."""
+    from router.openai_api import request_model
+
+    parsed = parse_body(raw(body), kind, MODEL)
+    key = "text" if kind == "responses" else "response_format"
+    assert parsed[key] == body[key]
+    again = request_model(kind).model_validate(parsed)
+    assert again.model_dump(exclude_unset=True) == \
+        request_model(kind).model_validate(body).model_dump(exclude_unset=True)
 
 
 def test_unknown_kind_is_a_programming_error() -> None:
