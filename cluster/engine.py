@@ -28,7 +28,8 @@ from cluster.metrics import engine_role
 from cluster.ports import KV_EVENTS_CONFIG, kv_event_endpoints
 from cluster.speeds import EngineSpeeds
 from cluster.sse import error_body, responses_events
-from cluster.worker_health import EXTENSION_CLS, EngineHealth
+from cluster.worker_extension import EXTENSION_CLS, WARM_UP_METHOD
+from cluster.worker_health import EngineHealth
 
 if TYPE_CHECKING:
     from cluster.config import EngineConfig
@@ -285,6 +286,9 @@ class OpenAIEngine:
                                  supported_tasks=await engine.get_supported_tasks())
             endpoints = (None, None) if kv_events_host is None \
                 else kv_event_endpoints(engine, kv_events_host)
+            if kv_transfer is not None:  # the engines that load pdserve's worker extension
+                seconds = await engine.collective_rpc(WARM_UP_METHOD)
+                logger.info("sampler warmed up in %.1f s", max(seconds))
         except BaseException:
             engine.shutdown()
             raise

@@ -2,10 +2,8 @@
 
 Two halves, in two processes:
 
-- ``TransferHealth`` is a vLLM worker extension (``--worker-extension-cls
-  cluster.worker_health.TransferHealth``): vLLM mixes it into every worker, so the engine can
-  call ``pdserve_transfer_health`` on all of them with ``collective_rpc``. It answers None when
-  the worker's transfer threads are alive, else why not (``PDWorker.health()``).
+- In every worker, pdserve's vLLM worker extension (``cluster.worker_extension``) answers
+  ``pdserve_transfer_health``: None when the worker's transfer threads are alive, else why not.
 - ``EngineHealth`` runs in the replica, next to the ``AsyncLLM``. ``check()`` raises
   ``UnhealthyError`` when the engine is dead (its EngineCore exited, for example SIGKILLed by the
   OOM killer: vLLM's monitor thread sees the process sentinel even while idle and sets
@@ -29,29 +27,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from cluster.worker_extension import PROBE_METHOD
+
 logger = logging.getLogger(__name__)
-
-PROBE_METHOD = "pdserve_transfer_health"
-EXTENSION_CLS = "cluster.worker_health.TransferHealth"  # vLLM's dotted qualname form
-
-
-class TransferHealth:
-    """vLLM worker extension. Only the probe method may live here: vLLM refuses an extension
-    with any attribute the worker class already has."""
-
-    def pdserve_transfer_health(self) -> str | None:
-        """None when this worker's KV transfer threads are alive, else the reason."""
-        from vllm.distributed.kv_transfer.kv_transfer_state import (
-            get_kv_transfer_group,
-            has_kv_transfer_group,
-        )
-
-        if not has_kv_transfer_group():
-            return "the KV connector is not initialized on this worker"
-        worker_side = getattr(get_kv_transfer_group(), "worker_side", None)
-        if worker_side is None:
-            return "the KV connector has no worker side on this worker"
-        return worker_side.health()
 
 
 class UnhealthyError(RuntimeError):

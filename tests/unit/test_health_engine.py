@@ -7,7 +7,8 @@ import logging
 
 import pytest
 
-from cluster.worker_health import PROBE_METHOD, EngineHealth, UnhealthyError
+from cluster.worker_extension import PROBE_METHOD
+from cluster.worker_health import EngineHealth, UnhealthyError
 
 
 class FakeAsyncLLM:

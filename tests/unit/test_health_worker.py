@@ -1,10 +1,15 @@
-"""The vLLM worker extension that answers transfer health probes, and the flags that load it."""
+"""pdserve's vLLM worker extension (transfer health probes, warm-up) and the flags that load it."""
 
 from __future__ import annotations
 
 import pytest
 
-from cluster.worker_health import EXTENSION_CLS, PROBE_METHOD, TransferHealth
+from cluster.worker_extension import (
+    EXTENSION_CLS,
+    PROBE_METHOD,
+    WARM_UP_METHOD,
+    PDWorkerExtension,
+)
 
 
 class FakeWorkerSide:
@@ -33,14 +38,14 @@ def connector_slot(monkeypatch):
 @pytest.mark.parametrize("reason", [None, "producer thread died"])
 def test_probe_returns_the_worker_sides_health(connector_slot, reason) -> None:
     connector_slot(FakeConnector(FakeWorkerSide(reason)))
-    assert getattr(TransferHealth(), PROBE_METHOD)() == reason
+    assert getattr(PDWorkerExtension(), PROBE_METHOD)() == reason
 
 
 def test_probe_without_a_connector_is_a_reason(connector_slot) -> None:
     connector_slot(None)
-    assert "not initialized" in TransferHealth().pdserve_transfer_health()
+    assert "not initialized" in PDWorkerExtension().pdserve_transfer_health()
     connector_slot(FakeConnector(None))
-    assert "no worker side" in TransferHealth().pdserve_transfer_health()
+    assert "no worker side" in PDWorkerExtension().pdserve_transfer_health()
 
 
 def test_extension_fits_vllms_worker_classes() -> None:
@@ -49,10 +54,10 @@ def test_extension_fits_vllms_worker_classes() -> None:
     from vllm.utils.import_utils import resolve_obj_by_qualname
     from vllm.v1.worker.cpu_worker import CPUWorker
 
-    assert resolve_obj_by_qualname(EXTENSION_CLS) is TransferHealth
-    own = [a for a in dir(TransferHealth) if not a.startswith("__")]
-    assert own == [PROBE_METHOD]
-    assert not hasattr(CPUWorker, PROBE_METHOD)
+    assert resolve_obj_by_qualname(EXTENSION_CLS) is PDWorkerExtension
+    own = [a for a in dir(PDWorkerExtension) if not a.startswith("__")]
+    assert sorted(own) == sorted([PROBE_METHOD, WARM_UP_METHOD])
+    assert not any(hasattr(CPUWorker, name) for name in own)
 
 
 def test_engine_flags_load_the_extension_and_bind_first_kv_events() -> None:
@@ -68,3 +73,30 @@ def test_engine_flags_load_the_extension_and_bind_first_kv_events() -> None:
     assert (events.endpoint, events.replay_endpoint) == ("tcp://*:0", "tcp://*:0")
     plain = engine_flags(EngineConfig(), None)
     assert "--worker-extension-cls" not in plain and "--kv-events-config" not in plain
+
+
+def test_warm_up_compiles_what_a_logprobs_step_would() -> None:
+    """After the warm-up, the sampler's logprob gathering of another batch size compiles
+    nothing: the first request that asks for logprobs does not stall the engine's step."""
+    import torch
+    from torch._dynamo.utils import counters
+    from vllm.v1.sample.sampler import Sampler
+
+    class Config:
+        def get_vocab_size(self) -> int:
+            return 96
+
+    class Worker(PDWorkerExtension):
+        model_config = Config()
+        device = torch.device("cpu")
+
+    torch._dynamo.reset()
+    compiled_before = counters["stats"]["unique_graphs"]
+    assert Worker().pdserve_warm_up() > 0
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled > compiled_before  # the warm-up compiled it
+    logprobs = torch.randn(7, 96).log_softmax(-1)
+    tensors = Sampler.gather_logprobs(logprobs, 2, torch.arange(7))
+    assert counters["stats"]["unique_graphs"] == compiled  # the step compiles nothing more
+    expected = (logprobs >= logprobs.gather(-1, torch.arange(7)[:, None])).sum(-1)
+    assert torch.equal(tensors.selected_token_ranks, expected)
