@@ -227,6 +227,20 @@ def parse_flags(flags: list[str]) -> argparse.Namespace:
     return make_arg_parser(FlexibleArgumentParser()).parse_args(flags)
 
 
+async def warm_up(engine: Any) -> None:
+    """Compile at start-up what vLLM's sampler compiles on first use
+    (``cluster.worker_extension``). Only an optimization: a failure is logged, and the engine
+    serves, compiling in its first step that asks for logprobs."""
+    try:
+        seconds = await engine.collective_rpc(WARM_UP_METHOD)
+    except Exception as e:  # a compiler missing on this host, for instance
+        logger.warning("sampler warm-up failed (%s: %s); the first request that asks for "
+                       "logprobs will compile it and stall the engine meanwhile",
+                       type(e).__name__, e)
+        return
+    logger.info("sampler warmed up in %.1f s", max(seconds))
+
+
 class OpenAIEngine:
     """An AsyncLLM plus vLLM's OpenAI completion and chat handlers, and its health checks."""
 
@@ -287,8 +301,7 @@ class OpenAIEngine:
             endpoints = (None, None) if kv_events_host is None \
                 else kv_event_endpoints(engine, kv_events_host)
             if kv_transfer is not None:  # the engines that load pdserve's worker extension
-                seconds = await engine.collective_rpc(WARM_UP_METHOD)
-                logger.info("sampler warmed up in %.1f s", max(seconds))
+                await warm_up(engine)
         except BaseException:
             engine.shutdown()
             raise

@@ -51,7 +51,10 @@ class PDWorkerExtension:
         start = time.perf_counter()
         vocab_size = self.model_config.get_vocab_size()  # type: ignore[attr-defined]
         device = self.device  # type: ignore[attr-defined]
-        logprobs = torch.zeros(2, vocab_size, dtype=torch.float32, device=device)
-        token_ids = torch.zeros(2, dtype=torch.int64, device=device)
-        Sampler.gather_logprobs(logprobs, 1, token_ids)
+        # Under inference mode, as the model runner samples: torch.compile guards on it, and a
+        # graph compiled outside it would be compiled again in the first step.
+        with torch.inference_mode():
+            logprobs = torch.zeros(2, vocab_size, dtype=torch.float32, device=device)
+            token_ids = torch.zeros(2, dtype=torch.int64, device=device)
+            Sampler.gather_logprobs(logprobs, 1, token_ids)
         return time.perf_counter() - start

@@ -16,7 +16,6 @@ import argparse
 import logging
 import os
 import signal
-import sys
 import threading
 from pathlib import Path
 
@@ -91,8 +90,11 @@ def stop_on_signals() -> threading.Event:
     def handle(signum: int, frame: object) -> None:
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        if not stop.is_set():  # os.write: a print here could re-enter one in progress
-            os.write(sys.stderr.fileno(), STOPPING_MESSAGE.encode())
+        if not stop.is_set():
+            try:  # os.write: a print here could re-enter one in progress
+                os.write(2, STOPPING_MESSAGE.encode())
+            except OSError:
+                pass
         stop.set()
 
     signal.signal(signal.SIGINT, handle)

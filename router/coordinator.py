@@ -195,9 +195,7 @@ class RoutingCoordinator:
         prefill = self.candidates("prefill", exclude)
         if not prefill:
             return None
-        if exclude:
-            ctx = dataclasses.replace(ctx, is_retry=True)
-        choice = self.pairs.prefill_policy.select(prefill, ctx)
+        choice = self.pairs.prefill_policy.select(prefill, _retry_context(ctx, exclude))
         self._sent_prefill(ctx, choice.replica_id, time.monotonic())
         return choice
 
@@ -215,7 +213,7 @@ class RoutingCoordinator:
         decode = self.candidates("decode", exclude)
         if not decode:
             return None
-        choice = self.pairs.decode_policy.select(decode, ctx)
+        choice = self.pairs.decode_policy.select(decode, _retry_context(ctx, exclude))
         self.routed.decode(ctx.request_id, choice.replica_id, time.monotonic())
         return choice
 
@@ -264,7 +262,8 @@ class RoutingCoordinator:
 
     def _role(self, request_id: str, replica_id: str) -> str:
         """The pool ``replica_id`` served ``request_id`` from: as routed (a replica gone since
-        keeps its role), else as listed now (a replica Ray Serve picked)."""
+        keeps its role), else, once the ledger has forgotten the request (``routed_work.TTL_S``
+        after it was routed), as listed now."""
         prefill_id, decode_id = self.routed.placed(request_id)
         if replica_id == decode_id:
             return "decode"  # a local prefill's replica too
@@ -278,6 +277,14 @@ class RoutingCoordinator:
 
     def _policy(self, role: str) -> RoutingPolicy:
         return self.pairs.prefill_policy if role == "prefill" else self.pairs.decode_policy
+
+
+def _retry_context(ctx: RoutingContext, tried: Sequence[str | None]) -> RoutingContext:
+    """``ctx`` marked as a retry when a policy already chose a replica for it (``tried`` names
+    one; None is a replica Ray Serve chose, which no policy saw)."""
+    if any(replica_id is not None for replica_id in tried):
+        return dataclasses.replace(ctx, is_retry=True)
+    return ctx
 
 
 def _stats_field(replicas: dict[str, dict[str, Any] | None], name: str) -> dict[str, str]:

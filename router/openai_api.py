@@ -117,7 +117,7 @@ def validate_body(body: dict[str, Any], kind: str, model_name: str) -> dict[str,
                        param=param) from None
     except VLLMClientError as e:
         raise APIError(400, str(e), param=getattr(e, "parameter", None)) from None
-    except (TypeError, AttributeError, KeyError, IndexError,
+    except (TypeError, AttributeError, KeyError, IndexError, RecursionError,
             pydantic_core.PydanticSerializationError) as e:
         # vLLM's own validators crash on some wrongly typed fields (``structured_outputs:
         # true``): still the client's error, never a 500.

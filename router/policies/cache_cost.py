@@ -32,12 +32,12 @@ blocks will be cached when this request runs.
 
 A hot prefix is copied rather than queued for. A miss on the longest prefix some candidate holds is
 paid once and then serves every later request that goes there, so when many requests reuse that
-prefix (``router.policies.prefix_heat``: decayed counts over ``reuse_horizon_s``; a request routed
-again before it finished, a retry, counts once), a candidate that lacks it is charged only its
-share of the copy: the compute of the missing part divided by the requests expected to reuse it
-there (the recent count over the holders there would then be), if that is at least
-``reuse_min_requests``. A few long system prompts behind most of the traffic then spread over as
-many replicas as their load needs, instead of queueing on the one that computed them first; a
+prefix (``router.policies.prefix_heat``: decayed counts over ``reuse_horizon_s``; a retry, which
+the coordinator marks ``RoutingContext.is_retry``, is not counted again), a candidate that lacks it
+is charged only its share of the copy: the compute of the missing part divided by the requests
+expected to reuse it there (the recent count over the holders there would then be), if that is at
+least ``reuse_min_requests``. A few long system prompts behind most of the traffic then spread over
+as many replicas as their load needs, instead of queueing on the one that computed them first; a
 conversation's history, reused once a turn, is still paid in full. The band sees the whole compute;
 ``charged_tokens`` tells the pairing what the choice was charged, so that a copy made on purpose is
 not taken for a replica sent away from the cache. The charge is in the KV index's terms, as the

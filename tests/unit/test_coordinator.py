@@ -261,3 +261,25 @@ def test_a_request_whose_end_never_came_expires() -> None:
     assert work.load("p0", ReplicaLoad()).queued_prefill_tokens == 50
     assert work.load("d0", ReplicaLoad()) == ReplicaLoad()
     assert len(work) == 1
+
+
+def test_policies_are_told_which_choices_are_retries(coordinator, monkeypatch) -> None:
+    """A retry is a replica chosen again for a request a policy has already placed; a first
+    attempt that Ray Serve placed (None) was seen by no policy."""
+    seen: list[tuple[str, bool]] = []
+    for role in ("prefill", "decode"):
+        policy = getattr(coordinator.pairs, f"{role}_policy")
+
+        def select(candidates, c, role=role, policy=policy):
+            seen.append((role, c.is_retry))
+            return type(policy).select(policy, candidates, c)
+
+        monkeypatch.setattr(policy, "select", select)
+    coordinator.observe("decode", {"d0": {}, "d1": {}})
+    ctx = coordinator.context("r", PROMPT)
+    coordinator.choose_prefill(ctx, exclude=[None])
+    coordinator.choose_prefill(ctx, exclude=["p0"])
+    coordinator.choose_decode(ctx)
+    coordinator.choose_decode(ctx, exclude=["d0"])
+    assert seen == [("prefill", False), ("prefill", True), ("decode", False), ("decode", True)]
+    assert not ctx.is_retry  # the caller's context is left as it was

@@ -95,8 +95,24 @@ def test_warm_up_compiles_what_a_logprobs_step_would() -> None:
     assert Worker().pdserve_warm_up() > 0
     compiled = counters["stats"]["unique_graphs"]
     assert compiled > compiled_before  # the warm-up compiled it
-    logprobs = torch.randn(7, 96).log_softmax(-1)
-    tensors = Sampler.gather_logprobs(logprobs, 2, torch.arange(7))
+    with torch.inference_mode():  # as vLLM's model runner samples
+        logprobs = torch.randn(7, 96).log_softmax(-1)
+        tensors = Sampler.gather_logprobs(logprobs, 2, torch.arange(7))
     assert counters["stats"]["unique_graphs"] == compiled  # the step compiles nothing more
     expected = (logprobs >= logprobs.gather(-1, torch.arange(7)[:, None])).sum(-1)
     assert torch.equal(tensors.selected_token_ranks, expected)
+
+
+def test_a_failed_warm_up_is_logged_and_the_engine_serves(caplog) -> None:
+    import asyncio
+
+    from cluster.engine import warm_up
+
+    class Engine:
+        async def collective_rpc(self, method: str) -> list[float]:
+            assert method == WARM_UP_METHOD
+            raise RuntimeError("no C++ compiler")
+
+    with caplog.at_level("WARNING"):
+        asyncio.run(warm_up(Engine()))
+    assert "sampler warm-up failed (RuntimeError: no C++ compiler)" in caplog.text
