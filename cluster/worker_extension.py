@@ -18,6 +18,8 @@ class already has.
 
 from __future__ import annotations
 
+import time
+
 PROBE_METHOD = "pdserve_transfer_health"
 WARM_UP_METHOD = "pdserve_warm_up"
 EXTENSION_CLS = "cluster.worker_extension.PDWorkerExtension"  # vLLM's dotted qualname form
@@ -43,8 +45,6 @@ class PDWorkerExtension:
     def pdserve_warm_up(self) -> float:
         """Run the sampler's logprob gathering once on this worker's device, as a step that
         asks for logprobs does; return the seconds it took."""
-        import time
-
         import torch
         from vllm.v1.sample.sampler import Sampler
 

@@ -31,6 +31,20 @@ def store(c: RoutingCoordinator, replica_id: str, tokens: list[int]) -> None:
         c.index.apply(replica_id, event)
 
 
+def record_retry_flags(c: RoutingCoordinator, monkeypatch) -> list[tuple[str, bool]]:
+    """(pool, ``ctx.is_retry``) of every choice the pools' policies make from now on."""
+    seen: list[tuple[str, bool]] = []
+    for role in ("prefill", "decode"):
+        policy = getattr(c.pairs, f"{role}_policy")
+
+        def select(candidates, ctx, role=role, policy=policy):
+            seen.append((role, ctx.is_retry))
+            return type(policy).select(policy, candidates, ctx)
+
+        monkeypatch.setattr(policy, "select", select)
+    return seen
+
+
 def test_context_counts_cached_tokens_per_replica(coordinator) -> None:
     store(coordinator, "p1", PROMPT[:24])
     ctx = coordinator.context("r", PROMPT)
@@ -218,17 +232,10 @@ def test_a_retry_moves_the_sent_work(coordinator, monkeypatch) -> None:
     ctx = coordinator.context("r", PROMPT)
     first = coordinator.choose(ctx).prefill.replica_id
     coordinator.mark_failed("prefill", first, "test")
-    policy = coordinator.pairs.prefill_policy
-    seen: list[bool] = []
-
-    def select(candidates, c):
-        seen.append(c.is_retry)
-        return type(policy).select(policy, candidates, c)
-
-    monkeypatch.setattr(policy, "select", select)
+    seen = record_retry_flags(coordinator, monkeypatch)
     retry = coordinator.choose_prefill(ctx, exclude=[first])
     assert retry.replica_id != first
-    assert seen == [True]  # the policy is told it is a retry, not a new use of the prompt
+    assert seen == [("prefill", True)]  # a retry, not a new use of the prompt
     assert coordinator.routed.load(first, coordinator.replicas("prefill")[first]) == \
         coordinator.replicas("prefill")[first]
     assert coordinator.routed.load(retry.replica_id, coordinator.replicas("prefill")[
@@ -266,15 +273,7 @@ def test_a_request_whose_end_never_came_expires() -> None:
 def test_policies_are_told_which_choices_are_retries(coordinator, monkeypatch) -> None:
     """A retry is a replica chosen again for a request a policy has already placed; a first
     attempt that Ray Serve placed (None) was seen by no policy."""
-    seen: list[tuple[str, bool]] = []
-    for role in ("prefill", "decode"):
-        policy = getattr(coordinator.pairs, f"{role}_policy")
-
-        def select(candidates, c, role=role, policy=policy):
-            seen.append((role, c.is_retry))
-            return type(policy).select(policy, candidates, c)
-
-        monkeypatch.setattr(policy, "select", select)
+    seen = record_retry_flags(coordinator, monkeypatch)
     coordinator.observe("decode", {"d0": {}, "d1": {}})
     ctx = coordinator.context("r", PROMPT)
     coordinator.choose_prefill(ctx, exclude=[None])
